@@ -1,0 +1,206 @@
+"""Stage 0: raw NIfTI data set -> slices.h5 + splits.json (SPEC §6-7).
+
+In:  a raw folder in the layout of ACDC, BraTS 2021/2023, KiTS 21/23, AMOS22 or nnU-Net v2.
+Out: OUT/slices.h5 (normalised, centre-cropped axial slices of every case, with the
+     geometry to put predictions back into the original NIfTI space), OUT/splits.json
+     (patient-wise 60/20/20 train/val/test and the train_search/val_search halves),
+     OUT/args.json.
+
+    python 01_preprocess.py --dataset acdc --raw /data/ACDC/database --out runs/acdc/data
+    python 01_preprocess.py --make_phantom runs/phantom_raw --layout acdc --patients 20
+
+Both writes go to a temporary name and are renamed at the end, so an interrupted or
+failed run leaves nothing half-written. Bad input stops with a message naming the case.
+"""
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from common.data import (crop_or_pad, crop_start, ct_normalise, ct_statistics, resample_inplane,
+                         zscore_nonzero)
+from common.phantom import LAYOUTS, write_phantom
+from common.raw import DataError, list_cases, load_case
+from common.utils import atomic_write_json, run_metadata
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["acdc", "brats", "kits", "amos", "nnunet"], help="raw layout to read")
+    p.add_argument("--raw", help="raw data folder")
+    p.add_argument("--out", help="output folder for slices.h5 and splits.json")
+    p.add_argument("--crop", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
+                   help="centred in-plane crop (padded when the slice is smaller)")
+    p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SX", "SY"),
+                   help="resample in-plane to this spacing (mm) before cropping; off by default")
+    p.add_argument("--modality", choices=["ct", "mri", "all"], default="ct", help="AMOS: which scans to use")
+    p.add_argument("--fractions", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="train/val/test fractions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))), help="parallel volumes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing slices.h5 / splits.json")
+    p.add_argument("--make_phantom", metavar="DIR", help="write a phantom raw data set to DIR and exit")
+    p.add_argument("--layout", choices=LAYOUTS, default="acdc", help="phantom layout")
+    p.add_argument("--patients", type=int, default=20, help="phantom patients")
+    p.add_argument("--phantom_size", type=int, default=64, help="typical phantom in-plane size (voxels)")
+    return p.parse_args(argv)
+
+
+def split_patients(patient_ids, fractions, seed):
+    """Patient-wise train/val/test split plus the train_search/val_search halves."""
+    rng = np.random.default_rng(seed)
+    pids = sorted(set(patient_ids))
+    rng.shuffle(pids)
+    n = len(pids)
+    if n < 3:
+        raise DataError(f"only {n} patient(s); at least 3 are needed for a train/val/test split")
+    n_val = max(1, int(round(fractions[1] * n)))
+    n_test = max(1, int(round(fractions[2] * n)))
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise DataError(f"{n} patients leave no training patient with fractions {fractions}")
+    parts = {"train": pids[:n_train], "val": pids[n_train:n_train + n_val], "test": pids[n_train + n_val:]}
+    half = sorted(parts["train"])
+    rng.shuffle(half)
+    k = max(1, len(half) // 2) if len(half) > 1 else 1
+    parts["train_search"] = sorted(half[:k])
+    parts["val_search"] = sorted(half[k:]) or sorted(half[:k])
+    return {k: sorted(v) for k, v in parts.items()}
+
+
+def foreground_sample(case, info, n=10000, seed=0):
+    """Pass 1 (CT only): a random sample of foreground intensities of one training case."""
+    c = load_case(case, info)
+    v = c["image"][..., 0][c["label"] > 0]
+    rng = np.random.default_rng(seed)
+    return v if v.size <= n else rng.choice(v, n, replace=False)
+
+
+def process_case(case, info, crop, spacing, ct_stats):
+    """Pass 2: one case -> normalised, resampled, cropped slices (Z, C, H, W) and geometry."""
+    c = load_case(case, info)
+    img, lab = c["image"], c["label"]                              # (X, Y, Z, C), (X, Y, Z)
+    for ch in range(img.shape[-1]):                                # SPEC §6 normalisation
+        img[..., ch] = ct_normalise(img[..., ch], ct_stats) if case.modality == "ct" else zscore_nonzero(img[..., ch])
+    can_shape = lab.shape
+    work = list(can_shape[:2])
+    if spacing is not None:
+        work = [int(round(n * s / t)) for n, s, t in zip(can_shape[:2], c["spacing"][:2], spacing)]
+        img = resample_inplane(img, work, order=1)
+        lab = resample_inplane(lab, work, order=0)
+    start = crop_start(work, crop)
+    img = crop_or_pad(img, start, crop, fill=float(img.min()))
+    lab = crop_or_pad(lab, start, crop, fill=0)
+    anis = c["spacing"]
+    warn = None
+    if anis[2] < 0.8 * max(anis[:2]):
+        warn = (f"case {case.case_id}: canonical z spacing {anis[2]:.2f} mm is finer than in-plane "
+                f"{anis[0]:.2f}x{anis[1]:.2f} mm; check that axial slicing is what you want")
+    return {"images": np.ascontiguousarray(np.transpose(img, (2, 3, 0, 1)), dtype=np.float32),
+            "labels": np.ascontiguousarray(np.transpose(lab, (2, 0, 1)), dtype=np.uint8),
+            "orig_shape": c["orig_shape"], "orig_affine": c["orig_affine"], "canonical_shape": np.array(can_shape),
+            "work_shape": np.array(work), "crop_start": np.array(start), "warn": warn}
+
+
+def _pass1(args_tuple):
+    case, info, seed = args_tuple
+    return foreground_sample(case, info, seed=seed)
+
+
+def _pass2(args_tuple):
+    return process_case(*args_tuple)
+
+
+def write_slices(tmp_path, info, order, results_iter, attrs):
+    """Stream processed cases into an HDF5 file; slices of a case are contiguous."""
+    n_ch = len(info.cases[0].images)
+    H, W = attrs["crop"]
+    with h5py.File(tmp_path, "w") as f:
+        images = f.create_dataset("images", (0, n_ch, H, W), maxshape=(None, n_ch, H, W),
+                                  dtype="float32", chunks=(1, n_ch, H, W))
+        labels = f.create_dataset("labels", (0, H, W), maxshape=(None, H, W), dtype="uint8", chunks=(1, H, W))
+        slice_case, slice_index = [], []
+        tables = {k: [] for k in ("first_slice", "n_slices", "orig_shape", "orig_affine", "canonical_shape",
+                                  "work_shape", "crop_start")}
+        for i, (case, r) in enumerate(zip(order, results_iter)):
+            if r["warn"]:
+                tqdm.write("warning: " + r["warn"])
+            n0, z = images.shape[0], r["images"].shape[0]
+            images.resize(n0 + z, axis=0)
+            labels.resize(n0 + z, axis=0)
+            images[n0:] = r["images"]
+            labels[n0:] = r["labels"]
+            slice_case += [i] * z
+            slice_index += list(range(z))
+            tables["first_slice"].append(n0)
+            tables["n_slices"].append(z)
+            for k in ("orig_shape", "orig_affine", "canonical_shape", "work_shape", "crop_start"):
+                tables[k].append(r[k])
+        f.create_dataset("slice_case", data=np.array(slice_case, dtype=np.int32))
+        f.create_dataset("slice_index", data=np.array(slice_index, dtype=np.int32))
+        g = f.create_group("cases")
+        str_dt = h5py.string_dtype()
+        g.create_dataset("case_id", data=[c.case_id for c in order], dtype=str_dt)
+        g.create_dataset("patient_id", data=[c.patient_id for c in order], dtype=str_dt)
+        g.create_dataset("modality", data=[c.modality for c in order], dtype=str_dt)
+        g.create_dataset("source", data=[json.dumps(c.images + [c.label]) for c in order], dtype=str_dt)
+        for k, v in tables.items():
+            g.create_dataset(k, data=np.array(v))
+        for k, v in attrs.items():
+            f.attrs[k] = json.dumps(v)
+
+
+def main(args):
+    if args.make_phantom:
+        write_phantom(args.make_phantom, args.layout, args.patients, seed=args.seed, size=args.phantom_size)
+        print(f"phantom ({args.layout}, {args.patients} patients) written to {args.make_phantom}")
+        return
+    if not (args.dataset and args.raw and args.out):
+        raise SystemExit("error: --dataset, --raw and --out are required (or --make_phantom DIR)")
+    out_h5, out_splits = os.path.join(args.out, "slices.h5"), os.path.join(args.out, "splits.json")
+    if not args.overwrite and (os.path.exists(out_h5) or os.path.exists(out_splits)):
+        raise SystemExit(f"error: {args.out} already holds slices.h5/splits.json; pass --overwrite to replace")
+    os.makedirs(args.out, exist_ok=True)
+
+    info = list_cases(args.dataset, args.raw, args.modality)
+    parts = split_patients([c.patient_id for c in info.cases], args.fractions, args.seed)
+    print(f"{info.dataset}: {len(info.cases)} cases of {len(set(c.patient_id for c in info.cases))} patients; "
+          + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " patients")
+    train_p = set(parts["train"])
+    ct_stats = None
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        ct_train = [c for c in info.cases if c.modality == "ct" and c.patient_id in train_p]
+        if ct_train:  # CT statistics come from training patients only (SPEC §6)
+            jobs = [(c, info, args.seed + i) for i, c in enumerate(ct_train)]
+            samples = list(tqdm(pool.map(_pass1, jobs), total=len(jobs), desc="CT statistics", unit="vol"))
+            ct_stats = ct_statistics(samples)
+        attrs = {"dataset": info.dataset, "modalities": info.modalities, "class_names": info.class_names,
+                 "normalisation": {"mri": "z-score over non-zero voxels per volume and channel",
+                                   "ct": ct_stats},
+                 "crop": list(args.crop), "spacing": args.spacing}
+        tmp = out_h5 + f".tmp{os.getpid()}"
+        try:
+            jobs = [(c, info, list(args.crop), args.spacing, ct_stats) for c in info.cases]
+            results = tqdm(pool.map(_pass2, jobs), total=len(jobs), desc="slicing", unit="vol")
+            write_slices(tmp, info, info.cases, results, attrs)
+            os.replace(tmp, out_h5)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    case_parts = {k: [c.case_id for c in info.cases if c.patient_id in set(v)] for k, v in parts.items()}
+    atomic_write_json(out_splits, {"dataset": info.dataset, "seed": args.seed, "fractions": args.fractions,
+                                   "unit": "case", "patients": parts, **case_parts})
+    atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
+    print(f"wrote {out_h5} and {out_splits}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

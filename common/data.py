@@ -1,0 +1,229 @@
+"""Slices in HDF5: preprocessing transforms, the PyTorch Dataset, and the way back to NIfTI.
+
+`slices.h5` (SPEC §7), written by 01_preprocess.py:
+    images        (N, C, H, W) float32, one chunk per slice
+    labels        (N, H, W) uint8, one chunk per slice
+    slice_case    (N,) int32  index into the case tables below
+    slice_index   (N,) int32  slice position along the canonical z axis
+    cases/        case_id, patient_id, modality (strings), first_slice, n_slices,
+                  orig_shape (3), orig_affine (4x4), canonical_shape (3), work_shape (2:
+                  in-plane shape after optional resampling), crop_start (2, negative = padding)
+    attrs         dataset, modalities, class_names, normalisation, crop, spacing (JSON)
+"""
+import json
+import os
+
+import h5py
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from common.raw import from_canonical
+
+
+# --------------------------------------------------------------------------- transforms
+def zscore_nonzero(x):
+    """MRI normalisation (SPEC §6): z-score over the non-zero voxels; zeros stay zero."""
+    mask = x != 0
+    if not mask.any():
+        return x.astype(np.float32)
+    v = x[mask]
+    out = np.zeros_like(x, dtype=np.float32)
+    out[mask] = (v - v.mean()) / max(float(v.std()), 1e-8)
+    return out
+
+
+def ct_normalise(x, stats):
+    """CT normalisation (nnU-Net scheme): clip to foreground percentiles, z-score."""
+    x = np.clip(x, stats["p00_5"], stats["p99_5"])
+    return ((x - stats["mean"]) / max(stats["std"], 1e-8)).astype(np.float32)
+
+
+def ct_statistics(samples):
+    v = np.concatenate(samples).astype(np.float64)
+    if v.size == 0:
+        raise ValueError("no foreground voxels in the training CT cases; cannot compute statistics")
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    v = np.clip(v, lo, hi)
+    return {"p00_5": float(lo), "p99_5": float(hi), "mean": float(v.mean()), "std": float(v.std())}
+
+
+def resample_inplane(vol, shape_xy, order):
+    """Resample the first two axes of a (X, Y, ...) array to `shape_xy` exactly."""
+    zoom = [shape_xy[0] / vol.shape[0], shape_xy[1] / vol.shape[1]] + [1.0] * (vol.ndim - 2)
+    return ndimage.zoom(vol, zoom, order=order, mode="nearest", grid_mode=True)
+
+
+def crop_start(shape_xy, crop):
+    """Centred crop offsets; negative means padding."""
+    return [(s - c) // 2 for s, c in zip(shape_xy, crop)]
+
+
+def crop_or_pad(vol, start, crop, fill):
+    """Take the in-plane window [start, start+crop) of a (X, Y, ...) array, padding with `fill`."""
+    out = np.full(tuple(crop) + vol.shape[2:], fill, dtype=vol.dtype)
+    src, dst = [], []
+    for s, c, n in zip(start, crop, vol.shape[:2]):
+        a, b = max(s, 0), min(s + c, n)
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[tuple(dst)] = vol[tuple(src)]
+    return out
+
+
+def uncrop(window, start, shape_xy, fill=0):
+    """Inverse of `crop_or_pad` for the first two axes: place `window` back into `shape_xy`."""
+    out = np.full(tuple(shape_xy) + window.shape[2:], fill, dtype=window.dtype)
+    src, dst = [], []
+    for s, c, n in zip(start, window.shape[:2], shape_xy):
+        a, b = max(s, 0), min(s + c, n)
+        dst.append(slice(a, b))
+        src.append(slice(a - s, b - s))
+    out[tuple(dst)] = window[tuple(src)]
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+def read_meta(path):
+    """File-level attributes and the per-case tables of a slices.h5, validated."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist; run 01_preprocess.py first")
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("images", "labels", "slice_case", "slice_index", "cases/case_id"):
+                if key not in f:
+                    raise ValueError(f"{path} lacks '{key}'; it was not written by 01_preprocess.py")
+            meta = {k: json.loads(f.attrs[k]) for k in ("dataset", "modalities", "class_names",
+                                                        "normalisation", "crop", "spacing")}
+            cases = {k: f["cases"][k][()] for k in f["cases"]}
+            meta["shape"] = f["images"].shape
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable HDF5 file ({e})") from e
+    for k in ("case_id", "patient_id", "modality"):
+        cases[k] = [s.decode() if isinstance(s, bytes) else str(s) for s in cases[k]]
+    meta["cases"] = cases
+    meta["case_index"] = {c: i for i, c in enumerate(cases["case_id"])}
+    return meta
+
+
+def load_splits(path, meta=None):
+    with open(path) as f:
+        splits = json.load(f)
+    for k in ("train", "val", "test"):
+        if k not in splits:
+            raise ValueError(f"{path} has no '{k}' split; was it written by 01_preprocess.py?")
+    if meta is not None:
+        unknown = [c for k in ("train", "val", "test") for c in splits[k] if c not in meta["case_index"]]
+        if unknown:
+            raise ValueError(f"{path} names cases not in the slice file (e.g. {unknown[:3]}); "
+                             "splits.json and slices.h5 come from different preprocessing runs")
+    return splits
+
+
+class SliceDataset(Dataset):
+    """2-D slices of the cases `case_ids` from slices.h5: (image (C,H,W) float, label (H,W) long).
+
+    With `cache=True` (default when the selection is below `cache_bytes`) the slices are
+    read once, as one contiguous run per case, and kept in memory. Otherwise each
+    DataLoader worker opens the file itself on first use; `__getitems__` sorts a batch
+    and reads contiguous runs with one h5py call each.
+    """
+
+    def __init__(self, path, case_ids, cache=None, cache_bytes=4 << 30):
+        self.path = path
+        meta = read_meta(path)
+        missing = [c for c in case_ids if c not in meta["case_index"]]
+        if missing:
+            raise ValueError(f"cases {missing[:3]} are not in {path}")
+        if not case_ids:
+            raise ValueError(f"no cases selected from {path}: the split is empty")
+        cases = meta["cases"]
+        runs = []
+        for c in case_ids:
+            i = meta["case_index"][c]
+            runs.append((int(cases["first_slice"][i]), int(cases["n_slices"][i])))
+        self.index = np.concatenate([np.arange(a, a + n) for a, n in runs]).astype(np.int64)
+        N, C, H, W = meta["shape"]
+        nbytes = len(self.index) * (C * H * W * 4 + H * W)
+        self.cache = nbytes <= cache_bytes if cache is None else cache
+        self._file = None
+        self._pid = None
+        if self.cache:
+            with h5py.File(path, "r") as f:
+                self.images = np.concatenate([f["images"][a:a + n] for a, n in runs])
+                self.labels = np.concatenate([f["labels"][a:a + n] for a, n in runs])
+
+    def __len__(self):
+        return len(self.index)
+
+    def _h5(self):
+        if self._file is None or self._pid != os.getpid():   # one handle per worker process
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def _read(self, rows):
+        """Rows of the file (sorted, unique) -> arrays, one h5py read per contiguous run."""
+        f = self._h5()
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        imgs, labs = [], []
+        for run in np.split(rows, breaks):
+            imgs.append(f["images"][run[0]:run[-1] + 1])
+            labs.append(f["labels"][run[0]:run[-1] + 1])
+        return np.concatenate(imgs), np.concatenate(labs)
+
+    def __getitems__(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.cache:
+            imgs, labs = self.images[idx], self.labels[idx]
+        else:
+            rows = self.index[idx]
+            order = np.argsort(rows, kind="stable")
+            uniq, inverse = np.unique(rows[order], return_inverse=True)
+            ui, ul = self._read(uniq)
+            back = np.empty_like(order)
+            back[order] = np.arange(len(order))
+            imgs, labs = ui[inverse][back], ul[inverse][back]
+        imgs = torch.from_numpy(np.ascontiguousarray(imgs))
+        labs = torch.from_numpy(np.ascontiguousarray(labs)).long()
+        return [(imgs[i], labs[i]) for i in range(len(idx))]
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])[0]
+
+    def __getstate__(self):   # h5py handles do not pickle; each worker reopens
+        state = self.__dict__.copy()
+        state["_file"] = None
+        return state
+
+
+def iter_cases(path, case_ids):
+    """Yield (case_id, images (Z,C,H,W) float32, labels (Z,H,W) uint8), one case at a time."""
+    meta = read_meta(path)
+    with h5py.File(path, "r") as f:
+        for c in case_ids:
+            i = meta["case_index"][c]
+            a, n = int(meta["cases"]["first_slice"][i]), int(meta["cases"]["n_slices"][i])
+            yield c, f["images"][a:a + n], f["labels"][a:a + n]
+
+
+def slices_to_nifti(stack, meta, case_id):
+    """A (Z, H, W) label stack of `case_id` -> Nifti1Image in the case's original geometry."""
+    cases = meta["cases"]
+    i = meta["case_index"][case_id]
+    can_shape = tuple(int(s) for s in cases["canonical_shape"][i])
+    work_shape = tuple(int(s) for s in cases["work_shape"][i])
+    if stack.shape[0] != can_shape[2]:
+        raise ValueError(f"case {case_id}: {stack.shape[0]} slices given, the volume has {can_shape[2]}")
+    vol = np.moveaxis(np.asarray(stack, dtype=np.uint8), 0, -1)          # (H, W, Z)
+    vol = uncrop(vol, [int(s) for s in cases["crop_start"][i]], work_shape)
+    if work_shape != can_shape[:2]:
+        vol = resample_inplane(vol, can_shape[:2], order=0)
+    affine = np.asarray(cases["orig_affine"][i], dtype=np.float64)
+    vol = from_canonical(vol, affine)
+    img = nib.Nifti1Image(np.ascontiguousarray(vol), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
