@@ -1,0 +1,128 @@
+"""Stage I: train a 2-D U-Net backbone with a given skip type (paper Sec. 6.3).
+
+In:  slices.h5 and splits.json from 01_preprocess.py.
+Out: RUN/args.json, RUN/log.jsonl (one line per epoch), RUN/ckpt_last.pt, RUN/ckpt_best.pt
+     (best validation patient-level mean foreground Dice). Checkpoints hold model,
+     optimizer, epoch, args and the model config, and are written atomically.
+
+    python 02_pretrain.py --data D/slices.h5 --splits D/splits.json --encoder resnet50 --out runs/ref_resnet50
+
+Adam lr 1e-3, batch 128, 200 epochs, loss CE + soft Dice (Eq. 22-24), no augmentation.
+`--resume` continues from RUN/ckpt_last.pt; on CPU with the same seed it ends with the
+same weights as a run that was never stopped.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+from common.backbones import ENCODERS, UNet
+from common.data import SliceDataset, load_splits, read_meta
+from common.engine import EpochTimer, NonFiniteLoss, evaluate_cases, make_loader, train_epoch
+from common.losses import SegLoss
+from common.skips import SKIP_TYPES
+from common.utils import (JsonlLog, atomic_torch_save, atomic_write_json, epoch_generator, load_checkpoint,
+                          pick_device, run_metadata, seed_everything)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py")
+    p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py")
+    p.add_argument("--encoder", choices=ENCODERS, default="base", help="U-Net encoder")
+    p.add_argument("--skip", choices=SKIP_TYPES, default="ref", help="skip-connection type")
+    p.add_argument("--width", type=int, default=32, help="base encoder width and decoder base width")
+    p.add_argument("--encoder_weights", default=None, help="local torchvision state dict (ImageNet); none = random init")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
+    p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    return p.parse_args(argv)
+
+
+def build_model(args, meta):
+    return UNet(args.encoder, meta["shape"][1], len(meta["class_names"]) + 1, args.skip, args.width,
+                args.encoder_weights)
+
+
+def trainable_parameters(model):
+    return model.parameters()
+
+
+def checkpoint(model, optimizer, epoch, args, best, meta):
+    return {"kind": "pretrain", "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "args": vars(args), "config": model.config, "best_dice": best[0], "best_epoch": best[1],
+            "data": {"dataset": meta["dataset"], "class_names": meta["class_names"], "crop": meta["crop"]}}
+
+
+def main(args):
+    device = pick_device(args.device)
+    seed_everything(args.seed, args.deterministic)
+    amp, channels_last = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
+    meta = read_meta(args.data)
+    splits = load_splits(args.splits, meta)
+    os.makedirs(args.out, exist_ok=True)
+    last, best_path = os.path.join(args.out, "ckpt_last.pt"), os.path.join(args.out, "ckpt_best.pt")
+    if os.path.exists(last) and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue or --overwrite")
+
+    model = build_model(args, meta).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=args.lr)
+    start_epoch, best = 0, (-math.inf, -1)
+    if args.resume:
+        ckpt = load_checkpoint(last, "pretrain", map_location=device)
+        if ckpt["config"] != model.config:
+            raise SystemExit(f"error: {last} holds a {ckpt['config']} model, the flags ask for {model.config}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best = ckpt["epoch"] + 1, (ckpt["best_dice"], ckpt["best_epoch"])
+        print(f"resuming from epoch {start_epoch} (best Dice {best[0]:.4f} at epoch {best[1]})")
+    atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
+    log = JsonlLog(os.path.join(args.out, "log.jsonl"), resume_epoch=start_epoch - 1 if args.resume else None)
+
+    train_set = SliceDataset(args.data, splits["train"])
+    loss_fn = SegLoss()
+    timer = EpochTimer(args.epochs, start_epoch)
+    print(f"{args.encoder} U-Net, {args.skip} skips, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{len(train_set)} training slices, device {device}")
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        torch.manual_seed(args.seed * 1000 + epoch)          # per-epoch seeding: exact resume
+        loader = make_loader(train_set, args.batch_size, True, epoch_generator(args.seed, epoch), args.workers, device)
+        train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch)
+        _, val_dice, _ = evaluate_cases(model, args.data, splits["val"], model.config["num_classes"], device, amp,
+                                        channels_last)
+        improved = val_dice > best[0] or (best[1] < 0)
+        if improved:
+            best = (val_dice, epoch)
+        state = checkpoint(model, optimizer, epoch, args, best, meta)
+        atomic_torch_save(state, last)
+        if improved:
+            atomic_torch_save(state, best_path)
+        seconds = time.time() - t0
+        log.write({"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "best_dice": best[0],
+                   "best_epoch": best[1], "seconds": seconds})
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val Dice {val_dice:.4f}  "
+              f"(best {best[0]:.4f} @ {best[1] + 1})  {seconds:.1f}s  ETA {timer.eta(epoch)}", flush=True)
+    print(f"done: best validation Dice {best[0]:.4f} at epoch {best[1] + 1}; {best_path}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args())
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

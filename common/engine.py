@@ -1,0 +1,97 @@
+"""Training and case-level evaluation loops shared by 02_pretrain.py, 03_search.py and 04_finetune.py."""
+import math
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from common.data import iter_cases
+from common.metrics import CaseDice, mean_foreground
+from common.utils import autocast
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def make_loader(dataset, batch_size, shuffle, generator=None, workers=0, device=None):
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
+                      drop_last=False, pin_memory=device is not None and device.type == "cuda",
+                      persistent_workers=False)
+
+
+def to_device(x, y, device, channels_last):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def check_finite(loss, epoch, step):
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"training loss became {loss} at epoch {epoch}, step {step}; the last good "
+                            "checkpoints are kept. Lower --lr or check the data for extreme values.")
+
+
+def train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch, desc="train"):
+    """One pass over `loader`; returns the mean loss."""
+    model.train()
+    total, n = 0.0, 0
+    bar = tqdm(loader, desc=f"{desc} {epoch}", leave=False, unit="batch", disable=None)
+    for step, (x, y) in enumerate(bar):
+        x, y = to_device(x, y, device, channels_last)
+        with autocast(device, amp):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        check_finite(value, epoch, step)
+        total += value * len(x)
+        n += len(x)
+        bar.set_postfix(loss=f"{value:.4f}")
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def predict_stack(model, images, device, amp, channels_last, batch_size=64):
+    """(Z, C, H, W) numpy -> (Z, H, W) uint8 argmax labels."""
+    model.eval()
+    out = []
+    for a in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[a:a + batch_size])).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out.append(model(x).argmax(1).to(torch.uint8).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate_cases(model, h5_path, case_ids, num_classes, device, amp=False, channels_last=False, keep_pred=False):
+    """Patient-level Dice for each case -> ({case: dice (K-1,)}, mean foreground Dice, predictions)."""
+    per_case, preds = {}, {}
+    for case, images, labels in iter_cases(h5_path, case_ids):
+        pred = predict_stack(model, images, device, amp, channels_last)
+        acc = CaseDice(num_classes)
+        acc.update(pred, labels)
+        per_case[case] = acc.dice()
+        if keep_pred:
+            preds[case] = pred
+    means = [mean_foreground(d) for d in per_case.values()]
+    score = float(np.nanmean(means)) if np.any(~np.isnan(means)) else float("nan")
+    return per_case, score, preds
+
+
+class EpochTimer:
+    """ETA from the mean epoch time so far."""
+
+    def __init__(self, total_epochs, start_epoch):
+        self.total, self.start, self.t0 = total_epochs, start_epoch, time.time()
+
+    def eta(self, epoch):
+        done = epoch - self.start + 1
+        per = (time.time() - self.t0) / max(done, 1)
+        left = per * (self.total - epoch - 1)
+        return f"{int(left // 60)}m{int(left % 60):02d}s"
