@@ -1,0 +1,332 @@
+"""Implantable Adaptive Cells (IAC): the searchable skip cell, its genotype, and θ0.
+
+This file imports only torch (and the standard library) and can be copied into any
+project. A cell replaces one U-Net skip connection: it takes the encoder skip tensor
+x0 and the decoder tensor x1 (up-sampled to the skip's size) and returns a tensor of
+the skip's shape, so a frozen decoder is unchanged (paper Sec. 3.1-3.2, Eq. 1).
+
+    6 nodes: inputs 0 (skip), 1 (up); intermediate nodes 2..5; 14 edges i -> j (i < j)
+    7 candidate operations per edge (no `none` op); one genotype for all skip levels,
+    each level with its own weights; α (14x7) and β (14) shared by all levels.
+
+Drop it into your own U-Net (the decoder calls `skips(level, skip, up)`):
+
+    from iac import IACSearchSkips, IACSkips, read_genotype
+    skips = IACSearchSkips(skip_channels=[64, 128, 256, 512], up_channels=[64, 128, 256, 512])
+    # in the decoder, per level:  s = skips(level, enc_feat, upsampled);  x = block(cat([s, upsampled]))
+    arch_opt = torch.optim.Adam(skips.arch_parameters(), 1e-3, betas=(0.5, 0.999), weight_decay=1e-3)
+    w_opt = torch.optim.SGD(skips.weight_parameters(), 0.01)
+    ...
+    genotype = skips.derive_genotype()                      # Eq. (12) + top-2 edges per node
+    final = IACSkips(genotype, [64, 128, 256, 512], [64, 128, 256, 512])   # full width, affine BN
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OPS = ("skip_connect", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
+       "dil_conv_5x5")
+N_INPUTS = 2
+NODES = (2, 3, 4, 5)
+EDGES = tuple((i, j) for j in NODES for i in range(j))          # 14 edges: (0,2), (1,2), (0,3), ...
+IN_EDGES = {j: [e for e, (i, jj) in enumerate(EDGES) if jj == j] for j in NODES}
+
+
+# --------------------------------------------------------------------------- operations
+class SepConv(nn.Sequential):
+    """(ReLU -> depthwise k x k -> 1x1 -> BN) twice (PC-DARTS)."""
+
+    def __init__(self, C, k, affine):
+        p = k // 2
+        super().__init__(nn.ReLU(), nn.Conv2d(C, C, k, padding=p, groups=C, bias=False),
+                         nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine),
+                         nn.ReLU(), nn.Conv2d(C, C, k, padding=p, groups=C, bias=False),
+                         nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+
+
+class DilConv(nn.Sequential):
+    """ReLU -> depthwise k x k, dilation 2 -> 1x1 -> BN (PC-DARTS)."""
+
+    def __init__(self, C, k, affine):
+        super().__init__(nn.ReLU(), nn.Conv2d(C, C, k, padding=k - 1, dilation=2, groups=C, bias=False),
+                         nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+
+
+def make_op(name, C, search):
+    """One candidate op at width C; search ops have non-affine BN, pools get a BN in search."""
+    affine = not search
+    if name == "skip_connect":
+        return nn.Identity()
+    if name in ("max_pool_3x3", "avg_pool_3x3"):
+        pool = nn.MaxPool2d(3, 1, 1) if name == "max_pool_3x3" else nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        return nn.Sequential(pool, nn.BatchNorm2d(C, affine=False)) if search else pool
+    if name in ("sep_conv_3x3", "sep_conv_5x5"):
+        return SepConv(C, int(name[-1]), affine)
+    if name in ("dil_conv_3x3", "dil_conv_5x5"):
+        return DilConv(C, int(name[-1]), affine)
+    raise ValueError(f"unknown operation {name!r}; known: {', '.join(OPS)}")
+
+
+def channel_shuffle(x, groups):
+    B, C, H, W = x.shape
+    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
+
+
+# --------------------------------------------------------------------------- weights
+def cap_edge_weights(w, eps=1e-8):
+    """Eq. (6)-(8) on the last dim: if max w > 0.5, set it to 0.5 and rescale the rest to sum 0.5."""
+    w_m, m = w.max(dim=-1, keepdim=True)
+    is_m = F.one_hot(m.squeeze(-1), w.shape[-1]).bool()
+    S = w.sum(dim=-1, keepdim=True) - w_m                                 # Eq. (7)
+    capped = torch.where(is_m, torch.full_like(w, 0.5), 0.5 * w / (S + eps))   # Eq. (8)
+    return torch.where(w_m > 0.5, capped, w)                              # Eq. (6)
+
+
+def edge_weights(beta, edge_mask, beta_fn="tanh"):
+    """Eq. (5)-(8): w'_{i->j} for every edge (14,), computed node by node over active edges."""
+    f = torch.tanh if beta_fn == "tanh" else (lambda b: b)
+    out = torch.zeros_like(beta)
+    for j in NODES:
+        idx = [e for e in IN_EDGES[j] if edge_mask[e]]
+        z = f(beta[idx])
+        w = torch.softmax(z - z.max(), dim=0)                               # Eq. (5)
+        out = out.index_put((torch.tensor(idx, device=beta.device),), cap_edge_weights(w))
+    return out
+
+
+def op_weights(alpha, op_mask):
+    """Eq. (2): softmax of α over each edge's active ops; pruned ops get 0."""
+    return torch.softmax(alpha.masked_fill(~op_mask, float("-inf")), dim=-1)
+
+
+# --------------------------------------------------------------------------- cell
+class Edge(nn.Module):
+    """The ops of one edge. In search: the partial-channel mixed op of Eq. (4)."""
+
+    def __init__(self, C, op_names, search, pc_k):
+        super().__init__()
+        self.search, self.k = search, (pc_k if search else 1)
+        self.ops = nn.ModuleDict({o: make_op(o, C // self.k, search) for o in op_names})
+
+    def forward(self, x, weights=None):
+        if not self.search:
+            return sum(op(x) for op in self.ops.values())
+        c = x.shape[1] // self.k
+        xa, xb = x[:, :c], x[:, c:]                                          # Eq. (4): C/K channels in
+        out = sum(weights[OPS.index(o)] * op(xa) for o, op in self.ops.items())
+        return channel_shuffle(torch.cat([out, xb], dim=1), self.k) if self.k > 1 else out
+
+
+class Cell(nn.Module):
+    """One IAC at one skip level. `edges` maps edge index -> op names on that edge."""
+
+    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4):
+        super().__init__()
+        if search and C % pc_k:
+            raise ValueError(f"cell width {C} is not divisible by the partial-channel K={pc_k}")
+        affine = not search
+        self.search = search
+        self.pre0 = nn.Sequential(nn.ReLU(), nn.Conv2d(c_skip, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+        self.pre1 = nn.Sequential(nn.ReLU(), nn.Conv2d(c_up, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+        self.edges = nn.ModuleDict({str(e): Edge(C, ops, search, pc_k) for e, ops in sorted(edges.items())})
+        self.out = nn.Conv2d(len(NODES) * C, c_skip, 1)                      # Eq. (1)
+
+    def forward(self, skip, up, op_w=None, edge_w=None):
+        states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, H, W)
+        for j in NODES:
+            terms = []
+            for e in IN_EDGES[j]:
+                if str(e) not in self.edges:
+                    continue
+                i = EDGES[e][0]
+                if self.search:
+                    terms.append(edge_w[e] * self.edges[str(e)](states[i], op_w[e]))   # Eq. (9)
+                else:
+                    terms.append(self.edges[str(e)](states[i]))
+            states.append(sum(terms))
+        return self.out(torch.cat(states[N_INPUTS:], dim=1))               # Eq. (1): (B, C_skip, H, W)
+
+
+def _widths(skip_channels, cell_channels):
+    if cell_channels is None:
+        return list(skip_channels)                  # SPEC §1: C = skip channels at that level
+    if isinstance(cell_channels, int):
+        return [cell_channels] * len(skip_channels)
+    return list(cell_channels)
+
+
+class IACSearchSkips(nn.Module):
+    """The supernet: one search cell per skip level, α and β shared by all levels.
+
+    Called as `skips(level, skip, up)`; `prepare(features)` is the identity."""
+
+    def __init__(self, skip_channels, up_channels, cell_channels=None, pc_k=4, beta_fn="tanh"):
+        super().__init__()
+        self.pc_k, self.beta_fn = pc_k, beta_fn
+        self.alpha = nn.Parameter(torch.zeros(len(EDGES), len(OPS)))     # constant init (paper)
+        self.beta = nn.Parameter(torch.zeros(len(EDGES)))
+        self.register_buffer("op_mask", torch.ones(len(EDGES), len(OPS), dtype=torch.bool))
+        self.register_buffer("edge_mask", torch.ones(len(EDGES), dtype=torch.bool))
+        all_ops = {e: OPS for e in range(len(EDGES))}
+        self.cells = nn.ModuleList([Cell(cs, cu, C, all_ops, True, pc_k) for cs, cu, C in
+                                    zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
+
+    def arch_parameters(self):
+        return [self.alpha, self.beta]
+
+    def weight_parameters(self):
+        return list(self.cells.parameters())
+
+    def op_weights(self):
+        return op_weights(self.alpha, self.op_mask)                          # Eq. (2)
+
+    def edge_weights(self):
+        return edge_weights(self.beta, self.edge_mask, self.beta_fn)        # Eq. (5)-(8)
+
+    def importance(self):
+        """I_{e,o} = softmax(α_e)_o · w'_e (SPEC §3; Eq. 13/18); 0 for pruned ops and edges."""
+        return self.op_weights() * self.edge_weights()[:, None] * self.edge_mask[:, None]
+
+    def prune_op(self, e, o):
+        """Remove op o from edge e in every level: its module, compute and memory are gone."""
+        if int(self.op_mask[e].sum()) <= 1:
+            raise ValueError(f"edge {e} has one op left; it cannot be pruned")
+        self.op_mask[e, o] = False
+        for cell in self.cells:
+            del cell.edges[str(e)].ops[OPS[o]]
+
+    def prune_edge(self, e):
+        self.edge_mask[e] = False
+        for cell in self.cells:
+            del cell.edges[str(e)]
+
+    def apply_masks(self, op_mask, edge_mask):
+        """Rebuild the pruned structure (for resuming) before load_state_dict."""
+        for e in range(len(EDGES)):
+            if not edge_mask[e] and self.edge_mask[e]:
+                self.prune_edge(e)
+            elif edge_mask[e]:
+                for o in range(len(OPS)):
+                    if not op_mask[e, o] and self.op_mask[e, o]:
+                        self.prune_op(e, o)
+        self.op_mask.copy_(op_mask)
+
+    def prepare(self, features):
+        """Called once per network forward: α and β are turned into weights once for all levels."""
+        self._weights = (self.op_weights(), self.edge_weights())
+        return features
+
+    def forward(self, level, skip, up):
+        op_w, edge_w = self._weights if getattr(self, "_weights", None) else (self.op_weights(), self.edge_weights())
+        if level == 0:
+            self._weights = None                  # the decoder's last level: never reuse stale weights
+        return self.cells[level](skip, up, op_w, edge_w)
+
+    @torch.no_grad()
+    def derive_genotype(self):
+        """Eq. (12): each edge's argmax op; then each node keeps its top-2 incoming edges by
+        max_o softmax(α)_o · w' (for single-op edges this is w', as Sec. 5.5 says)."""
+        p, w = self.op_weights(), self.edge_weights()
+        edges = []
+        for j in NODES:
+            cand = [e for e in IN_EDGES[j] if self.edge_mask[e]]
+            score = {e: float(p[e].max() * w[e]) for e in cand}
+            for e in sorted(sorted(cand, key=lambda e: -score[e])[:2]):
+                edges.append([OPS[int(p[e].argmax())], EDGES[e][0], j])
+        return {"ops": list(OPS), "edges": edges, "concat": list(NODES)}
+
+
+class IACSkips(nn.Module):
+    """The discrete cell of a genotype at full width (affine BN), one per skip level."""
+
+    def __init__(self, genotype, skip_channels, up_channels, cell_channels=None):
+        super().__init__()
+        validate_genotype(genotype)
+        edges = {EDGES.index((src, dst)): [op] for op, src, dst in genotype["edges"]}
+        self.cells = nn.ModuleList([Cell(cs, cu, C, edges, False) for cs, cu, C in
+                                    zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
+
+    def prepare(self, features):
+        return features
+
+    def forward(self, level, skip, up):
+        return self.cells[level](skip, up)
+
+
+# --------------------------------------------------------------------------- θ0
+FULL_GENOTYPE_EDGES = {e: OPS for e in range(len(EDGES))}
+
+
+def make_theta0(skip_channels, up_channels, cell_channels=None):
+    """θ0: every candidate op on every edge at full width, freshly initialised (a state dict)."""
+    full = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, False) for cs, cu, C in
+                          zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
+    return {f"cells.{k}": v.detach().clone() for k, v in full.state_dict().items()}
+
+
+@torch.no_grad()
+def init_from_theta0(skips, theta0, strict_shapes=False):
+    """Load θ0 into a search supernet (partial-channel ops take the leading slices) or into a
+    discrete IACSkips (every key must be present at full width)."""
+    own = skips.state_dict()
+    for k, v in own.items():
+        if k in ("alpha", "beta", "op_mask", "edge_mask"):
+            continue
+        if k not in theta0:
+            if isinstance(skips, IACSkips):
+                raise KeyError(f"θ0 has no entry {k}: it was saved for another backbone or cell width")
+            continue                                   # search-only BN buffers after pools
+        src = theta0[k]
+        if src.dim() != v.dim() or any(a < b for a, b in zip(src.shape, v.shape)) or \
+                (strict_shapes and src.shape != v.shape):
+            raise ValueError(f"θ0 entry {k} has shape {tuple(src.shape)}, the cell needs {tuple(v.shape)}")
+        v.copy_(src[tuple(slice(0, n) for n in v.shape)])
+
+
+# --------------------------------------------------------------------------- genotype files
+def validate_genotype(g, source="genotype"):
+    """Raise ValueError naming what is wrong: unknown ops, bad node indices, nodes without 2 inputs."""
+    if not isinstance(g, dict) or "edges" not in g:
+        raise ValueError(f"{source}: not a genotype (no 'edges' list)")
+    counts = {j: 0 for j in NODES}
+    seen = set()
+    for item in g["edges"]:
+        if not (isinstance(item, (list, tuple)) and len(item) == 3):
+            raise ValueError(f"{source}: edge {item!r} is not [op, src, dst]")
+        op, src, dst = item
+        if op not in OPS:
+            raise ValueError(f"{source}: unknown operation {op!r} on edge {src}->{dst}; known: {', '.join(OPS)}")
+        if not (isinstance(src, int) and isinstance(dst, int)) or dst not in NODES or not 0 <= src < dst:
+            raise ValueError(f"{source}: bad node indices {src}->{dst}; nodes are 0-1 (inputs) and 2-5, src < dst")
+        if (src, dst) in seen:
+            raise ValueError(f"{source}: edge {src}->{dst} appears twice")
+        seen.add((src, dst))
+        counts[dst] += 1
+    bad = {j: n for j, n in counts.items() if n != 2}
+    if bad:
+        raise ValueError(f"{source}: every node needs exactly 2 inputs; "
+                         + ", ".join(f"node {j} has {n}" for j, n in bad.items()))
+    if list(g.get("concat", NODES)) != list(NODES):
+        raise ValueError(f"{source}: concat must be {list(NODES)}")
+
+
+def write_genotype(path, genotype, search_info):
+    validate_genotype(genotype)
+    g = {"ops": list(OPS), "edges": genotype["edges"], "concat": list(NODES), "search": search_info}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(g, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_genotype(path):
+    try:
+        with open(path) as f:
+            g = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read genotype ({e})") from e
+    validate_genotype(g, source=path)
+    return g
