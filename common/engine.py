@@ -7,7 +7,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.backbones import build_unet
 from common.data import iter_cases
+from common.iac import IACSkips
+from common.skips import build_skips
 from common.metrics import CaseDice, mean_foreground
 from common.utils import autocast
 
@@ -95,3 +98,19 @@ class EpochTimer:
         per = (time.time() - self.t0) / max(done, 1)
         left = per * (self.total - epoch - 1)
         return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
+def model_from_checkpoint(ckpt):
+    """Rebuild a trained model from a stage I (pretrain) or stage III (finetune) checkpoint."""
+    cfg = ckpt["config"]
+    if ckpt["kind"] == "pretrain":
+        model = build_unet(cfg)
+    else:
+        model = build_unet({**cfg, "skip": "ref"})
+        if cfg["skip"] == "iac":
+            genotype = {"edges": cfg["genotype"], "concat": [2, 3, 4, 5]}
+            model.set_skips(IACSkips(genotype, model.skip_channels, model.up_channels, cfg.get("cell_channels")))
+        else:
+            model.set_skips(build_skips(cfg["skip"], model.skip_channels, model.up_channels, None))
+    model.load_state_dict(ckpt["model"])
+    return model

@@ -65,7 +65,7 @@ def atomic_torch_save(obj, path, rank=0):
 def load_checkpoint(path, kind, map_location="cpu"):
     """torch.load(weights_only=True) with a clear message for missing, corrupt or foreign files.
 
-    `kind` is the stage that wrote it ("pretrain", "search", "finetune")."""
+    `kind` is the stage that wrote it ("pretrain", "search", "finetune", "theta0") or a tuple of them."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint {path} does not exist")
     try:
@@ -73,9 +73,10 @@ def load_checkpoint(path, kind, map_location="cpu"):
     except Exception as e:  # truncated zip, pickle error, foreign format: all mean "not ours"
         raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {e}); "
                          "it is corrupt or was not written by this project") from e
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} is not a {kind} checkpoint of this project (found {found!r})")
+        raise SystemExit(f"error: {path} is not a {' or '.join(kinds)} checkpoint of this project (found {found!r})")
     return ckpt
 
 

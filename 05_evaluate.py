@@ -1,0 +1,256 @@
+"""Evaluate trained models at patient level and reproduce the paper's tables and figures.
+
+In:  slices.h5, splits.json, runs of 02_pretrain.py / 04_finetune.py (`--run NAME=DIR`,
+     repeatable; the same NAME for several backbones or seeds), searches of 03_search.py
+     (`--search NAME=DIR`) for the search-cost table and the dynamics analysis.
+Out: OUT/per_patient.csv (method, backbone, seed, patient, class, dice),
+     OUT/summary.csv|md (per-class and mean foreground Dice, mean ± std over seeds),
+     OUT/paired.csv|md (ΔDice vs the reference: mean, 95% bootstrap CI, Wilcoxon p,
+     Fisher-combined p across backbones; Tables 1-3), OUT/search_cost.csv|md (Tables 4-5),
+     OUT/dynamics/ (cosine / top-k Hamming similarity, first-entry epochs; CSV and PNG,
+     like Figs 3-7), OUT/overlay.png, and with --save_nifti DIR predictions as NIfTI in
+     each case's original geometry.
+
+    python 05_evaluate.py --data D/slices.h5 --splits D/splits.json --run ref=runs/ref \
+        --run iac=runs/iac --run iac_lth=runs/iac_lth --search full=runs/search_full \
+        --search lth=runs/search_lth --out runs/eval
+"""
+import argparse
+import os
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.analysis import (cosine_matrix, fisher_combined, first_entry_epochs, hamming_similarity_matrix,  # noqa: E402
+                             importance_tensor, paired_comparison, topk_masks)
+from common.data import iter_cases, load_splits, read_meta, slices_to_nifti  # noqa: E402
+from common.engine import evaluate_cases, model_from_checkpoint  # noqa: E402
+from common.iac import read_genotype  # noqa: E402
+from common.utils import atomic_write_json, load_checkpoint, pick_device, read_jsonl, run_metadata  # noqa: E402
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="slices.h5")
+    p.add_argument("--splits", required=True, help="splits.json")
+    p.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="a trained run (repeatable)")
+    p.add_argument("--reference", default=None, help="method the others are compared with (default: first --run)")
+    p.add_argument("--search", action="append", default=[], metavar="NAME=DIR", help="a search run (repeatable)")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="cases to evaluate")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--save_nifti", default=None, metavar="DIR", help="write predictions as NIfTI under DIR/NAME/")
+    p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    return p.parse_args(argv)
+
+
+def parse_pairs(items, flag):
+    out = []
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"error: {flag} {it!r} must be NAME=DIR")
+        name, d = it.split("=", 1)
+        out.append((name, d))
+    return out
+
+
+def to_markdown(df, floatfmt=".4f"):
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_runs(args, meta, cases, device):
+    rows, preds, info = [], {}, []
+    K = len(meta["class_names"]) + 1
+    for name, d in parse_pairs(args.run, "--run"):
+        path = os.path.join(d, "ckpt_best.pt")
+        ckpt = load_checkpoint(path, ("pretrain", "finetune"))
+        if ckpt["data"]["dataset"] != meta["dataset"] or ckpt["data"]["class_names"] != meta["class_names"]:
+            raise SystemExit(f"error: run {name} ({d}) was trained on {ckpt['data']['dataset']} "
+                             f"{ckpt['data']['class_names']}, the data is {meta['dataset']} {meta['class_names']}")
+        model = model_from_checkpoint(ckpt).to(device)
+        backbone, seed = ckpt["config"]["encoder"], ckpt["args"]["seed"]
+        per_case, score, pr = evaluate_cases(model, args.data, cases, K, device, args.amp and device.type == "cuda",
+                                             False, keep_pred=True)
+        preds[name, backbone, seed] = pr
+        info.append((name, d, backbone, seed))
+        print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean foreground Dice {score:.4f} on {len(cases)} cases")
+        for case, dice in per_case.items():
+            for cname, v in zip(meta["class_names"], dice):
+                rows.append({"method": name, "backbone": backbone, "seed": seed, "patient": case, "class": cname,
+                             "dice": float(v)})
+    return pd.DataFrame(rows), preds, info
+
+
+def summarise(df):
+    case_mean = df.groupby(["method", "backbone", "seed", "patient"], sort=False)["dice"].mean().reset_index()
+    per_class = df.groupby(["method", "backbone", "seed", "class"], sort=False)["dice"].mean().unstack("class")
+    per_class["mean_fg"] = case_mean.groupby(["method", "backbone", "seed"], sort=False)["dice"].mean()
+    agg = per_class.groupby(["method", "backbone"], sort=False).agg(["mean", "std"])
+    table = pd.DataFrame(index=agg.index)
+    for col in per_class.columns:
+        m, s = agg[(col, "mean")], agg[(col, "std")].fillna(0.0)
+        table[col] = [f"{a:.4f} ± {b:.4f}" for a, b in zip(m, s)]
+    table["seeds"] = per_class.groupby(["method", "backbone"], sort=False).size()
+    return table.reset_index(), case_mean
+
+
+def paired_table(case_mean, reference, n_boot):
+    """ΔDice of each method vs the reference per backbone (case Dice averaged over seeds), Fisher across backbones."""
+    per = case_mean.groupby(["method", "backbone", "patient"], sort=False)["dice"].mean().unstack("patient")
+    rows = []
+    for (method, backbone), vals in per.iterrows():
+        if method == reference or (reference, backbone) not in per.index:
+            continue
+        ref = per.loc[(reference, backbone)]
+        r = paired_comparison(ref.values, vals[ref.index].values, n_resamples=n_boot)
+        rows.append({"method": method, "backbone": backbone, **r})
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df["fisher_p"] = df.groupby("method")["wilcoxon_p"].transform(lambda p: fisher_combined(list(p)))
+    return df
+
+
+def search_tables(searches, out_dir):
+    """Search cost (Tables 4-5) and the dynamics analysis of Sec. 4 for each search run."""
+    os.makedirs(os.path.join(out_dir, "dynamics"), exist_ok=True)
+    recs = []
+    for name, d in searches:
+        gpath, tpath = os.path.join(d, "genotype.json"), os.path.join(d, "trajectory.jsonl")
+        g = read_genotype(gpath)
+        if not os.path.isfile(tpath):
+            raise SystemExit(f"error: search {name}: {gpath} has no trajectory.jsonl beside it")
+        traj = read_jsonl(tpath)
+        s = g["search"]
+        recs.append({"search": name, "mode": s["mode"], "dataset": s["dataset"], "backbone": s["encoder"],
+                     "epochs": s["epochs_run"], "minutes": s["seconds"] / 60})
+        dynamics_figures(name, traj, g, os.path.join(out_dir, "dynamics"))
+    cost = pd.DataFrame(recs)
+    rows = []
+    for _, r in cost[cost["mode"] == "lth"].iterrows() if not cost.empty else []:
+        full = cost[(cost["mode"] == "full") & (cost["dataset"] == r["dataset"]) & (cost["backbone"] == r["backbone"])]
+        f = full.iloc[0] if len(full) else None
+        rows.append({"dataset": r["dataset"], "backbone": r["backbone"],
+                     "IAC epochs": int(f["epochs"]) if f is not None else None,
+                     "IAC minutes": float(f["minutes"]) if f is not None else float("nan"),
+                     "IAC-LTH epochs": int(r["epochs"]), "IAC-LTH minutes": float(r["minutes"]),
+                     "time speed-up": float(f["minutes"] / r["minutes"]) if f is not None else float("nan")})
+    return cost, pd.DataFrame(rows)
+
+
+def dynamics_figures(name, traj, genotype, out_dir):
+    I, epochs = importance_tensor(traj)
+    T = len(I)
+    cos = cosine_matrix(I)
+    pd.DataFrame(cos, index=epochs, columns=epochs).to_csv(os.path.join(out_dir, f"{name}_cosine.csv"))
+    ham = {k: hamming_similarity_matrix(topk_masks(I, k)) for k in (1, 2, 3)}
+    for k, M in ham.items():
+        pd.DataFrame(M, index=epochs, columns=epochs).to_csv(os.path.join(out_dir, f"{name}_hamming_top{k}.csv"))
+    first = pd.DataFrame(first_entry_epochs(traj, genotype))
+    first.to_csv(os.path.join(out_dir, f"{name}_first_entry.csv"), index=False)
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    for e in range(I.shape[1]):                                       # Fig. 3: importance per op and edge
+        for o in range(I.shape[2]):
+            ax[0].plot(epochs, I[:, e, o], lw=0.7)
+    ax[0].set(title=f"{name}: operation importance", xlabel="epoch", ylabel="I")
+    im = ax[1].imshow(cos, vmin=0, vmax=1, origin="lower", extent=[epochs[0], epochs[-1], epochs[0], epochs[-1]])
+    ax[1].set(title="cosine similarity (Fig. 4)", xlabel="epoch", ylabel="epoch")
+    fig.colorbar(im, ax=ax[1])
+    ax[2].plot(epochs, cos[:, -1], label="full vector")               # Fig. 5: similarity to the final epoch
+    for k, M in ham.items():
+        ax[2].plot(epochs, M[:, -1], label=f"top-{k} Hamming")
+    ax[2].set(title="similarity to final epoch (Fig. 5)", xlabel="epoch", ylim=(0, 1.05))
+    ax[2].legend(fontsize=7)
+    crit = ["top3", "top2", "top1", "edge_set"]                       # Fig. 6: first-entry epochs
+    vals = [first[c].dropna().astype(float).values for c in crit]
+    ax[3].boxplot([v if len(v) else [np.nan] for v in vals], tick_labels=crit)
+    ax[3].set(title="epoch of first entry (Fig. 6)", ylabel="epoch")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}_dynamics.png"), dpi=90)
+    plt.close(fig)
+    return T
+
+
+def overlay_figure(args, meta, cases, preds, path):
+    best, best_fg = None, -1
+    for case, images, labels in iter_cases(args.data, cases):
+        fg = (labels > 0).sum((1, 2))
+        z = int(fg.argmax())
+        if fg[z] > best_fg:
+            best, best_fg = (case, z, images[z, 0], labels[z]), fg[z]
+    case, z, img, gt = best
+    keys = list(preds)
+    fig, ax = plt.subplots(1, 2 + len(keys), figsize=(3 * (2 + len(keys)), 3.2))
+    K = len(meta["class_names"])
+    ax[0].imshow(img, cmap="gray")
+    ax[0].set_title(f"{case} z={z}")
+    for a, (title, lab) in zip(ax[1:], [("ground truth", gt)] + [(f"{k[0]} ({k[1]})", preds[k][case][z]) for k in keys]):
+        a.imshow(img, cmap="gray")
+        a.imshow(np.ma.masked_equal(lab, 0), cmap="tab10", vmin=1, vmax=max(K, 2), alpha=0.5, interpolation="nearest")
+        a.set_title(title, fontsize=9)
+    for a in ax:
+        a.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(args):
+    device = pick_device(args.device)
+    meta = read_meta(args.data)
+    splits = load_splits(args.splits, meta)
+    cases = splits[args.split]
+    if not cases:
+        raise SystemExit(f"error: the {args.split} split of {args.splits} is empty; nothing to evaluate")
+    if not args.run and not args.search:
+        raise SystemExit("error: give at least one --run NAME=DIR or --search NAME=DIR")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
+    torch.set_grad_enabled(False)
+    if args.run:
+        df, preds, info = evaluate_runs(args, meta, cases, device)
+        df.to_csv(os.path.join(args.out, "per_patient.csv"), index=False)
+        summary, case_mean = summarise(df)
+        summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
+        reference = args.reference or info[0][0]
+        paired = paired_table(case_mean, reference, args.n_boot)
+        paired.to_csv(os.path.join(args.out, "paired.csv"), index=False)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(f"## Patient-level Dice on {len(cases)} {args.split} cases ({meta['dataset']})\n\n")
+            f.write(to_markdown(summary))
+        with open(os.path.join(args.out, "paired.md"), "w") as f:
+            f.write(f"## ΔDice vs {reference} (mean, 95% bootstrap CI, Wilcoxon p, Fisher p across backbones)\n\n")
+            f.write(to_markdown(paired) if not paired.empty else "no paired comparison\n")
+        print("\n" + open(os.path.join(args.out, "summary.md")).read())
+        print(open(os.path.join(args.out, "paired.md")).read())
+        overlay_figure(args, meta, cases, preds, os.path.join(args.out, "overlay.png"))
+        if args.save_nifti:
+            for (name, backbone, seed), pr in preds.items():
+                d = os.path.join(args.save_nifti, f"{name}_{backbone}_seed{seed}")
+                os.makedirs(d, exist_ok=True)
+                for case, stack in pr.items():
+                    slices_to_nifti(stack, meta, case).to_filename(os.path.join(d, f"{case}.nii.gz"))
+            print(f"NIfTI predictions in {args.save_nifti}")
+    if args.search:
+        cost, table = search_tables(parse_pairs(args.search, "--search"), args.out)
+        cost.to_csv(os.path.join(args.out, "search_runs.csv"), index=False)
+        table.to_csv(os.path.join(args.out, "search_cost.csv"), index=False)
+        with open(os.path.join(args.out, "search_cost.md"), "w") as f:
+            f.write("## Search cost (Tables 4-5)\n\n" + (to_markdown(table, ".2f") if not table.empty else
+                                                         to_markdown(cost, ".2f")))
+        print(open(os.path.join(args.out, "search_cost.md")).read())
+        print(f"search-dynamics figures in {os.path.join(args.out, 'dynamics')}")
+    print(f"all outputs in {args.out}")
+
+
+if __name__ == "__main__":
+    main(get_args())
