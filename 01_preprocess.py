@@ -22,10 +22,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common.data import (crop_or_pad, crop_start, ct_normalise, ct_statistics, resample_inplane,
-                         zscore_nonzero)
+from common.data import ct_statistics, foreground_sample_job, process_case_job
 from common.phantom import LAYOUTS, write_phantom
-from common.raw import DataError, list_cases, load_case
+from common.raw import DataError, list_cases
 from common.utils import atomic_write_json, run_metadata
 
 
@@ -70,49 +69,6 @@ def split_patients(patient_ids, fractions, seed):
     parts["train_search"] = sorted(half[:k])
     parts["val_search"] = sorted(half[k:]) or sorted(half[:k])
     return {k: sorted(v) for k, v in parts.items()}
-
-
-def foreground_sample(case, info, n=10000, seed=0):
-    """Pass 1 (CT only): a random sample of foreground intensities of one training case."""
-    c = load_case(case, info)
-    v = c["image"][..., 0][c["label"] > 0]
-    rng = np.random.default_rng(seed)
-    return v if v.size <= n else rng.choice(v, n, replace=False)
-
-
-def process_case(case, info, crop, spacing, ct_stats):
-    """Pass 2: one case -> normalised, resampled, cropped slices (Z, C, H, W) and geometry."""
-    c = load_case(case, info)
-    img, lab = c["image"], c["label"]                              # (X, Y, Z, C), (X, Y, Z)
-    for ch in range(img.shape[-1]):                                # SPEC §6 normalisation
-        img[..., ch] = ct_normalise(img[..., ch], ct_stats) if case.modality == "ct" else zscore_nonzero(img[..., ch])
-    can_shape = lab.shape
-    work = list(can_shape[:2])
-    if spacing is not None:
-        work = [int(round(n * s / t)) for n, s, t in zip(can_shape[:2], c["spacing"][:2], spacing)]
-        img = resample_inplane(img, work, order=1)
-        lab = resample_inplane(lab, work, order=0)
-    start = crop_start(work, crop)
-    img = crop_or_pad(img, start, crop, fill=float(img.min()))
-    lab = crop_or_pad(lab, start, crop, fill=0)
-    anis = c["spacing"]
-    warn = None
-    if anis[2] < 0.8 * max(anis[:2]):
-        warn = (f"case {case.case_id}: canonical z spacing {anis[2]:.2f} mm is finer than in-plane "
-                f"{anis[0]:.2f}x{anis[1]:.2f} mm; check that axial slicing is what you want")
-    return {"images": np.ascontiguousarray(np.transpose(img, (2, 3, 0, 1)), dtype=np.float32),
-            "labels": np.ascontiguousarray(np.transpose(lab, (2, 0, 1)), dtype=np.uint8),
-            "orig_shape": c["orig_shape"], "orig_affine": c["orig_affine"], "canonical_shape": np.array(can_shape),
-            "work_shape": np.array(work), "crop_start": np.array(start), "warn": warn}
-
-
-def _pass1(args_tuple):
-    case, info, seed = args_tuple
-    return foreground_sample(case, info, seed=seed)
-
-
-def _pass2(args_tuple):
-    return process_case(*args_tuple)
 
 
 def write_slices(tmp_path, info, order, results_iter, attrs):
@@ -176,7 +132,7 @@ def main(args):
         ct_train = [c for c in info.cases if c.modality == "ct" and c.patient_id in train_p]
         if ct_train:  # CT statistics come from training patients only (SPEC §6)
             jobs = [(c, info, args.seed + i) for i, c in enumerate(ct_train)]
-            samples = list(tqdm(pool.map(_pass1, jobs), total=len(jobs), desc="CT statistics", unit="vol"))
+            samples = list(tqdm(pool.map(foreground_sample_job, jobs), total=len(jobs), desc="CT statistics", unit="vol"))
             ct_stats = ct_statistics(samples)
         attrs = {"dataset": info.dataset, "modalities": info.modalities, "class_names": info.class_names,
                  "normalisation": {"mri": "z-score over non-zero voxels per volume and channel",
@@ -185,7 +141,7 @@ def main(args):
         tmp = out_h5 + f".tmp{os.getpid()}"
         try:
             jobs = [(c, info, list(args.crop), args.spacing, ct_stats) for c in info.cases]
-            results = tqdm(pool.map(_pass2, jobs), total=len(jobs), desc="slicing", unit="vol")
+            results = tqdm(pool.map(process_case_job, jobs), total=len(jobs), desc="slicing", unit="vol")
             write_slices(tmp, info, info.cases, results, attrs)
             os.replace(tmp, out_h5)
         finally:

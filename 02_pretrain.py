@@ -47,6 +47,8 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="leave after this many epochs of this invocation (job time limits); continue with --resume")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
     return p.parse_args(argv)
 
@@ -117,6 +119,9 @@ def main(args):
                    "best_epoch": best[1], "seconds": seconds})
         print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val Dice {val_dice:.4f}  "
               f"(best {best[0]:.4f} @ {best[1] + 1})  {seconds:.1f}s  ETA {timer.eta(epoch)}", flush=True)
+        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
+            print(f"stopping after {args.stop_after} epochs as asked; continue with --resume")
+            return
     print(f"done: best validation Dice {best[0]:.4f} at epoch {best[1] + 1}; {best_path}")
 
 

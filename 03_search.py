@@ -65,6 +65,8 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="leave after this many epochs of this invocation (job time limits); continue with --resume")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
     return p.parse_args(argv)
 
@@ -215,6 +217,9 @@ def main(args):
               + ("  (warm-up)" if epoch < args.warmup else ""), flush=True)
         if stopped:
             break
+        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
+            print(f"stopping after {args.stop_after} epochs as asked; continue with --resume")
+            return
 
     if stopped:                                                       # Sec. 5.5: 2 incoming edges per node
         w = skips.edge_weights().detach()

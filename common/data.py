@@ -20,7 +20,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from common.raw import from_canonical
+from common.raw import from_canonical, load_case
 
 
 # --------------------------------------------------------------------------- transforms
@@ -83,6 +83,50 @@ def uncrop(window, start, shape_xy, fill=0):
         src.append(slice(a - s, b - s))
     out[tuple(dst)] = window[tuple(src)]
     return out
+
+
+# --------------------------------------------------------------------------- one case (01_preprocess.py)
+def foreground_sample(case, info, n=10000, seed=0):
+    """Pass 1 (CT only): a random sample of foreground intensities of one training case."""
+    c = load_case(case, info)
+    v = c["image"][..., 0][c["label"] > 0]
+    rng = np.random.default_rng(seed)
+    return v if v.size <= n else rng.choice(v, n, replace=False)
+
+
+def process_case(case, info, crop, spacing, ct_stats):
+    """Pass 2: one case -> normalised, resampled, cropped slices (Z, C, H, W) and geometry."""
+    c = load_case(case, info)
+    img, lab = c["image"], c["label"]                              # (X, Y, Z, C), (X, Y, Z)
+    for ch in range(img.shape[-1]):                                # SPEC §6 normalisation
+        img[..., ch] = ct_normalise(img[..., ch], ct_stats) if case.modality == "ct" else zscore_nonzero(img[..., ch])
+    can_shape = lab.shape
+    work = list(can_shape[:2])
+    if spacing is not None:
+        work = [int(round(n * s / t)) for n, s, t in zip(can_shape[:2], c["spacing"][:2], spacing)]
+        img = resample_inplane(img, work, order=1)
+        lab = resample_inplane(lab, work, order=0)
+    start = crop_start(work, crop)
+    img = crop_or_pad(img, start, crop, fill=float(img.min()))
+    lab = crop_or_pad(lab, start, crop, fill=0)
+    anis = c["spacing"]
+    warn = None
+    if anis[2] < 0.8 * max(anis[:2]):
+        warn = (f"case {case.case_id}: canonical z spacing {anis[2]:.2f} mm is finer than in-plane "
+                f"{anis[0]:.2f}x{anis[1]:.2f} mm; check that axial slicing is what you want")
+    return {"images": np.ascontiguousarray(np.transpose(img, (2, 3, 0, 1)), dtype=np.float32),
+            "labels": np.ascontiguousarray(np.transpose(lab, (2, 0, 1)), dtype=np.uint8),
+            "orig_shape": c["orig_shape"], "orig_affine": c["orig_affine"], "canonical_shape": np.array(can_shape),
+            "work_shape": np.array(work), "crop_start": np.array(start), "warn": warn}
+
+
+def foreground_sample_job(args_tuple):
+    case, info, seed = args_tuple
+    return foreground_sample(case, info, seed=seed)
+
+
+def process_case_job(args_tuple):
+    return process_case(*args_tuple)
 
 
 # --------------------------------------------------------------------------- reading

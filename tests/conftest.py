@@ -1,0 +1,48 @@
+"""Shared fixtures: one tiny ACDC phantom, preprocessed once, and a 2-epoch backbone."""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+
+def load_script(name):
+    """Import a numbered stage script (e.g. '02_pretrain') as a module."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", os.path.join(ROOT, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def scripts():
+    return {n: load_script(n) for n in ("01_preprocess", "02_pretrain", "03_search", "04_finetune", "05_evaluate")}
+
+
+@pytest.fixture(scope="session")
+def acdc(tmp_path_factory, scripts):
+    """(raw dir, data dir with slices.h5 / splits.json) for 8 ACDC phantom patients at 64x64."""
+    base = tmp_path_factory.mktemp("acdc")
+    raw, out = str(base / "raw"), str(base / "data")
+    pre = scripts["01_preprocess"]
+    pre.main(pre.get_args(["--make_phantom", raw, "--layout", "acdc", "--patients", "8", "--seed", "1"]))
+    pre.main(pre.get_args(["--dataset", "acdc", "--raw", raw, "--out", out, "--crop", "64", "64", "--workers", "2"]))
+    return raw, out
+
+
+@pytest.fixture(scope="session")
+def backbone(tmp_path_factory, scripts, acdc):
+    """A base U-Net (width 8) trained for 2 epochs on the phantom."""
+    out = str(tmp_path_factory.mktemp("ref"))
+    m = scripts["02_pretrain"]
+    m.main(m.get_args(data_args(acdc) + ["--width", "8", "--epochs", "2", "--batch_size", "16", "--out", out]))
+    return out
+
+
+def data_args(acdc):
+    return ["--data", os.path.join(acdc[1], "slices.h5"), "--splits", os.path.join(acdc[1], "splits.json")]

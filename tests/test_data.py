@@ -1,0 +1,207 @@
+"""Stage 01: every raw layout -> slices.h5, normalisation, splits, orientation, round trip, bad input."""
+import glob
+import gzip
+import json
+import os
+import shutil
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.data import SliceDataset, read_meta, slices_to_nifti, zscore_nonzero
+from common.phantom import write_phantom
+from common.raw import DataError
+
+LAYOUT_TO_DATASET = {"acdc": "acdc", "brats2021": "brats", "brats2023": "brats", "kits": "kits", "amos": "amos",
+                     "nnunet": "nnunet"}
+EXPECTED = {"acdc": (1, 3), "brats2021": (4, 3), "brats2023": (4, 3), "kits": (1, 3), "amos": (1, 15), "nnunet": (2, 2)}
+
+
+def preprocess(scripts, dataset, raw, out, *extra):
+    m = scripts["01_preprocess"]
+    m.main(m.get_args(["--dataset", dataset, "--raw", raw, "--out", out, "--crop", "48", "48", "--workers", "1",
+                       *extra]))
+    return os.path.join(out, "slices.h5"), os.path.join(out, "splits.json")
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_TO_DATASET))
+def test_every_layout(tmp_path, scripts, layout):
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, layout, 5, seed=3, size=40)
+    h5, sp = preprocess(scripts, LAYOUT_TO_DATASET[layout], raw, str(tmp_path / "out"))
+    meta = read_meta(h5)
+    n_ch, n_cls = EXPECTED[layout]
+    assert meta["shape"][1:] == (n_ch, 48, 48)
+    assert len(meta["class_names"]) == n_cls
+    with h5py.File(h5) as f:
+        assert f["images"].dtype == np.float32 and f["labels"].dtype == np.uint8
+        assert f["images"].chunks == (1, n_ch, 48, 48)
+        labels = f["labels"][:]
+        assert labels.max() <= n_cls and np.isfinite(f["images"][:]).all()
+    splits = json.load(open(sp))
+    parts = [set(splits["patients"][k]) for k in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert set(splits["patients"]["train_search"]) | set(splits["patients"]["val_search"]) <= parts[0]
+    if layout == "brats2021":       # label 4 (ET) is remapped to 3
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+
+
+def test_acdc_frames_stay_together(acdc):
+    splits = json.load(open(os.path.join(acdc[1], "splits.json")))
+    for k in ("train", "val", "test"):
+        pids = {c.split("_frame")[0] for c in splits[k]}
+        assert pids == set(splits["patients"][k])
+        assert len(splits[k]) == 2 * len(pids)       # ED and ES frame of each patient
+
+
+def test_mri_normalisation():
+    rng = np.random.default_rng(0)
+    x = np.zeros((20, 20, 5), np.float32)
+    x[5:15, 5:15] = rng.normal(300, 40, size=(10, 10, 5))
+    z = zscore_nonzero(x)
+    v = z[x != 0]
+    assert abs(v.mean()) < 1e-5 and abs(v.std() - 1) < 1e-4 and np.all(z[x == 0] == 0)
+
+
+def test_stored_mri_is_standardised(acdc):
+    with h5py.File(os.path.join(acdc[1], "slices.h5")) as f:
+        img = f["images"][:]
+    v = img[img != 0]
+    assert abs(v.mean()) < 0.3 and 0.7 < v.std() < 1.3
+
+
+def _write(arr, affine, path):
+    nib.save(nib.Nifti1Image(arr, affine), path)
+
+
+def test_kits_slice_axis_first_equals_axial_last(tmp_path, scripts):
+    """The same volume stored (I, P, L) — slice axis first — and (R, A, S) gives the same slices."""
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "kits", 4, seed=5, size=40)
+    ras = str(tmp_path / "raw_ras")
+    shutil.copytree(raw, ras)
+    for f in glob.glob(os.path.join(ras, "case_*", "*.nii.gz")):
+        img = nib.load(f)
+        can = nib.as_closest_canonical(img)
+        assert img.shape[0] == can.shape[2]               # stored slice axis first
+        _write(np.asarray(can.dataobj), can.affine, f)
+    a, _ = preprocess(scripts, "kits", raw, str(tmp_path / "a"))
+    b, _ = preprocess(scripts, "kits", ras, str(tmp_path / "b"))
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        np.testing.assert_array_equal(fa["labels"][:], fb["labels"][:])
+        np.testing.assert_allclose(fa["images"][:], fb["images"][:], atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", [None, ["1.0", "1.0"]])
+def test_round_trip_to_original_geometry(tmp_path, scripts, spacing):
+    """Ground-truth slices written back as NIfTI equal the original label file voxel for voxel."""
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "amos", 4, seed=7, size=40)
+    extra = ["--spacing", *spacing] if spacing else []
+    m = scripts["01_preprocess"]
+    out = str(tmp_path / "out")
+    m.main(m.get_args(["--dataset", "amos", "--raw", raw, "--out", out, "--crop", "96", "96", "--workers", "1",
+                       "--modality", "all", *extra]))
+    h5 = os.path.join(out, "slices.h5")
+    meta = read_meta(h5)
+    with h5py.File(h5) as f:
+        for i, case in enumerate(meta["cases"]["case_id"]):
+            a, n = int(meta["cases"]["first_slice"][i]), int(meta["cases"]["n_slices"][i])
+            img = slices_to_nifti(f["labels"][a:a + n], meta, case)
+            src = json.loads(f["cases"]["source"][i])[-1]
+            orig = nib.load(src)
+            assert img.shape == orig.shape
+            np.testing.assert_allclose(img.affine, orig.affine)
+            if spacing is None:
+                np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(orig.dataobj))
+            else:   # nearest resampling there and back: almost every voxel agrees
+                agree = (np.asarray(img.dataobj) == np.asarray(orig.dataobj)).mean()
+                assert agree > 0.97
+
+
+def test_dataset_cache_and_workers(acdc):
+    h5 = os.path.join(acdc[1], "slices.h5")
+    splits = json.load(open(os.path.join(acdc[1], "splits.json")))
+    cached = SliceDataset(h5, splits["train"], cache=True)
+    lazy = SliceDataset(h5, splits["train"], cache=False)
+    assert len(cached) == len(lazy) > 0
+    idx = [5, 0, 3, 3, len(lazy) - 1]
+    for (x1, y1), (x2, y2) in zip(cached.__getitems__(idx), lazy.__getitems__(idx)):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    loader = torch.utils.data.DataLoader(lazy, batch_size=8, num_workers=2, shuffle=False)
+    xs = torch.cat([x for x, _ in loader])
+    assert torch.equal(xs, torch.stack([cached[i][0] for i in range(len(cached))]))
+
+
+# --------------------------------------------------------------------------- bad input
+def _acdc_raw(tmp_path):
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "acdc", 4, seed=2, size=32)
+    return raw
+
+
+def _gt(raw, pid="patient002"):
+    return sorted(glob.glob(os.path.join(raw, "*", pid, f"{pid}_frame*_gt.nii.gz")))[0]
+
+
+def _mutate(path, fn, dtype=None):
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).astype(dtype or img.get_data_dtype())
+    data, affine = fn(data, img.affine.copy())
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+BAD = {
+    "shape mismatch": lambda raw: _mutate(_gt(raw), lambda d, a: (d[:-1], a)),
+    "affine mismatch": lambda raw: _mutate(_gt(raw), lambda d, a: (d, a + np.diag([0.5, 0, 0, 0]))),
+    "nan voxels": lambda raw: _mutate(_gt(raw).replace("_gt", ""), lambda d, a: (np.where(d > d.mean(), np.nan, d), a),
+                                      np.float32),
+    "non-integer labels": lambda raw: _mutate(_gt(raw), lambda d, a: (d + 0.5, a), np.float32),
+    "unknown label": lambda raw: _mutate(_gt(raw), lambda d, a: (np.where(d == 3, 7, d), a)),
+    "4-d volume": lambda raw: _mutate(_gt(raw).replace("_gt", ""), lambda d, a: (np.stack([d, d], -1), a)),
+    "truncated file": lambda raw: open(_gt(raw), "r+b").truncate(200),
+    "duplicate patient": lambda raw: shutil.copytree(os.path.dirname(_gt(raw, "patient001")),
+                                                     os.path.join(raw, "extra", "patient001")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_input_names_the_case(tmp_path, scripts, kind):
+    raw = _acdc_raw(tmp_path)
+    BAD[kind](raw)
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError) as err:
+        preprocess(scripts, "acdc", raw, out)
+    assert "patient00" in str(err.value)
+    assert not glob.glob(os.path.join(out, "slices.h5*")) and not os.path.exists(os.path.join(out, "splits.json"))
+
+
+def test_missing_modality_and_empty_folder(tmp_path, scripts):
+    raw = str(tmp_path / "brats")
+    write_phantom(raw, "brats2021", 3, seed=1, size=32)
+    os.remove(glob.glob(os.path.join(raw, "BraTS2021_00001", "*_t2.nii.gz"))[0])
+    with pytest.raises(DataError, match="BraTS2021_00001.*missing file"):
+        preprocess(scripts, "brats", raw, str(tmp_path / "o1"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no kits cases"):
+        preprocess(scripts, "kits", str(empty), str(tmp_path / "o2"))
+
+
+def test_all_background_volume_is_valid(tmp_path, scripts):
+    raw = _acdc_raw(tmp_path)
+    _mutate(_gt(raw), lambda d, a: (np.zeros_like(d), a))
+    h5, _ = preprocess(scripts, "acdc", raw, str(tmp_path / "out"))
+    assert os.path.isfile(h5)
+
+
+def test_cli_error_exit_code(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "01_preprocess.py"), "--dataset", "acdc", "--raw",
+                        str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 1 and "does not exist" in r.stderr

@@ -1,0 +1,133 @@
+"""Stages 04-05: train the found cell, θ0 reset, resume, evaluation, statistics, analysis, NIfTI."""
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from common.analysis import (cosine_matrix, fisher_combined, first_entry_epochs, hamming_similarity_matrix,
+                             paired_comparison, topk_masks)
+from common.iac import EDGES, OPS, write_genotype
+from conftest import data_args
+from test_iac import GENO
+
+
+@pytest.fixture(scope="module")
+def lth_search(tmp_path_factory, scripts, acdc, backbone):
+    out = str(tmp_path_factory.mktemp("lth"))
+    s = scripts["03_search"]
+    s.main(s.get_args(["--backbone", os.path.join(backbone, "ckpt_best.pt"), *data_args(acdc), "--mode", "lth",
+                       "--epochs", "30", "--warmup", "1", "--tau0", "0.05", "--gamma", "1.5", "--batch_size", "32",
+                       "--out", out]))
+    return out
+
+
+def finetune_args(acdc, backbone, search, out, *extra):
+    return ["--backbone", os.path.join(backbone, "ckpt_best.pt"), "--genotype", os.path.join(search, "genotype.json"),
+            *data_args(acdc), "--batch_size", "16", "--out", out, *extra]
+
+
+def test_theta0_really_loaded(tmp_path, scripts, acdc, backbone, lth_search):
+    f = scripts["04_finetune"]
+    args = f.get_args(finetune_args(acdc, backbone, lth_search, str(tmp_path / "x")))
+    model = f.build_model(args, f.read_meta(args.data))
+    assert args.init == "theta0"                            # the default for an LTH genotype
+    theta0 = torch.load(os.path.join(lth_search, "theta0.pt"), weights_only=True)["state"]
+    for k, v in model.skips.state_dict().items():
+        assert torch.equal(v, theta0[k]), k
+    fresh = f.build_model(f.get_args(finetune_args(acdc, backbone, lth_search, str(tmp_path / "y"), "--init", "fresh")),
+                          f.read_meta(args.data))
+    k = next(k for k in fresh.skips.state_dict() if k.endswith("weight"))
+    assert not torch.equal(fresh.skips.state_dict()[k], theta0[k])
+
+
+def test_finetune_resume_and_frozen_backbone(tmp_path, scripts, acdc, backbone, lth_search):
+    f = scripts["04_finetune"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    f.main(f.get_args(finetune_args(acdc, backbone, lth_search, a, "--epochs", "3")))
+    f.main(f.get_args(finetune_args(acdc, backbone, lth_search, b, "--epochs", "3", "--stop_after", "1")))
+    f.main(f.get_args(finetune_args(acdc, backbone, lth_search, b, "--epochs", "3", "--resume")))
+    sa = torch.load(os.path.join(a, "ckpt_last.pt"), weights_only=True)["model"]
+    sb = torch.load(os.path.join(b, "ckpt_last.pt"), weights_only=True)["model"]
+    bb = torch.load(os.path.join(backbone, "ckpt_best.pt"), weights_only=True)["model"]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+        if not k.startswith("skips."):
+            assert torch.equal(sa[k], bb[k]), k               # backbone untouched by stage III
+
+
+def test_evaluate_end_to_end(tmp_path, scripts, acdc, backbone, lth_search):
+    f, e = scripts["04_finetune"], scripts["05_evaluate"]
+    iac, att = str(tmp_path / "iac"), str(tmp_path / "att")
+    f.main(f.get_args(finetune_args(acdc, backbone, lth_search, iac, "--epochs", "1")))
+    f.main(f.get_args(["--backbone", os.path.join(backbone, "ckpt_best.pt"), "--skip", "att", *data_args(acdc),
+                       "--epochs", "1", "--batch_size", "16", "--out", att]))
+    out, nii = str(tmp_path / "eval"), str(tmp_path / "nii")
+    e.main(e.get_args([*data_args(acdc), "--run", f"ref={backbone}", "--run", f"iac_lth={iac}", "--run", f"att={att}",
+                       "--search", f"lth={lth_search}", "--out", out, "--save_nifti", nii, "--n_boot", "199"]))
+    df = pd.read_csv(os.path.join(out, "per_patient.csv"))
+    assert list(df.columns) == ["method", "backbone", "seed", "patient", "class", "dice"]
+    splits = json.load(open(os.path.join(acdc[1], "splits.json")))
+    assert set(df["patient"]) == set(splits["test"]) and set(df["method"]) == {"ref", "iac_lth", "att"}
+    paired = pd.read_csv(os.path.join(out, "paired.csv"))
+    assert set(paired["method"]) == {"iac_lth", "att"}
+    for name in ("summary.md", "paired.md", "search_cost.md", "overlay.png", "dynamics/lth_dynamics.png",
+                 "dynamics/lth_first_entry.csv"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    case = splits["test"][0]
+    pred = nib.load(os.path.join(nii, "ref_base_seed0", f"{case}.nii.gz"))
+    pid = case.split("_frame")[0]
+    src = nib.load([os.path.join(r, fn) for r, _, fs in os.walk(acdc[0]) for fn in fs if fn == f"{case}_gt.nii.gz"][0])
+    assert pred.shape == src.shape and np.allclose(pred.affine, src.affine) and pid in case
+
+
+def test_evaluate_rejects_bad_inputs(tmp_path, scripts, acdc, backbone):
+    e = scripts["05_evaluate"]
+    splits = json.load(open(os.path.join(acdc[1], "splits.json")))
+    empty = str(tmp_path / "splits.json")
+    json.dump({**splits, "test": []}, open(empty, "w"))
+    with pytest.raises(SystemExit, match="empty"):
+        e.main(e.get_args(["--data", data_args(acdc)[1], "--splits", empty, "--run", f"r={backbone}",
+                           "--out", str(tmp_path / "o")]))
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    write_genotype(str(lonely / "genotype.json"), GENO, {"mode": "lth", "epochs_run": 1, "seconds": 1.0,
+                                                         "encoder": "base", "dataset": "acdc"})
+    with pytest.raises(SystemExit, match="no trajectory"):
+        e.main(e.get_args([*data_args(acdc), "--search", f"x={lonely}", "--out", str(tmp_path / "o")]))
+
+
+def test_statistics_equal_scipy():
+    rng = np.random.default_rng(1)
+    ref = rng.uniform(0.7, 0.9, 30)
+    other = ref + rng.normal(0.01, 0.02, 30)
+    r = paired_comparison(ref, other, n_resamples=999, seed=0)
+    assert abs(r["mean_delta"] - np.mean(other - ref)) < 1e-12
+    assert abs(r["wilcoxon_p"] - stats.wilcoxon(other, ref).pvalue) < 1e-12
+    ci = stats.bootstrap((ref, other), lambda a, b, axis=-1: np.mean(b - a, axis=axis), paired=True, n_resamples=999,
+                         method="percentile", rng=np.random.default_rng(0)).confidence_interval
+    assert (r["ci_low"], r["ci_high"]) == (ci.low, ci.high)
+    assert abs(fisher_combined([0.01, 0.2, 0.5]) - stats.combine_pvalues([0.01, 0.2, 0.5], method="fisher").pvalue) < 1e-12
+
+
+def test_analysis_on_hand_made_trajectory():
+    """Edge 0 (0->2): sep_conv_3x3 enters top-3 at epoch 1, top-2 at 2, top-1 at 3."""
+    I = np.full((4, 14, 7), 0.01)
+    s3 = OPS.index("sep_conv_3x3")
+    for t, rank_value in enumerate([0.0, 0.07, 0.09, 0.2]):
+        I[t, 0, :3] = [0.1, 0.08, 0.06]
+        I[t, 0, s3] = rank_value
+    traj = [{"epoch": t, "importance": I[t].tolist()} for t in range(4)]
+    rows = first_entry_epochs(traj, GENO)
+    r = rows[0]
+    assert (r["edge"], r["op"], r["top3"], r["top2"], r["top1"]) == ("0->2", "sep_conv_3x3", 1, 2, 3)
+    assert r["edge_set"] == 0                                  # node 2 has only edges 0 and 1
+    C = cosine_matrix(I)
+    assert np.allclose(np.diag(C), 1) and C[0, 3] < 1
+    H = hamming_similarity_matrix(topk_masks(I, 1))
+    assert H[0, 0] == 1 and H[0, 3] == 1 - 2 / (14 * 7)        # the top-1 of edge 0 moved: 2 entries differ
+    assert EDGES[0] == (0, 2)

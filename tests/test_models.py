@@ -1,0 +1,117 @@
+"""Stage 02: encoders, skip modules, loss, patient-level Dice, pre-training, resume, bad checkpoints."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.backbones import ENCODERS, UNet
+from common.losses import SegLoss, soft_dice_loss
+from common.metrics import dice_from_counts, mean_foreground, patient_dice
+from common.skips import SKIP_TYPES
+from conftest import data_args
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("in_ch", [1, 4])
+def test_encoder_forward_backward(encoder, in_ch):
+    torch.manual_seed(0)
+    model = UNet(encoder, in_ch, 3, "ref", width=8)
+    x = torch.randn(2, in_ch, 64, 64)
+    y = model(x)
+    assert y.shape == (2, 3, 64, 64)
+    y.mean().backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    assert len(model.skip_channels) == 4
+
+
+@pytest.mark.parametrize("skip", SKIP_TYPES)
+def test_skip_modules_keep_shapes(skip):
+    model = UNet("base", 1, 2, skip, width=8)
+    feats = model.encoder(torch.randn(2, 1, 64, 64))
+    prepared = model.skips.prepare(feats)
+    for lvl, (cs, cu) in enumerate(zip(model.skip_channels, model.up_channels)):
+        skip_t = prepared[lvl]
+        assert skip_t.shape == feats[lvl].shape
+        up = torch.randn(2, cu, *skip_t.shape[-2:])
+        assert model.skips(lvl, skip_t, up).shape == skip_t.shape
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_encoder_weights_from_local_file(tmp_path):
+    import torchvision
+    m = torchvision.models.mobilenet_v3_large(weights=None)
+    path = str(tmp_path / "w.pt")
+    torch.save(m.state_dict(), path)
+    model = UNet("mobilenet_v3_large", 1, 2, encoder_weights=path)
+    first = model.encoder.stages[0][0]
+    torch.testing.assert_close(first.weight, m.features[0][0].weight.mean(1, keepdim=True) * 3)
+
+
+def test_soft_dice_hand_computed():
+    # 1 image, 2 classes, 2 pixels; probabilities p1 = [0.8, 0.4], ground truth class 1 at pixel 0 only
+    p1 = torch.tensor([0.8, 0.4])
+    logits = torch.stack([torch.log(1 - p1), torch.log(p1)]).reshape(1, 2, 1, 2)
+    target = torch.tensor([[[1, 0]]])
+    s = 1e-5
+    expected = 1 - (2 * 0.8 + s) / (0.8 + 0.4 + 1 + s)
+    assert abs(soft_dice_loss(logits, target).item() - expected) < 1e-6
+    ce = F.cross_entropy(logits, target).item()
+    assert abs(SegLoss()(logits, target).item() - (ce + expected)) < 1e-6
+
+
+def test_patient_dice_differs_from_slice_mean_and_nan_convention():
+    gt = np.zeros((2, 4, 4), np.uint8)
+    pred = np.zeros_like(gt)
+    gt[0, :2, :2] = 1          # slice 0: 4 voxels, predicted perfectly
+    pred[0, :2, :2] = 1
+    gt[1, 0, 0] = 1            # slice 1: 1 voxel, missed, plus one false positive
+    pred[1, 3, 3] = 1
+    d = patient_dice(pred, gt, 3)
+    assert abs(d[0] - 2 * 4 / (2 * 4 + 1 + 1)) < 1e-12             # 0.8, not mean(1.0, 0.0) = 0.5
+    assert np.isnan(d[1])                                           # class 2 absent from both
+    assert abs(mean_foreground(d) - 0.8) < 1e-12
+    assert np.isnan(dice_from_counts([0], [0], [0])[0])
+
+
+def test_pretrain_resume_equals_unbroken(tmp_path, scripts, acdc):
+    m = scripts["02_pretrain"]
+    common = data_args(acdc) + ["--width", "8", "--batch_size", "16", "--seed", "3"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    m.main(m.get_args(common + ["--epochs", "3", "--out", a]))
+    m.main(m.get_args(common + ["--epochs", "3", "--out", b, "--stop_after", "2"]))
+    m.main(m.get_args(common + ["--epochs", "3", "--out", b, "--resume"]))
+    sa = torch.load(os.path.join(a, "ckpt_last.pt"), weights_only=True)
+    sb = torch.load(os.path.join(b, "ckpt_last.pt"), weights_only=True)
+    assert sa["epoch"] == sb["epoch"] == 2
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert len(open(os.path.join(b, "log.jsonl")).readlines()) == 3
+    with pytest.raises(SystemExit, match="already holds a run"):
+        m.main(m.get_args(common + ["--epochs", "3", "--out", a]))
+
+
+def test_bad_checkpoints_refused(tmp_path, scripts, acdc, backbone):
+    s = scripts["03_search"]
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    foreign = str(tmp_path / "foreign.pt")
+    torch.save({"state_dict": {}}, foreign)
+    for path, msg in ((str(bad), "corrupt"), (foreign, "not a pretrain checkpoint")):
+        with pytest.raises(SystemExit, match=msg):
+            s.main(s.get_args(["--backbone", path, *data_args(acdc), "--out", str(tmp_path / "o")]))
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, scripts, acdc, monkeypatch):
+    m = scripts["02_pretrain"]
+    out = str(tmp_path / "nan")
+    common = data_args(acdc) + ["--width", "8", "--batch_size", "16", "--out", out]
+    m.main(m.get_args(common + ["--epochs", "1"]))
+    before = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
+    from common.engine import NonFiniteLoss
+    monkeypatch.setattr(m, "SegLoss", lambda: (lambda logits, target: logits.mean() * float("nan")))
+    with pytest.raises(NonFiniteLoss, match="last good"):
+        m.main(m.get_args(common + ["--epochs", "2", "--resume"]))
+    after = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
+    assert after["epoch"] == before["epoch"] == 0
