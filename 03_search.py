@@ -104,10 +104,11 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
                 val_iter = iter(loaders["val"])
                 xv, yv = next(val_iter)
             xv, yv = to_device(xv, yv, device, cl)
-            a_opt.zero_grad(set_to_none=True)
             with autocast(device, amp):
                 lv = loss_fn(model(xv), yv)
-            lv.backward()
+            # only α, β need gradients here: autograd.grad skips every cell-weight gradient kernel
+            for prm, g in zip(skips.arch_parameters(), torch.autograd.grad(lv, skips.arch_parameters())):
+                prm.grad = g
             a_opt.step()
             totals["val_loss"] += lv.item() * len(xv)
         x, y = to_device(*batch, device, cl)                   # (ii) w on train_search / train

@@ -97,10 +97,11 @@ def summarise(df):
     per_class["mean_fg"] = case_mean.groupby(["method", "backbone", "seed"], sort=False)["dice"].mean()
     agg = per_class.groupby(["method", "backbone"], sort=False).agg(["mean", "std"])
     table = pd.DataFrame(index=agg.index)
-    for col in per_class.columns:
-        m, s = agg[(col, "mean")], agg[(col, "std")].fillna(0.0)
-        table[col] = [f"{a:.4f} ± {b:.4f}" for a, b in zip(m, s)]
-    table["seeds"] = per_class.groupby(["method", "backbone"], sort=False).size()
+    n_seeds = per_class.groupby(["method", "backbone"], sort=False).size()
+    for col in per_class.columns:                     # mean ± std over seeds; the mean alone for one seed
+        m, s = agg[(col, "mean")], agg[(col, "std")]
+        table[col] = [f"{a:.4f} ± {b:.4f}" if n > 1 else f"{a:.4f}" for a, b, n in zip(m, s, n_seeds)]
+    table["seeds"] = n_seeds
     return table.reset_index(), case_mean
 
 
@@ -162,7 +163,8 @@ def dynamics_figures(name, traj, genotype, out_dir):
         for o in range(I.shape[2]):
             ax[0].plot(epochs, I[:, e, o], lw=0.7)
     ax[0].set(title=f"{name}: operation importance", xlabel="epoch", ylabel="I")
-    im = ax[1].imshow(cos, vmin=0, vmax=1, origin="lower", extent=[epochs[0], epochs[-1], epochs[0], epochs[-1]])
+    im = ax[1].imshow(cos, vmin=float(cos.min()), vmax=1, origin="lower",        # the range the data spans
+                      extent=[epochs[0], epochs[-1], epochs[0], epochs[-1]])
     ax[1].set(title="cosine similarity (Fig. 4)", xlabel="epoch", ylabel="epoch")
     fig.colorbar(im, ax=ax[1])
     ax[2].plot(epochs, cos[:, -1], label="full vector")               # Fig. 5: similarity to the final epoch

@@ -92,6 +92,9 @@ class Encoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         if encoder != "base":
             _replace_first_conv(self.stages, in_channels)
+        for m in self.modules():                  # torchvision's MobileNetV3 / EfficientNet use BN momentum
+            if isinstance(m, nn.BatchNorm2d):     # 0.01, too slow for eval-mode statistics after short or
+                m.momentum = 0.1                  # from-scratch training; use PyTorch's default everywhere
         with torch.no_grad():                     # find the feature taps with one small dry run
             was = self.training
             self.eval()

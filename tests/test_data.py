@@ -1,6 +1,5 @@
 """Stage 01: every raw layout -> slices.h5, normalisation, splits, orientation, round trip, bad input."""
 import glob
-import gzip
 import json
 import os
 import shutil

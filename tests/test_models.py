@@ -115,3 +115,14 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, scripts, acdc, monkeypat
         m.main(m.get_args(common + ["--epochs", "2", "--resume"]))
     after = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
     assert after["epoch"] == before["epoch"] == 0
+
+
+def test_deep_supervision_weights():
+    from common.losses import DeepSupervisionLoss
+    target = torch.randint(0, 3, (2, 16, 16))
+    outs = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
+    ds = DeepSupervisionLoss(SegLoss(), 3)
+    torch.testing.assert_close(ds.weights, torch.tensor([2 / 3, 1 / 3, 0.0]))   # nnU-Net: 1, 1/2, lowest 0
+    t8 = F.interpolate(target[:, None].float(), size=(8, 8), mode="nearest")[:, 0].long()
+    expected = 2 / 3 * SegLoss()(outs[0], target) + 1 / 3 * SegLoss()(outs[1], t8)
+    torch.testing.assert_close(ds(outs, target), expected)
