@@ -24,7 +24,7 @@ from common.data import SliceDataset, load_splits, read_meta
 from common.engine import EpochTimer, NonFiniteLoss, evaluate_cases, make_loader, train_epoch
 from common.losses import SegLoss
 from common.skips import SKIP_TYPES
-from common.utils import (JsonlLog, atomic_torch_save, atomic_write_json, epoch_generator, load_checkpoint,
+from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, epoch_generator, load_checkpoint,
                           pick_device, run_metadata, seed_everything)
 
 
@@ -39,17 +39,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
     p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
-    p.add_argument("--stop_after", type=int, default=None,
-                   help="leave after this many epochs of this invocation (job time limits); continue with --resume")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    add_run_flags(p)
     return p.parse_args(argv)
 
 

@@ -18,7 +18,6 @@ Both: backbone frozen in eval mode, an IAC in every skip level with one shared �
       15 warm-up epochs train only the cell weights; SGD with cosine power annealing.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -30,8 +29,10 @@ from common.data import SliceDataset, load_splits, read_meta
 from common.engine import EpochTimer, NonFiniteLoss, check_finite, make_loader, to_device
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
-from common.lth import LTHState, all_edges_single
-from common.utils import (JsonlLog, atomic_torch_save, atomic_write_json, autocast, epoch_generator,
+from common.lth import LTHState
+from common.search import (arch_optimizer, arch_step, cosine_power_lr, end_of_epoch, keep_top2_edges,
+                           trajectory_record, weight_optimizer)
+from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, autocast, epoch_generator,
                           load_checkpoint, pick_device, run_metadata, seed_everything)
 
 
@@ -57,25 +58,8 @@ def get_args(argv=None):
     p.add_argument("--gamma", type=float, default=1.1, help="threshold growth factor γ (chosen)")
     p.add_argument("--k_std", type=float, default=1.0, help="outlier rule μ − kσ, Eq. (21) (chosen)")
     p.add_argument("--js_eps", type=float, default=1e-8, help="ε of Eq. (19)-(20)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
-    p.add_argument("--stop_after", type=int, default=None,
-                   help="leave after this many epochs of this invocation (job time limits); continue with --resume")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    add_run_flags(p)
     return p.parse_args(argv)
-
-
-def cosine_power_lr(epoch, epochs, lr_max, lr_min, power):
-    """Cosine power annealing (sharpDARTS): c = (1+cos(πe/E))/2, q = p^(c+1) rescaled to [0, 1]."""
-    c = (1 + math.cos(math.pi * epoch / max(epochs, 1))) / 2
-    q = c if power == 1 else (power ** (c + 1) - power) / (power ** 2 - power)
-    return lr_min + q * (lr_max - lr_min)
 
 
 def load_backbone(path, meta, device):
@@ -106,10 +90,7 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
             xv, yv = to_device(xv, yv, device, cl)
             with autocast(device, amp):
                 lv = loss_fn(model(xv), yv)
-            # only α, β need gradients here: autograd.grad skips every cell-weight gradient kernel
-            for prm, g in zip(skips.arch_parameters(), torch.autograd.grad(lv, skips.arch_parameters())):
-                prm.grad = g
-            a_opt.step()
+            arch_step(lv, skips, a_opt)
             totals["val_loss"] += lv.item() * len(xv)
         x, y = to_device(*batch, device, cl)                   # (ii) w on train_search / train
         w_opt.zero_grad(set_to_none=True)
@@ -147,9 +128,8 @@ def main(args):
     model.set_skips(skips.to(device))
     if cl:
         model = model.to(memory_format=torch.channels_last)
-    w_opt = torch.optim.SGD(skips.weight_parameters(), lr=args.lr_w, momentum=0.0, weight_decay=0.0)
-    a_opt = torch.optim.Adam(skips.arch_parameters(), lr=args.lr_arch, betas=tuple(args.arch_betas),
-                             weight_decay=args.arch_weight_decay)
+    w_opt = weight_optimizer(skips, args.lr_w)
+    a_opt = arch_optimizer(skips, args.lr_arch, args.arch_betas, args.arch_weight_decay)
     lth = LTHState(len(EDGES), args.tau0, args.gamma, args.k_std, args.js_eps)
     start_epoch, seconds = 0, 0.0
     if args.resume:
@@ -158,7 +138,7 @@ def main(args):
             raise SystemExit(f"error: {last} is a {ck['args']['mode']} search of another configuration")
         skips.apply_masks(ck["op_mask"].to(device), ck["edge_mask"].to(device))
         skips.load_state_dict(ck["skips"])
-        w_opt = torch.optim.SGD(skips.weight_parameters(), lr=args.lr_w, momentum=0.0, weight_decay=0.0)
+        w_opt = weight_optimizer(skips, args.lr_w)
         a_opt.load_state_dict(ck["a_opt"])
         lth.load_state_dict(ck["lth"])
         start_epoch, seconds = ck["epoch"] + 1, ck["seconds"]
@@ -172,7 +152,8 @@ def main(args):
     traj = JsonlLog(os.path.join(args.out, "trajectory.jsonl"), resume_epoch)
 
     if args.mode == "full":
-        sets = {"train": SliceDataset(args.data, splits["train_search"]), "val": SliceDataset(args.data, splits["val_search"])}
+        sets = {"train": SliceDataset(args.data, splits["train_search"]),
+                "val": SliceDataset(args.data, splits["val_search"])}
     else:
         sets = {"train": SliceDataset(args.data, splits["train"])}
     loss_fn = SegLoss()
@@ -189,24 +170,13 @@ def main(args):
         loaders = {k: make_loader(ds, args.batch_size, True, epoch_generator(args.seed + 7 * i, epoch), args.workers,
                                   device) for i, (k, ds) in enumerate(sets.items())}
         losses = search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, device, amp, cl)
-        with torch.no_grad():
-            I = skips.importance()
-        js, tau, pruned = None, lth.tau.clone(), []
-        if args.mode == "lth" and epoch >= args.warmup - 1:          # JS test from the end of warm-up on
-            js, tau, pruned = lth.step(I, skips.op_mask)
-            for e, o in pruned:
-                skips.prune_op(e, o)
-            if pruned:                                                # pruned weights leave the optimizer
-                w_opt = torch.optim.SGD(skips.weight_parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
-        stopped = args.mode == "lth" and all_edges_single(skips.op_mask)
+        info = end_of_epoch(skips, lth, args.mode, epoch, args.warmup)
+        pruned, stopped = info["pruned"], info["stopped"]
+        if pruned:                                                    # pruned weights leave the optimizer
+            w_opt = weight_optimizer(skips, lr)
         epoch_s = time.time() - t0
         seconds += epoch_s
-        with torch.no_grad():
-            traj.write({"epoch": epoch, "alpha": skips.alpha.tolist(), "beta": skips.beta.tolist(),
-                        "w": skips.edge_weights().tolist(), "importance": I.tolist(),
-                        "op_mask": skips.op_mask.int().tolist(), "js": None if js is None else js.tolist(),
-                        "tau": tau.tolist(), "pruned": [[e, OPS[o]] for e, o in pruned], **losses,
-                        "lr_w": lr, "seconds": epoch_s})
+        traj.write(trajectory_record(skips, info, epoch, losses, lr, epoch_s))
         active = int(skips.op_mask.sum())
         log.write({"epoch": epoch, **losses, "active_ops": active, "n_pruned": len(pruned), "lr_w": lr,
                    "seconds": epoch_s})
@@ -222,11 +192,8 @@ def main(args):
             print(f"stopping after {args.stop_after} epochs as asked; continue with --resume")
             return
 
-    if stopped:                                                       # Sec. 5.5: 2 incoming edges per node
-        w = skips.edge_weights().detach()
-        for j_edges in ([e for e, (i, j) in enumerate(EDGES) if j == node] for node in (2, 3, 4, 5)):
-            for e in sorted(j_edges, key=lambda e: -float(w[e]))[2:]:
-                skips.prune_edge(e)
+    if stopped:
+        keep_top2_edges(skips)                                        # Sec. 5.5: 2 incoming edges per node
     genotype = skips.derive_genotype()
     write_genotype(os.path.join(args.out, "genotype.json"), genotype,
                    {"mode": args.mode, "epochs_run": epoch + 1, "epochs_cap": args.epochs, "stopped_early": stopped,

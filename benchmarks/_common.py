@@ -2,6 +2,7 @@
 import os
 import platform
 import re
+import subprocess
 import sys
 
 import torch
@@ -25,3 +26,19 @@ def record(section, body):
     with open(RESULTS, "w") as f:
         f.write(text)
     print(block)
+
+
+def run(args):
+    """Run a stage script with this interpreter from the project root; fail loudly."""
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True)
+
+
+def phantom_backbone(tmp, patients, size, epochs=15, batch_size=16):
+    """ACDC phantom -> slices -> a width-8 base U-Net (TMP/ref); returns the data flags and splits.json path."""
+    D = f"{tmp}/data"
+    run(["01_preprocess.py", "--make_phantom", f"{tmp}/raw", "--layout", "acdc", "--patients", str(patients),
+         "--phantom_size", str(size), "--seed", "0"])
+    run(["01_preprocess.py", "--dataset", "acdc", "--raw", f"{tmp}/raw", "--out", D, "--crop", str(size), str(size)])
+    data = ["--data", f"{D}/slices.h5", "--splits", f"{D}/splits.json", "--batch_size", str(batch_size)]
+    run(["02_pretrain.py", *data, "--width", "8", "--epochs", str(epochs), "--out", f"{tmp}/ref"])
+    return data, f"{D}/splits.json"

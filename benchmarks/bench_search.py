@@ -2,22 +2,16 @@
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
-from _common import ROOT, machine, record
+from _common import machine, phantom_backbone, record, run
 
 import torch  # noqa: E402
 
 from common.backbones import ENCODERS, UNet  # noqa: E402
 from common.iac import IACSearchSkips  # noqa: E402
 from common.losses import SegLoss  # noqa: E402
-
-
-def run(args):
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True)
 
 
 def step_time(encoder, device, batch, size, reps=3):
@@ -54,12 +48,7 @@ def main():
     p.add_argument("--size", type=int, default=32)
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_search_")
-    D = f"{tmp}/data"
-    run(["01_preprocess.py", "--make_phantom", f"{tmp}/raw", "--layout", "acdc", "--patients", str(a.patients),
-         "--phantom_size", str(a.size), "--seed", "0"])
-    run(["01_preprocess.py", "--dataset", "acdc", "--raw", f"{tmp}/raw", "--out", D, "--crop", str(a.size), str(a.size)])
-    data = ["--data", f"{D}/slices.h5", "--splits", f"{D}/splits.json", "--batch_size", "16"]
-    run(["02_pretrain.py", *data, "--width", "8", "--epochs", "15", "--out", f"{tmp}/ref"])
+    data, _ = phantom_backbone(tmp, a.patients, a.size)
     E = a.epochs
     times = {}
     for mode in ("full", "lth"):

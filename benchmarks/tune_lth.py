@@ -8,15 +8,9 @@ the stop epoch (paper: 43-57 of 200) in benchmarks/RESULTS.md.
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 
-from _common import ROOT, machine, record
-
-
-def run(args):
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True)
+from _common import machine, phantom_backbone, record, run
 
 
 def main():
@@ -29,13 +23,8 @@ def main():
     p.add_argument("--batch_size", type=int, default=16)
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="tune_lth_")
-    D = f"{tmp}/data"
-    run(["01_preprocess.py", "--make_phantom", f"{tmp}/raw", "--layout", "acdc", "--patients", str(a.patients),
-         "--phantom_size", str(a.size), "--seed", "0"])
-    run(["01_preprocess.py", "--dataset", "acdc", "--raw", f"{tmp}/raw", "--out", D, "--crop", str(a.size), str(a.size)])
-    data = ["--data", f"{D}/slices.h5", "--splits", f"{D}/splits.json", "--batch_size", str(a.batch_size)]
-    run(["02_pretrain.py", *data, "--width", "8", "--epochs", "15", "--out", f"{tmp}/ref"])
-    n_train = len(json.load(open(f"{D}/splits.json"))["train"])
+    data, splits = phantom_backbone(tmp, a.patients, a.size, batch_size=a.batch_size)
+    n_train = len(json.load(open(splits))["train"])
     body = (f"Machine: {machine()}\n\nACDC phantom, {a.patients} patients ({n_train} training cases), "
             f"{a.size}x{a.size}, frozen base U-Net width 8, batch {a.batch_size}; `--epochs 200 --warmup 15`, "
             f"k = {a.k_std}.\n\n| τ0 | γ | stop epoch (of 200) | search seconds |\n|---|---|---|---|\n")

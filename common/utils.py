@@ -3,6 +3,7 @@
 No global state: every function takes what it needs. `rank` arguments default to 0 so
 the same calls work under torchrun later (only rank 0 writes).
 """
+import argparse
 import json
 import os
 import platform
@@ -12,6 +13,21 @@ import time
 
 import numpy as np
 import torch
+
+
+def add_run_flags(p):
+    """The flags every training stage (02, 03, 04) shares: seed, device, precision, run folder, resume."""
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
+    p.add_argument("--stop_after", type=int, default=None,
+                   help="leave after this many epochs of this invocation (job time limits); continue with --resume")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
 
 
 def pick_device(name):
