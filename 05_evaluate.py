@@ -16,9 +16,11 @@ Out: OUT/per_patient.csv (method, backbone, seed, patient, class, dice),
         --search lth=runs/search_lth --out runs/eval
 """
 import argparse
+import json
 import os
 
 import matplotlib
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -31,14 +33,18 @@ from common.analysis import (cosine_matrix, fisher_combined, first_entry_epochs,
 from common.data import iter_cases, load_splits, read_meta, slices_to_nifti  # noqa: E402
 from common.engine import evaluate_cases, model_from_checkpoint  # noqa: E402
 from common.iac import read_genotype  # noqa: E402
+from common.metrics import patient_dice  # noqa: E402
 from common.utils import atomic_write_json, load_checkpoint, pick_device, read_jsonl, run_metadata  # noqa: E402
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="slices.h5")
-    p.add_argument("--splits", required=True, help="splits.json")
+    p.add_argument("--data", default=None, help="slices.h5 (needed with --run)")
+    p.add_argument("--splits", default=None, help="splits.json (needed with --run)")
     p.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="a trained run (repeatable)")
+    p.add_argument("--nnunet_pred", action="append", default=[], metavar="NAME[@SEED]=DIR",
+                   help="a folder of nnUNetv2_predict outputs (repeatable)")
+    p.add_argument("--nnunet_gt", default=None, help="labelsTr of the nnU-Net raw data set (dataset.json one up)")
     p.add_argument("--reference", default=None, help="method the others are compared with (default: first --run)")
     p.add_argument("--search", action="append", default=[], metavar="NAME=DIR", help="a search run (repeatable)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="cases to evaluate")
@@ -89,6 +95,35 @@ def evaluate_runs(args, meta, cases, device):
                 rows.append({"method": name, "backbone": backbone, "seed": seed, "patient": case, "class": cname,
                              "dice": float(v)})
     return pd.DataFrame(rows), preds, info
+
+
+def evaluate_nnunet(args):
+    """Per-case Dice of nnU-Net prediction folders against the raw labels (whole volumes)."""
+    if not args.nnunet_gt:
+        raise SystemExit("error: --nnunet_pred needs --nnunet_gt (the labelsTr folder of the raw data set)")
+    ds_json = os.path.join(os.path.dirname(os.path.abspath(args.nnunet_gt)), "dataset.json")
+    if not os.path.isfile(ds_json):
+        raise SystemExit(f"error: {ds_json} not found beside {args.nnunet_gt}")
+    labels = json.load(open(ds_json))["labels"]
+    names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
+    rows = []
+    for name, d in parse_pairs(args.nnunet_pred, "--nnunet_pred"):
+        name, _, seed = name.partition("@")
+        files = sorted(f for f in os.listdir(d) if f.endswith(".nii.gz")) if os.path.isdir(d) else []
+        if not files:
+            raise SystemExit(f"error: no .nii.gz predictions in {d}")
+        for fn in files:
+            gt_path = os.path.join(args.nnunet_gt, fn)
+            if not os.path.isfile(gt_path):
+                raise SystemExit(f"error: prediction {fn} in {d} has no label {gt_path}")
+            pred, gt = np.asarray(nib.load(os.path.join(d, fn)).dataobj), np.asarray(nib.load(gt_path).dataobj)
+            if pred.shape != gt.shape:
+                raise SystemExit(f"error: {fn}: prediction {pred.shape} and label {gt.shape} differ in shape")
+            for cname, v in zip(names, patient_dice(pred, gt, len(names) + 1)):
+                rows.append({"method": name, "backbone": "nnunet_2d", "seed": int(seed or 0),
+                             "patient": fn[:-len(".nii.gz")], "class": cname, "dice": float(v)})
+        print(f"{name:>12s}  nnU-Net 2d seed {seed or 0}: {len(files)} cases")
+    return pd.DataFrame(rows), names
 
 
 def summarise(df):
@@ -208,32 +243,47 @@ def overlay_figure(args, meta, cases, preds, path):
 
 def main(args):
     device = pick_device(args.device)
-    meta = read_meta(args.data)
-    splits = load_splits(args.splits, meta)
-    cases = splits[args.split]
-    if not cases:
-        raise SystemExit(f"error: the {args.split} split of {args.splits} is empty; nothing to evaluate")
-    if not args.run and not args.search:
-        raise SystemExit("error: give at least one --run NAME=DIR or --search NAME=DIR")
+    if not (args.run or args.search or args.nnunet_pred):
+        raise SystemExit("error: give at least one --run NAME=DIR, --nnunet_pred NAME=DIR or --search NAME=DIR")
+    meta, cases = None, []
+    if args.run:
+        if not (args.data and args.splits):
+            raise SystemExit("error: --run needs --data slices.h5 and --splits splits.json")
+        meta = read_meta(args.data)
+        cases = load_splits(args.splits, meta)[args.split]
+        if not cases:
+            raise SystemExit(f"error: the {args.split} split of {args.splits} is empty; nothing to evaluate")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     torch.set_grad_enabled(False)
+    frames, preds, names = [], {}, []
     if args.run:
         df, preds, info = evaluate_runs(args, meta, cases, device)
+        frames.append(df)
+        names.append(info[0][0])
+    if args.nnunet_pred:
+        df, _ = evaluate_nnunet(args)
+        frames.append(df)
+        names.append(df["method"].iloc[0])
+    if frames:
+        df = pd.concat(frames, ignore_index=True)
+        n_cases = df["patient"].nunique()
+        dataset = meta["dataset"] if meta else "nnU-Net"
         df.to_csv(os.path.join(args.out, "per_patient.csv"), index=False)
         summary, case_mean = summarise(df)
         summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
-        reference = args.reference or info[0][0]
+        reference = args.reference or names[0]
         paired = paired_table(case_mean, reference, args.n_boot)
         paired.to_csv(os.path.join(args.out, "paired.csv"), index=False)
         with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(f"## Patient-level Dice on {len(cases)} {args.split} cases ({meta['dataset']})\n\n")
+            f.write(f"## Patient-level Dice on {n_cases} {args.split} cases ({dataset})\n\n")
             f.write(to_markdown(summary))
         with open(os.path.join(args.out, "paired.md"), "w") as f:
             f.write(f"## ΔDice vs {reference} (mean, 95% bootstrap CI, Wilcoxon p, Fisher p across backbones)\n\n")
             f.write(to_markdown(paired) if not paired.empty else "no paired comparison\n")
         print("\n" + open(os.path.join(args.out, "summary.md")).read())
         print(open(os.path.join(args.out, "paired.md")).read())
+    if args.run:
         overlay_figure(args, meta, cases, preds, os.path.join(args.out, "overlay.png"))
         if args.save_nifti:
             for (name, backbone, seed), pr in preds.items():

@@ -43,7 +43,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=200, help="search cap (paper: 200)")
     p.add_argument("--warmup", type=int, default=15, help="warm-up epochs (paper: 15)")
-    p.add_argument("--tau0", type=float, default=1e-7, help="JS threshold; tuned on this phantom by tune_lth.py")
+    p.add_argument("--tau0", type=float, default=3e-7,
+                   help="JS threshold; tuned on this phantom by tune_lth.py (44 of 200 epochs)")
     p.add_argument("--patients", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     a = p.parse_args()

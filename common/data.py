@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from common.raw import from_canonical, load_case
 
@@ -166,8 +166,20 @@ def load_splits(path, meta=None):
     return splits
 
 
+class SliceBatch(tuple):
+    """(images (B, C, H, W) float32, labels (B, H, W) uint8), batched by SliceDataset.__getitems__."""
+
+
+def collate(batch):
+    """DataLoader collate_fn: a SliceBatch is already a batch; anything else goes to default_collate."""
+    return tuple(batch) if isinstance(batch, SliceBatch) else default_collate(batch)
+
+
 class SliceDataset(Dataset):
-    """2-D slices of the cases `case_ids` from slices.h5: (image (C,H,W) float, label (H,W) long).
+    """2-D slices of the cases `case_ids` from slices.h5: (image (C,H,W) float32, label (H,W) uint8).
+
+    Labels stay uint8 until they reach the device (a quarter of the bytes of int64 through the
+    loader); `__getitems__` returns a whole batch at once (use `collate` as the collate_fn).
 
     With `cache=True` (default when the selection is below `cache_bytes`) the slices are
     read once, as one contiguous run per case, and kept in memory. Otherwise each
@@ -230,12 +242,11 @@ class SliceDataset(Dataset):
             back = np.empty_like(order)
             back[order] = np.arange(len(order))
             imgs, labs = ui[inverse][back], ul[inverse][back]
-        imgs = torch.from_numpy(np.ascontiguousarray(imgs))
-        labs = torch.from_numpy(np.ascontiguousarray(labs)).long()
-        return [(imgs[i], labs[i]) for i in range(len(idx))]
+        return SliceBatch((torch.from_numpy(np.ascontiguousarray(imgs)), torch.from_numpy(np.ascontiguousarray(labs))))
 
     def __getitem__(self, i):
-        return self.__getitems__([i])[0]
+        imgs, labs = self.__getitems__([i])
+        return imgs[0], labs[0]
 
     def __getstate__(self):   # h5py handles do not pickle; each worker reopens
         state = self.__dict__.copy()

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.backbones import build_unet
-from common.data import iter_cases
+from common.data import collate, iter_cases
 from common.iac import IACSkips
 from common.skips import build_skips
 from common.metrics import CaseDice, mean_foreground
@@ -21,15 +21,14 @@ class NonFiniteLoss(RuntimeError):
 
 def make_loader(dataset, batch_size, shuffle, generator=None, workers=0, device=None):
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
-                      drop_last=False, pin_memory=device is not None and device.type == "cuda",
-                      persistent_workers=False)
+                      drop_last=False, pin_memory=device is not None and device.type == "cuda", collate_fn=collate)
 
 
 def to_device(x, y, device, channels_last):
     x = x.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    return x, y.to(device, non_blocking=True).long()          # uint8 labels become int64 on the device
 
 
 def check_finite(loss, epoch, step):

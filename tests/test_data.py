@@ -128,10 +128,11 @@ def test_dataset_cache_and_workers(acdc):
     lazy = SliceDataset(h5, splits["train"], cache=False)
     assert len(cached) == len(lazy) > 0
     idx = [5, 0, 3, 3, len(lazy) - 1]
-    for (x1, y1), (x2, y2) in zip(cached.__getitems__(idx), lazy.__getitems__(idx)):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    loader = torch.utils.data.DataLoader(lazy, batch_size=8, num_workers=2, shuffle=False)
-    xs = torch.cat([x for x, _ in loader])
+    (x1, y1), (x2, y2) = cached.__getitems__(idx), lazy.__getitems__(idx)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and y1.dtype == torch.uint8
+    assert torch.equal(x1[1], cached[0][0]) and torch.equal(x2[2], x2[3])     # order kept, repeats served
+    from common.engine import make_loader
+    xs = torch.cat([x for x, _ in make_loader(lazy, 8, False, workers=2)])
     assert torch.equal(xs, torch.stack([cached[i][0] for i in range(len(cached))]))
 
 

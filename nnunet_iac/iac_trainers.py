@@ -1,0 +1,322 @@
+"""IAC and IAC-LTH inside the 2-D nnU-Net (nnU-Net v2 trainer plugin; paper Sec. 6.2, 6.5-6.7).
+
+Point nnU-Net at this folder and name a trainer:
+
+    export nnUNet_extTrainer=/path/to/iac-lth/nnunet_iac
+    nnUNetv2_train D 2d F -tr nnUNetTrainerIACRef                 # the 2-D reference
+    nnUNetv2_train D 2d F -tr nnUNetTrainerIACSearchLTH           # -> genotype.json, theta0.pt, trajectory.jsonl
+    IAC_GENOTYPE=$nnUNet_results/.../nnUNetTrainerIACSearchLTH__nnUNetPlans__2d/fold_F/genotype.json \\
+        nnUNetv2_train D 2d F -tr nnUNetTrainerIACLTH
+    IAC_GENOTYPE=(the same) nnUNetv2_predict -i IN -o OUT -d D -c 2d -f F -tr nnUNetTrainerIACLTH
+
+Trainers (each also as a `...NoDA` variant without data augmentation, as nnUNetTrainerNoDA):
+    nnUNetTrainerIACRef        nnU-Net's own trainer with settable lengths: the reference 2-D nnU-Net
+    nnUNetTrainerIACSearchFull frozen reference + a supernet IAC on every skip, `full` search as in 03_search.py
+    nnUNetTrainerIACSearchLTH  the same with `lth` search (common/iac.py, common/lth.py, common/search.py);
+                               both write genotype.json, theta0.pt, trajectory.jsonl into their fold folder
+    nnUNetTrainerIAC           frozen reference + the discrete cell of IAC_GENOTYPE on every skip, deep
+                               supervision, nnU-Net's loss and optimiser; only the cells train; fresh init
+    nnUNetTrainerIACLTH        the same, cell reset to θ0 of the search (IAC-LTH)
+
+Settings (environment variables, so tests and demos can run tiny):
+    IAC_EPOCHS, IAC_ITERS, IAC_VAL_ITERS    epochs, training / validation iterations per epoch
+    IAC_BACKBONE   checkpoint of the finished reference; default: checkpoint_final.pth of the same fold
+                   of nnUNetTrainerIACRef (or ...RefNoDA for the NoDA trainers), same plans and configuration
+    IAC_GENOTYPE   genotype.json (nnUNetTrainerIAC / IACLTH, training and nnUNetv2_predict)
+    IAC_THETA0     theta0.pt for nnUNetTrainerIACLTH (default: beside the genotype)
+    IAC_WARMUP, IAC_TAU0, IAC_GAMMA, IAC_K_STD, IAC_PC_K, IAC_LR_W, IAC_LR_ARCH   (search)
+
+The cell sits where the decoder joins the transposed-conv output `up` with the encoder skip:
+cat(up, cell(skip, up)); its output keeps the skip's channel count, so the frozen decoder is unchanged.
+In `full` mode the fold's training cases are train_search and its validation cases val_search.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.iac import (EDGES, IACSearchSkips, IACSkips, init_from_theta0, make_theta0,  # noqa: E402
+                        read_genotype, write_genotype)
+from common.lth import LTHState  # noqa: E402
+from common.utils import atomic_torch_save  # noqa: E402
+from common.search import (arch_optimizer, arch_step, cosine_power_lr, end_of_epoch, keep_top2_edges,  # noqa: E402
+                           trajectory_record, weight_optimizer)
+
+
+def _env(name, default=None, cast=str):
+    v = os.environ.get(name)
+    return default if v in (None, "") else cast(v)
+
+
+def reference_checkpoint(trainer):
+    """IAC_BACKBONE, or checkpoint_final.pth of this fold of the matching reference trainer."""
+    if _env("IAC_BACKBONE"):
+        return _require_env("IAC_BACKBONE", "the checkpoint of the finished 2-D reference")
+    ref = "nnUNetTrainerIACRefNoDA" if type(trainer).__name__.endswith("NoDA") else "nnUNetTrainerIACRef"
+    path = os.path.join(os.environ["nnUNet_results"], trainer.plans_manager.dataset_name,
+                        f"{ref}__{trainer.plans_manager.plans_name}__{trainer.configuration_name}",
+                        f"fold_{trainer.fold}", "checkpoint_final.pth")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"no reference checkpoint {path}: train it first (nnUNetv2_train ... -tr {ref}) "
+                           "or set IAC_BACKBONE")
+    return path
+
+
+def _require_env(name, what):
+    v = _env(name)
+    if not v:
+        raise RuntimeError(f"{name} is not set: {what}")
+    if not os.path.isfile(v):
+        raise RuntimeError(f"{name}={v} does not exist: {what}")
+    return v
+
+
+class IACUNet(nn.Module):
+    """A frozen nnU-Net PlainConvUNet with a skip module at every decoder join.
+
+    `skips(level, skip, up)` with level 0 = highest resolution; deep supervision is whatever
+    `self.decoder.deep_supervision` says, as nnU-Net sets it."""
+
+    def __init__(self, net, skips):
+        super().__init__()
+        self.net, self.skips = net, skips
+        self.backbone_frozen = False
+
+    @property
+    def decoder(self):                       # nnU-Net sets decoder.deep_supervision through this
+        return self.net.decoder
+
+    @property
+    def skip_channels(self):
+        return list(self.net.encoder.output_channels[:-1])
+
+    def freeze_backbone(self):
+        self.net.requires_grad_(False)
+        self.backbone_frozen = True
+        self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.backbone_frozen:
+            self.net.eval()                  # frozen normalisation statistics
+        return self
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            feats = self.net.encoder(x)
+        dec = self.net.decoder
+        lres, outs, n = feats[-1], [], len(dec.stages)
+        for s in range(n):
+            up = dec.transpconvs[s](lres)
+            level = n - 1 - s                                            # feats[-(s+2)]
+            x = dec.stages[s](torch.cat((up, self.skips(level, feats[level], up)), 1))
+            if dec.deep_supervision:
+                outs.append(dec.seg_layers[s](x))
+            elif s == n - 1:
+                outs.append(dec.seg_layers[-1](x))
+            lres = x
+        outs = outs[::-1]
+        return outs if dec.deep_supervision else outs[0]
+
+
+def unwrap(network):
+    """The IACUNet behind a torch.compile wrapper, if any."""
+    return getattr(network, "_orig_mod", network)
+
+
+def load_reference(trainer, path):
+    """Load the finished reference nnU-Net into trainer.network.net, checking it fits these plans."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or not a checkpoint
+        raise RuntimeError(f"IAC_BACKBONE={path} cannot be read as an nnU-Net checkpoint ({e})") from e
+    init = ck.get("init_args", {}) if isinstance(ck, dict) else {}
+    if "network_weights" not in ck or init.get("configuration") != trainer.configuration_name:
+        raise RuntimeError(f"IAC_BACKBONE={path} is not a {trainer.configuration_name} nnU-Net checkpoint "
+                           f"(found configuration {init.get('configuration')!r}); train the 2-D reference first")
+    plans_name = init.get("plans", {}).get("plans_name")
+    if plans_name != trainer.plans_manager.plans_name:
+        raise RuntimeError(f"IAC_BACKBONE={path} was trained with plans {plans_name!r}, this run uses "
+                           f"{trainer.plans_manager.plans_name!r}")
+    state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in ck["network_weights"].items()}
+    try:
+        unwrap(trainer.network).net.load_state_dict(state)
+    except RuntimeError as e:
+        raise RuntimeError(f"IAC_BACKBONE={path} does not fit the network of these plans: {e}") from e
+    unwrap(trainer.network).freeze_backbone()
+
+
+class nnUNetTrainerIACRef(nnUNetTrainer):
+    """nnU-Net's trainer with epochs and iterations from IAC_EPOCHS / IAC_ITERS / IAC_VAL_ITERS."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for var in ("nnUNet_preprocessed", "nnUNet_results"):
+            if not os.environ.get(var):
+                raise RuntimeError(f"{var} is not set; export it as the nnU-Net documentation describes")
+        self.num_epochs = _env("IAC_EPOCHS", self.num_epochs, int)
+        self.num_iterations_per_epoch = _env("IAC_ITERS", self.num_iterations_per_epoch, int)
+        self.num_val_iterations_per_epoch = _env("IAC_VAL_ITERS", self.num_val_iterations_per_epoch, int)
+
+
+class nnUNetTrainerIAC(nnUNetTrainerIACRef):
+    """Stage III in nnU-Net: the discrete cell of IAC_GENOTYPE on every skip of the frozen reference."""
+    theta0_init = False
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision=True):
+        net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_output_channels, enable_deep_supervision)
+        path = _require_env("IAC_GENOTYPE", "give the genotype.json this model is (or was) trained with")
+        g = read_genotype(path)
+        skip_ch = list(net.encoder.output_channels[:-1])
+        geo = g.get("search", {}).get("geometry", {})
+        if geo and list(geo.get("skip_channels", skip_ch)) != skip_ch:
+            raise RuntimeError(f"IAC_GENOTYPE={path} was searched on skips with channels {geo['skip_channels']}; "
+                               f"these plans give {skip_ch}. Search again on this configuration.")
+        return IACUNet(net, IACSkips(g, skip_ch, skip_ch, geo.get("cell_channels")))
+
+    def configure_optimizers(self):
+        params = unwrap(self.network).skips.parameters()  # only the cells train
+        optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay, momentum=0.99,
+                                    nesterov=True)
+        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def on_train_start(self):
+        super().on_train_start()
+        load_reference(self, reference_checkpoint(self))
+        if self.current_epoch == 0:
+            g_path = _env("IAC_GENOTYPE")
+            init = "theta0" if self.theta0_init else "fresh"
+            if self.theta0_init:                          # IAC-LTH: reset the found cell to θ0
+                t_path = _env("IAC_THETA0", os.path.join(os.path.dirname(g_path), "theta0.pt"))
+                theta0 = torch.load(t_path, map_location="cpu", weights_only=True)
+                init_from_theta0(unwrap(self.network).skips, theta0["state"], strict_shapes=True)
+            self.print_to_log_file(f"IAC cell: {g_path}, init {init}")
+
+
+class nnUNetTrainerIACLTH(nnUNetTrainerIAC):
+    """IAC-LTH: the cell starts from θ0, the weights it had at the start of the search."""
+    theta0_init = True
+
+
+class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
+    """Stage II in nnU-Net: search one genotype for every skip of the frozen reference (`lth`)."""
+    search_mode = "lth"
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision=True):
+        net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_output_channels, enable_deep_supervision)
+        skip_ch = list(net.encoder.output_channels[:-1])
+        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, _env("IAC_PC_K", 4, int)))
+
+    def _do_i_compile(self):
+        return False                          # pruning changes the graph; no torch.compile for the search
+
+    def perform_actual_validation(self, save_probabilities=False):
+        self.print_to_log_file("search run: no validation of the supernet; train the cell with nnUNetTrainerIAC")
+
+    def run_training(self):
+        mode = self.search_mode
+        warmup = _env("IAC_WARMUP", 15, int)
+        self.on_train_start()
+        load_reference(self, reference_checkpoint(self))
+        skips = self.network.skips
+        skip_ch = self.network.skip_channels          # (no torch.compile here: see _do_i_compile)
+        geometry = {"skip_channels": skip_ch, "up_channels": skip_ch, "cell_channels": None}
+        theta0 = make_theta0(**geometry)
+        init_from_theta0(skips, theta0)
+        out = self.output_folder
+        atomic_torch_save({"kind": "theta0", "state": theta0, "geometry": geometry,
+                           "backbone": "nnU-Net PlainConvUNet"}, os.path.join(out, "theta0.pt"))
+        lr_w = _env("IAC_LR_W", 0.01, float)
+        w_opt = weight_optimizer(skips, lr_w)
+        a_opt = arch_optimizer(skips, _env("IAC_LR_ARCH", 1e-3, float), (0.5, 0.999), 1e-3)
+        lth = LTHState(len(EDGES), _env("IAC_TAU0", 1e-3, float), _env("IAC_GAMMA", 1.1, float),
+                       _env("IAC_K_STD", 1.0, float))
+        traj_path = os.path.join(out, "trajectory.jsonl")
+        open(traj_path, "w").close()
+        seconds, stopped, epoch = 0.0, False, -1
+        for epoch in range(self.num_epochs):
+            t0 = time.time()
+            lr = cosine_power_lr(epoch, self.num_epochs, lr_w, 1e-4, 2.0)
+            for g in w_opt.param_groups:
+                g["lr"] = lr
+            self.network.train()
+            total = 0.0
+            for _ in range(self.num_iterations_per_epoch):
+                if mode == "full" and epoch >= warmup:          # α, β on a validation (val_search) batch
+                    arch_step(self._batch_loss(next(self.dataloader_val)), skips, a_opt)
+                w_opt.zero_grad(set_to_none=True)
+                a_opt.zero_grad(set_to_none=True)
+                loss = self._batch_loss(next(self.dataloader_train))
+                loss.backward()
+                w_opt.step()
+                if mode == "lth" and epoch >= warmup:
+                    a_opt.step()
+                total += loss.item()
+            info = end_of_epoch(skips, lth, mode, epoch, warmup)
+            if info["pruned"]:
+                w_opt = weight_optimizer(skips, lr)
+            epoch_s = time.time() - t0
+            seconds += epoch_s
+            losses = {"train_loss": total / max(self.num_iterations_per_epoch, 1)}
+            with open(traj_path, "a") as f:
+                f.write(json.dumps(trajectory_record(skips, info, epoch, losses, lr, epoch_s)) + "\n")
+            self.print_to_log_file(f"IAC search [{mode}] epoch {epoch + 1}/{self.num_epochs} loss "
+                                   f"{losses['train_loss']:.4f} active ops {int(skips.op_mask.sum())} "
+                                   f"pruned {len(info['pruned'])} {epoch_s:.1f}s")
+            if info["stopped"]:
+                stopped = True
+                break
+        if stopped:
+            keep_top2_edges(skips)
+        genotype = skips.derive_genotype()
+        write_genotype(os.path.join(out, "genotype.json"), genotype,
+                       {"mode": mode, "epochs_run": epoch + 1, "epochs_cap": self.num_epochs, "stopped_early": stopped,
+                        "seconds": seconds, "backbone": reference_checkpoint(self), "encoder": "nnunet_2d",
+                        "dataset": self.plans_manager.dataset_name, "seed": None, "geometry": geometry})
+        self.print_to_log_file(f"genotype: {genotype['edges']}")
+        self.on_train_end()
+
+    def _batch_loss(self, batch):
+        """nnU-Net's loss (deep supervision included) on one batch; bf16 autocast on CUDA."""
+        t = batch["target"]
+        target = [i.to(self.device) for i in t] if isinstance(t, list) else t.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.loss(self.network(batch["data"].to(self.device)), target)
+
+
+class nnUNetTrainerIACSearchFull(nnUNetTrainerIACSearchLTH):
+    """The original bilevel search (`full`): α, β on validation batches, w on training batches."""
+    search_mode = "full"
+
+
+class nnUNetTrainerIACRefNoDA(nnUNetTrainerIACRef, nnUNetTrainerNoDA):
+    pass
+
+
+class nnUNetTrainerIACSearchLTHNoDA(nnUNetTrainerIACSearchLTH, nnUNetTrainerNoDA):
+    pass
+
+
+class nnUNetTrainerIACSearchFullNoDA(nnUNetTrainerIACSearchFull, nnUNetTrainerNoDA):
+    pass
+
+
+class nnUNetTrainerIACNoDA(nnUNetTrainerIAC, nnUNetTrainerNoDA):
+    pass
+
+
+class nnUNetTrainerIACLTHNoDA(nnUNetTrainerIACLTH, nnUNetTrainerNoDA):
+    pass

@@ -1,0 +1,146 @@
+"""IAC / IAC-LTH inside 2-D nnU-Net: the trainer plugin end to end on the nnU-Net-raw phantom (CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+nnunetv2 = pytest.importorskip("nnunetv2", reason="requirements-nnunet.txt is not installed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "nnunet_iac"))
+BIN = os.path.dirname(sys.executable)
+GENO = {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["dil_conv_5x5", 0, 3], ["max_pool_3x3", 2, 3],
+                  ["avg_pool_3x3", 1, 4], ["sep_conv_5x5", 3, 4], ["dil_conv_3x3", 2, 5], ["skip_connect", 4, 5]],
+        "concat": [2, 3, 4, 5]}
+
+
+def plain_unet(deep_supervision):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    return PlainConvUNet(1, 4, [8, 16, 32, 64], torch.nn.Conv2d, 3, [1, 2, 2, 2], 2, 3, 2, conv_bias=True,
+                         norm_op=torch.nn.InstanceNorm2d, norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
+                         deep_supervision=deep_supervision)
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+@pytest.mark.parametrize("search", [True, False])
+def test_iac_unet_keeps_skip_shapes(deep_supervision, search):
+    from iac_trainers import IACUNet
+    from common.iac import IACSearchSkips, IACSkips
+    net = plain_unet(deep_supervision)
+    ch = list(net.encoder.output_channels[:-1])
+    skips = IACSearchSkips(ch, ch) if search else IACSkips(GENO, ch, ch)
+    model = IACUNet(net, skips)
+    seen = []
+    orig = skips.forward
+    skips.forward = lambda level, skip, up: seen.append((level, skip.shape, up.shape, orig(level, skip, up).shape)) \
+        or orig(level, skip, up)
+    x = torch.randn(2, 1, 32, 32)
+    out, ref = model(x), net(x)
+    assert sorted(s[0] for s in seen) == [0, 1, 2]
+    for level, skip_shape, up_shape, out_shape in seen:
+        assert skip_shape == up_shape == out_shape                # the cell keeps every skip's shape
+    if deep_supervision:
+        assert [o.shape for o in out] == [r.shape for r in ref]
+    else:
+        assert out.shape == ref.shape == (2, 3, 32, 32)
+
+
+def _env(tmp):
+    env = dict(os.environ, nnUNet_raw=str(tmp / "raw"), nnUNet_preprocessed=str(tmp / "pre"),
+               nnUNet_results=str(tmp / "res"), nnUNet_extTrainer=os.path.join(ROOT, "nnunet_iac"),
+               nnUNet_compile="f", nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", IAC_EPOCHS="2", IAC_ITERS="2",
+               IAC_VAL_ITERS="1", OMP_NUM_THREADS="2")
+    return env
+
+
+def _run(cmd, env, **kw):
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _train(trainer, env):
+    return _run([f"{BIN}/nnUNetv2_train", "501", "2d", "0", "-tr", trainer, "-device", "cpu"], env)
+
+
+def _fold(tmp, trainer):
+    return tmp / "res" / "Dataset501_Phantom" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+
+
+def test_nnunet_pipeline(tmp_path):
+    from common.phantom import write_phantom
+    env = _env(tmp_path)
+    raw = tmp_path / "raw" / "Dataset501_Phantom"
+    write_phantom(str(raw), "nnunet", 6, seed=0, size=48)
+    _run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "2d", "-np", "1", "--verify_dataset_integrity"],
+         env)
+    _train("nnUNetTrainerIACRef", env)
+    ref_ckpt = _fold(tmp_path, "nnUNetTrainerIACRef") / "checkpoint_final.pth"
+    ref = torch.load(ref_ckpt, map_location="cpu", weights_only=True)["network_weights"]
+
+    search_env = dict(env, IAC_EPOCHS="6", IAC_WARMUP="1", IAC_TAU0="10", IAC_GAMMA="1.1")
+    for trainer in ("nnUNetTrainerIACSearchLTH", "nnUNetTrainerIACSearchFull"):
+        _train(trainer, search_env)
+        d = _fold(tmp_path, trainer)
+        g = json.load(open(d / "genotype.json"))
+        assert (d / "theta0.pt").is_file() and len(g["edges"]) == 8
+        traj = [json.loads(ln) for ln in open(d / "trajectory.jsonl")]
+        assert len(traj) == g["search"]["epochs_run"]
+    lth_dir = _fold(tmp_path, "nnUNetTrainerIACSearchLTH")
+    assert json.load(open(lth_dir / "genotype.json"))["search"]["stopped_early"]   # τ0 = 10: every edge stable
+
+    cell_env = dict(env, IAC_GENOTYPE=str(lth_dir / "genotype.json"))
+    _train("nnUNetTrainerIACLTH", cell_env)
+    ck = torch.load(_fold(tmp_path, "nnUNetTrainerIACLTH") / "checkpoint_final.pth", map_location="cpu",
+                    weights_only=True)["network_weights"]
+    for k, v in ref.items():                                      # the backbone is unchanged by cell training
+        assert torch.equal(ck[f"net.{k}"], v), k
+    assert any(k.startswith("skips.") for k in ck)
+
+    out = {}
+    for name, trainer, e in (("ref", "nnUNetTrainerIACRef", env), ("iac_lth", "nnUNetTrainerIACLTH", cell_env)):
+        out[name] = tmp_path / f"pred_{name}"
+        _run([f"{BIN}/nnUNetv2_predict", "-i", str(raw / "imagesTr"), "-o", str(out[name]), "-d", "501", "-c", "2d",
+              "-f", "0", "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], e)
+    ev = tmp_path / "eval"
+    _run([sys.executable, "05_evaluate.py", "--nnunet_pred", f"ref={out['ref']}", "--nnunet_pred",
+          f"iac_lth={out['iac_lth']}", "--nnunet_gt", str(raw / "labelsTr"), "--out", str(ev), "--n_boot", "99"], env)
+    import pandas as pd
+    df = pd.read_csv(ev / "per_patient.csv")
+    assert set(df["method"]) == {"ref", "iac_lth"} and df["patient"].nunique() == 6
+    assert np.isfinite(df["dice"].dropna()).all()
+
+
+class _CM:
+    """The configuration-manager fields build_network_architecture reads (a 4-stage 2-D PlainConvUNet)."""
+    network_arch_class_name = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+    network_arch_init_kwargs = {"n_stages": 4, "features_per_stage": [8, 16, 32, 64],
+                                "conv_op": "torch.nn.modules.conv.Conv2d", "kernel_sizes": 3, "strides": [1, 2, 2, 2],
+                                "n_conv_per_stage": 2, "n_conv_per_stage_decoder": 2, "conv_bias": True,
+                                "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
+                                "norm_op_kwargs": {"affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+                                "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": None}
+    network_arch_init_kwargs_req_import = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+
+
+def test_clear_errors(tmp_path, monkeypatch):
+    from iac_trainers import nnUNetTrainerIAC, load_reference
+    monkeypatch.delenv("IAC_GENOTYPE", raising=False)
+    with pytest.raises(RuntimeError, match="IAC_GENOTYPE is not set"):
+        nnUNetTrainerIAC.build_network_architecture(None, _CM(), 1, 3, True)
+    bad = tmp_path / "g.json"
+    bad.write_text(json.dumps(dict(GENO, search={"geometry": {"skip_channels": [1, 2, 3]}})))
+    monkeypatch.setenv("IAC_GENOTYPE", str(bad))
+    with pytest.raises(RuntimeError, match="searched on skips with channels"):
+        nnUNetTrainerIAC.build_network_architecture(None, _CM(), 1, 3, True)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"network_weights": {}, "init_args": {"configuration": "3d_fullres"}}, foreign)
+
+    class _Trainer:
+        configuration_name = "2d"
+    with pytest.raises(RuntimeError, match="is not a 2d nnU-Net checkpoint"):
+        load_reference(_Trainer(), str(foreign))
