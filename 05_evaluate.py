@@ -23,7 +23,6 @@ import matplotlib
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -255,7 +254,6 @@ def main(args):
             raise SystemExit(f"error: the {args.split} split of {args.splits} is empty; nothing to evaluate")
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
-    torch.set_grad_enabled(False)
     frames, preds, names = [], {}, []
     if args.run:
         df, preds, info = evaluate_runs(args, meta, cases, device)

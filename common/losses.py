@@ -44,7 +44,8 @@ class DeepSupervisionLoss(nn.Module):
         w = torch.tensor([1 / 2 ** i for i in range(n_outputs)])
         if n_outputs > 1:
             w[-1] = 0
-        self.loss, self.register_buffer("weights", w / w.sum())
+        self.loss = loss
+        self.register_buffer("weights", w / w.sum())
 
     def forward(self, outputs, target):
         total = 0.0

@@ -125,6 +125,16 @@ class IACUNet(nn.Module):
         return outs if dec.deep_supervision else outs[0]
 
 
+def load_nnunet_checkpoint(path):
+    """torch.load(weights_only=True) of an nnU-Net checkpoint: its logs hold numpy scalars, allow just those."""
+    import numpy as np
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in
+                                                    ("float64", "float32", "float16", "int64", "int32", "bool")]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def unwrap(network):
     """The IACUNet behind a torch.compile wrapper, if any."""
     return getattr(network, "_orig_mod", network)
@@ -133,7 +143,7 @@ def unwrap(network):
 def load_reference(trainer, path):
     """Load the finished reference nnU-Net into trainer.network.net, checking it fits these plans."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        ck = load_nnunet_checkpoint(path)
     except Exception as e:  # corrupt file or not a checkpoint
         raise RuntimeError(f"IAC_BACKBONE={path} cannot be read as an nnU-Net checkpoint ({e})") from e
     init = ck.get("init_args", {}) if isinstance(ck, dict) else {}

@@ -52,7 +52,7 @@ def test_iac_unet_keeps_skip_shapes(deep_supervision, search):
 def _env(tmp):
     env = dict(os.environ, nnUNet_raw=str(tmp / "raw"), nnUNet_preprocessed=str(tmp / "pre"),
                nnUNet_results=str(tmp / "res"), nnUNet_extTrainer=os.path.join(ROOT, "nnunet_iac"),
-               nnUNet_compile="f", nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1", IAC_EPOCHS="2", IAC_ITERS="2",
+               nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", IAC_EPOCHS="2", IAC_ITERS="2",
                IAC_VAL_ITERS="1", OMP_NUM_THREADS="2")
     return env
 
@@ -80,9 +80,10 @@ def test_nnunet_pipeline(tmp_path):
          env)
     _train("nnUNetTrainerIACRef", env)
     ref_ckpt = _fold(tmp_path, "nnUNetTrainerIACRef") / "checkpoint_final.pth"
-    ref = torch.load(ref_ckpt, map_location="cpu", weights_only=True)["network_weights"]
+    from iac_trainers import load_nnunet_checkpoint
+    ref = load_nnunet_checkpoint(ref_ckpt)["network_weights"]
 
-    search_env = dict(env, IAC_EPOCHS="6", IAC_WARMUP="1", IAC_TAU0="10", IAC_GAMMA="1.1")
+    search_env = dict(env, IAC_EPOCHS="9", IAC_WARMUP="1", IAC_TAU0="10", IAC_GAMMA="1.1")
     for trainer in ("nnUNetTrainerIACSearchLTH", "nnUNetTrainerIACSearchFull"):
         _train(trainer, search_env)
         d = _fold(tmp_path, trainer)
@@ -90,13 +91,16 @@ def test_nnunet_pipeline(tmp_path):
         assert (d / "theta0.pt").is_file() and len(g["edges"]) == 8
         traj = [json.loads(ln) for ln in open(d / "trajectory.jsonl")]
         assert len(traj) == g["search"]["epochs_run"]
+        searched = load_nnunet_checkpoint(d / "checkpoint_final.pth")["network_weights"]
+        for k, v in ref.items():                                  # the backbone is unchanged by the search
+            assert torch.equal(searched[f"net.{k}"], v), k
     lth_dir = _fold(tmp_path, "nnUNetTrainerIACSearchLTH")
-    assert json.load(open(lth_dir / "genotype.json"))["search"]["stopped_early"]   # τ0 = 10: every edge stable
+    lth_search = json.load(open(lth_dir / "genotype.json"))["search"]
+    assert lth_search["stopped_early"] and lth_search["epochs_run"] < 9      # τ0 = 10: a prune every epoch
 
     cell_env = dict(env, IAC_GENOTYPE=str(lth_dir / "genotype.json"))
     _train("nnUNetTrainerIACLTH", cell_env)
-    ck = torch.load(_fold(tmp_path, "nnUNetTrainerIACLTH") / "checkpoint_final.pth", map_location="cpu",
-                    weights_only=True)["network_weights"]
+    ck = load_nnunet_checkpoint(_fold(tmp_path, "nnUNetTrainerIACLTH") / "checkpoint_final.pth")["network_weights"]
     for k, v in ref.items():                                      # the backbone is unchanged by cell training
         assert torch.equal(ck[f"net.{k}"], v), k
     assert any(k.startswith("skips.") for k in ck)
