@@ -25,15 +25,15 @@ import time
 import torch
 
 from common.backbones import build_unet
-from common.data import SliceDataset, load_splits, read_meta
-from common.engine import EpochTimer, NonFiniteLoss, check_finite, make_loader, to_device
+from common.data import SliceDataset
+from common.engine import EpochTimer, NonFiniteLoss, check_finite, make_loader, setup_run, to_device
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
 from common.lth import LTHState
 from common.search import (arch_optimizer, arch_step, cosine_power_lr, end_of_epoch, keep_top2_edges,
                            trajectory_record, weight_optimizer)
 from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, autocast, epoch_generator,
-                          load_checkpoint, pick_device, run_metadata, seed_everything)
+                          load_checkpoint, run_metadata)
 
 
 def get_args(argv=None):
@@ -109,15 +109,7 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
 
 
 def main(args):
-    device = pick_device(args.device)
-    seed_everything(args.seed, args.deterministic)
-    amp, cl = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
-    meta = read_meta(args.data)
-    splits = load_splits(args.splits, meta)
-    os.makedirs(args.out, exist_ok=True)
-    last = os.path.join(args.out, "ckpt_last.pt")
-    if os.path.exists(last) and not (args.resume or args.overwrite):
-        raise SystemExit(f"error: {args.out} already holds a search; pass --resume to continue or --overwrite")
+    device, amp, cl, meta, splits, last = setup_run(args, "search")
 
     model, bb = load_backbone(args.backbone, meta, device)
     geometry = {"skip_channels": model.skip_channels, "up_channels": model.up_channels,

@@ -26,13 +26,13 @@ import time
 import torch
 
 from common.backbones import build_unet
-from common.data import SliceDataset, load_splits, read_meta
-from common.engine import EpochTimer, NonFiniteLoss, evaluate_cases, make_loader, train_epoch
+from common.data import SliceDataset
+from common.engine import EpochTimer, NonFiniteLoss, evaluate_cases, make_loader, setup_run, train_epoch
 from common.iac import IACSkips, init_from_theta0, read_genotype
 from common.losses import SegLoss
 from common.skips import build_skips
-from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, epoch_generator, load_checkpoint,
-                          pick_device, run_metadata, seed_everything)
+from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, epoch_generator,
+                          load_checkpoint, run_metadata)
 
 
 def get_args(argv=None):
@@ -94,15 +94,8 @@ def checkpoint(model, optimizer, epoch, args, best, meta):
 
 
 def main(args):
-    device = pick_device(args.device)
-    seed_everything(args.seed, args.deterministic)
-    amp, channels_last = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
-    meta = read_meta(args.data)
-    splits = load_splits(args.splits, meta)
-    os.makedirs(args.out, exist_ok=True)
-    last, best_path = os.path.join(args.out, "ckpt_last.pt"), os.path.join(args.out, "ckpt_best.pt")
-    if os.path.exists(last) and not (args.resume or args.overwrite):
-        raise SystemExit(f"error: {args.out} already holds a run; pass --resume to continue or --overwrite")
+    device, amp, channels_last, meta, splits, last = setup_run(args, "run")
+    best_path = os.path.join(args.out, "ckpt_best.pt")
 
     model = build_model(args, meta).to(device)
     if channels_last:

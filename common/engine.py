@@ -1,5 +1,6 @@
 """Training and case-level evaluation loops shared by 02_pretrain.py, 03_search.py and 04_finetune.py."""
 import math
+import os
 import time
 
 import numpy as np
@@ -8,15 +9,32 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.backbones import build_unet
-from common.data import collate, iter_cases
+from common.data import collate, iter_cases, load_splits, read_meta
 from common.iac import IACSkips
 from common.skips import build_skips
 from common.metrics import CaseDice, mean_foreground
-from common.utils import autocast
+from common.utils import autocast, pick_device, seed_everything
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def setup_run(args, what):
+    """The opening every training stage shares: device, seeding, precision flags, data and run folder.
+
+    Returns device, amp, channels_last, meta, splits and RUN/ckpt_last.pt; refuses to start over a
+    run folder that already holds `what` unless --resume or --overwrite."""
+    device = pick_device(args.device)
+    seed_everything(args.seed, args.deterministic)
+    amp, channels_last = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
+    meta = read_meta(args.data)
+    splits = load_splits(args.splits, meta)
+    os.makedirs(args.out, exist_ok=True)
+    last = os.path.join(args.out, "ckpt_last.pt")
+    if os.path.exists(last) and not (args.resume or args.overwrite):
+        raise SystemExit(f"error: {args.out} already holds a {what}; pass --resume to continue or --overwrite")
+    return device, amp, channels_last, meta, splits, last
 
 
 def make_loader(dataset, batch_size, shuffle, generator=None, workers=0, device=None):

@@ -12,6 +12,7 @@ from scipy import stats
 from common.analysis import (cosine_matrix, fisher_combined, first_entry_epochs, hamming_similarity_matrix,
                              paired_comparison, topk_masks)
 from common.iac import EDGES, OPS, write_genotype
+from common.data import read_meta
 from conftest import data_args
 from test_iac import GENO
 
@@ -34,13 +35,13 @@ def finetune_args(acdc, backbone, search, out, *extra):
 def test_theta0_really_loaded(tmp_path, scripts, acdc, backbone, lth_search):
     f = scripts["04_finetune"]
     args = f.get_args(finetune_args(acdc, backbone, lth_search, str(tmp_path / "x")))
-    model = f.build_model(args, f.read_meta(args.data))
+    model = f.build_model(args, read_meta(args.data))
     assert args.init == "theta0"                            # the default for an LTH genotype
     theta0 = torch.load(os.path.join(lth_search, "theta0.pt"), weights_only=True)["state"]
     for k, v in model.skips.state_dict().items():
         assert torch.equal(v, theta0[k]), k
     fresh = f.build_model(f.get_args(finetune_args(acdc, backbone, lth_search, str(tmp_path / "y"), "--init", "fresh")),
-                          f.read_meta(args.data))
+                          read_meta(args.data))
     k = next(k for k in fresh.skips.state_dict() if k.endswith("weight"))
     assert not torch.equal(fresh.skips.state_dict()[k], theta0[k])
 

@@ -10,6 +10,7 @@ from scipy.spatial.distance import jensenshannon
 from common.iac import (OPS, IACSearchSkips, IACSkips, cap_edge_weights, edge_weights, init_from_theta0,
                         make_theta0, op_weights, read_genotype, validate_genotype, write_genotype)
 from common.lth import LTHState, all_edges_single, importance_distribution, js_divergence, ops_to_prune
+from common.data import load_splits, read_meta
 from conftest import data_args
 
 GENO = {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["dil_conv_5x5", 0, 3], ["max_pool_3x3", 2, 3],
@@ -181,11 +182,11 @@ def test_backbone_bit_identical_after_search_epochs(scripts, acdc, backbone, mod
     """Run real search epochs (arch updates on) and compare every backbone weight and BN buffer."""
     s = scripts["03_search"]
     args = s.get_args(search_args(acdc, backbone, "unused", mode, "--warmup", "0"))
-    meta = s.read_meta(args.data)
+    meta = read_meta(args.data)
     model, ck = s.load_backbone(args.backbone, meta, torch.device("cpu"))
     skips = IACSearchSkips(model.skip_channels, model.up_channels)
     model.set_skips(skips)
-    splits = s.load_splits(args.splits, meta)
+    splits = load_splits(args.splits, meta)
     names = ("train_search", "val_search") if mode == "full" else ("train_search", "train_search")
     loaders = {k: s.make_loader(s.SliceDataset(args.data, splits[n]), 32, True) for k, n in zip(("train", "val"), names)}
     w_opt = torch.optim.SGD(skips.weight_parameters(), lr=0.01)
