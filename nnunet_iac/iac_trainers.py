@@ -166,10 +166,10 @@ class nnUNetTrainerIACRef(nnUNetTrainer):
     """nnU-Net's trainer with epochs and iterations from IAC_EPOCHS / IAC_ITERS / IAC_VAL_ITERS."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        for var in ("nnUNet_preprocessed", "nnUNet_results"):
+        for var in ("nnUNet_preprocessed", "nnUNet_results"):     # before nnU-Net fails less clearly
             if not os.environ.get(var):
                 raise RuntimeError(f"{var} is not set; export it as the nnU-Net documentation describes")
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = _env("IAC_EPOCHS", self.num_epochs, int)
         self.num_iterations_per_epoch = _env("IAC_ITERS", self.num_iterations_per_epoch, int)
         self.num_val_iterations_per_epoch = _env("IAC_VAL_ITERS", self.num_val_iterations_per_epoch, int)

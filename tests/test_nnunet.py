@@ -148,3 +148,20 @@ def test_clear_errors(tmp_path, monkeypatch):
         configuration_name = "2d"
     with pytest.raises(RuntimeError, match="is not a 2d nnU-Net checkpoint"):
         load_reference(_Trainer(), str(foreign))
+
+
+def test_noda_variants_and_missing_nnunet_variables(monkeypatch):
+    import iac_trainers
+    from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
+    for name in ("nnUNetTrainerIACRef", "nnUNetTrainerIACSearchLTH", "nnUNetTrainerIACSearchFull", "nnUNetTrainerIAC",
+                 "nnUNetTrainerIACLTH"):
+        noda = getattr(iac_trainers, name + "NoDA")
+        assert issubclass(noda, getattr(iac_trainers, name)) and issubclass(noda, nnUNetTrainerNoDA)
+        assert noda.get_training_transforms is nnUNetTrainerNoDA.get_training_transforms
+        assert noda.configure_rotation_dummyDA_mirroring_and_inital_patch_size is \
+            nnUNetTrainerNoDA.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+    monkeypatch.delenv("nnUNet_results", raising=False)
+    monkeypatch.setenv("nnUNet_preprocessed", "/nonexistent")
+    with pytest.raises(RuntimeError, match="nnUNet_results is not set"):
+        iac_trainers.nnUNetTrainerIACRef.__init__(object.__new__(iac_trainers.nnUNetTrainerIACRef), {}, "2d", 0, {},
+                                                  torch.device("cpu"))
