@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from common.backbones import build_unet
 from common.data import SliceDataset
-from common.engine import EpochTimer, NonFiniteLoss, check_finite, make_loader, setup_run, to_device
+from common.engine import (EpochTimer, NonFiniteLoss, check_finite, load_frozen_backbone, make_loader, setup_run,
+                           to_device)
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
 from common.lth import LTHState
@@ -60,17 +60,6 @@ def get_args(argv=None):
     p.add_argument("--js_eps", type=float, default=1e-8, help="ε of Eq. (19)-(20)")
     add_run_flags(p)
     return p.parse_args(argv)
-
-
-def load_backbone(path, meta, device):
-    ckpt = load_checkpoint(path, "pretrain", map_location="cpu")
-    if ckpt["data"]["dataset"] != meta["dataset"] or ckpt["data"]["class_names"] != meta["class_names"]:
-        raise SystemExit(f"error: {path} was trained on {ckpt['data']['dataset']} {ckpt['data']['class_names']}, "
-                         f"the data is {meta['dataset']} {meta['class_names']}")
-    model = build_unet(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    model.freeze_backbone()
-    return model.to(device), ckpt
 
 
 def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, device, amp, cl):
@@ -111,7 +100,8 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
 def main(args):
     device, amp, cl, meta, splits, last = setup_run(args, "search")
 
-    model, bb = load_backbone(args.backbone, meta, device)
+    model, bb = load_frozen_backbone(args.backbone, meta)
+    model = model.to(device)
     geometry = {"skip_channels": model.skip_channels, "up_channels": model.up_channels,
                 "cell_channels": args.cell_channels}
     theta0 = make_theta0(**geometry)                                   # θ0 before any update

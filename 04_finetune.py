@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from common.backbones import build_unet
 from common.data import SliceDataset
-from common.engine import EpochTimer, NonFiniteLoss, evaluate_cases, make_loader, setup_run, train_epoch
+from common.engine import (EpochTimer, NonFiniteLoss, evaluate_cases, load_frozen_backbone, make_loader, setup_run,
+                           train_epoch)
 from common.iac import IACSkips, init_from_theta0, read_genotype
 from common.losses import SegLoss
 from common.skips import build_skips
@@ -54,12 +54,7 @@ def get_args(argv=None):
 
 def build_model(args, meta):
     """Frozen backbone + the cell of the genotype (or a baseline skip) in every skip level."""
-    bb = load_checkpoint(args.backbone, "pretrain")
-    if bb["data"]["dataset"] != meta["dataset"] or bb["data"]["class_names"] != meta["class_names"]:
-        raise SystemExit(f"error: {args.backbone} was trained on {bb['data']['dataset']}, the data is {meta['dataset']}")
-    model = build_unet(bb["config"])
-    model.load_state_dict(bb["model"])
-    model.freeze_backbone()
+    model, _ = load_frozen_backbone(args.backbone, meta)
     if args.skip != "iac":
         model.set_skips(build_skips(args.skip, model.skip_channels, model.up_channels, None))
         model.config = {**model.config, "skip": args.skip}

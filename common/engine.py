@@ -13,7 +13,7 @@ from common.data import collate, iter_cases, load_splits, read_meta
 from common.iac import IACSkips
 from common.skips import build_skips
 from common.metrics import CaseDice, mean_foreground
-from common.utils import autocast, pick_device, seed_everything
+from common.utils import autocast, load_checkpoint, pick_device, seed_everything
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,6 +115,19 @@ class EpochTimer:
         per = (time.time() - self.t0) / max(done, 1)
         left = per * (self.total - epoch - 1)
         return f"{int(left // 60)}m{int(left % 60):02d}s"
+
+
+def load_frozen_backbone(path, meta):
+    """A stage I checkpoint -> its U-Net with the backbone frozen (on CPU) and the checkpoint;
+    refuses a backbone trained on another data set."""
+    ckpt = load_checkpoint(path, "pretrain", map_location="cpu")
+    if ckpt["data"]["dataset"] != meta["dataset"] or ckpt["data"]["class_names"] != meta["class_names"]:
+        raise SystemExit(f"error: {path} was trained on {ckpt['data']['dataset']} {ckpt['data']['class_names']}, "
+                         f"the data is {meta['dataset']} {meta['class_names']}")
+    model = build_unet(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    model.freeze_backbone()
+    return model, ckpt
 
 
 def model_from_checkpoint(ckpt):

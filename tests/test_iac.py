@@ -183,7 +183,8 @@ def test_backbone_bit_identical_after_search_epochs(scripts, acdc, backbone, mod
     s = scripts["03_search"]
     args = s.get_args(search_args(acdc, backbone, "unused", mode, "--warmup", "0"))
     meta = read_meta(args.data)
-    model, ck = s.load_backbone(args.backbone, meta, torch.device("cpu"))
+    from common.engine import load_frozen_backbone
+    model, ck = load_frozen_backbone(args.backbone, meta)
     skips = IACSearchSkips(model.skip_channels, model.up_channels)
     model.set_skips(skips)
     splits = load_splits(args.splits, meta)
