@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from common.backbones import build_unet
 from common.data import collate, iter_cases, load_splits, read_meta
-from common.iac import IACSkips
+from common.iac import NODES, IACSkips
 from common.skips import build_skips
 from common.metrics import CaseDice, mean_foreground
 from common.utils import autocast, load_checkpoint, pick_device, seed_everything
@@ -138,7 +138,7 @@ def model_from_checkpoint(ckpt):
     else:
         model = build_unet({**cfg, "skip": "ref"})
         if cfg["skip"] == "iac":
-            genotype = {"edges": cfg["genotype"], "concat": [2, 3, 4, 5]}
+            genotype = {"edges": cfg["genotype"], "concat": list(NODES)}
             model.set_skips(IACSkips(genotype, model.skip_channels, model.up_channels, cfg.get("cell_channels")))
         else:
             model.set_skips(build_skips(cfg["skip"], model.skip_channels, model.up_channels, None))

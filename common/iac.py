@@ -33,6 +33,7 @@ N_INPUTS = 2
 NODES = (2, 3, 4, 5)
 EDGES = tuple((i, j) for j in NODES for i in range(j))          # 14 edges: (0,2), (1,2), (0,3), ...
 IN_EDGES = {j: [e for e, (i, jj) in enumerate(EDGES) if jj == j] for j in NODES}
+FULL_GENOTYPE_EDGES = {e: OPS for e in range(len(EDGES))}         # every op on every edge (supernet, θ0)
 
 
 # --------------------------------------------------------------------------- operations
@@ -170,8 +171,7 @@ class IACSearchSkips(nn.Module):
         self.beta = nn.Parameter(torch.zeros(len(EDGES)))
         self.register_buffer("op_mask", torch.ones(len(EDGES), len(OPS), dtype=torch.bool))
         self.register_buffer("edge_mask", torch.ones(len(EDGES), dtype=torch.bool))
-        all_ops = {e: OPS for e in range(len(EDGES))}
-        self.cells = nn.ModuleList([Cell(cs, cu, C, all_ops, True, pc_k) for cs, cu, C in
+        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k) for cs, cu, C in
                                     zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
 
     def arch_parameters(self):
@@ -257,7 +257,6 @@ class IACSkips(nn.Module):
 
 
 # --------------------------------------------------------------------------- θ0
-FULL_GENOTYPE_EDGES = {e: OPS for e in range(len(EDGES))}
 
 
 def make_theta0(skip_channels, up_channels, cell_channels=None):

@@ -30,7 +30,6 @@ The cell sits where the decoder joins the transposed-conv output `up` with the e
 cat(up, cell(skip, up)); its output keeps the skip's channel count, so the frozen decoder is unchanged.
 In `full` mode the fold's training cases are train_search and its validation cases val_search.
 """
-import json
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.iac import (EDGES, IACSearchSkips, IACSkips, init_from_theta0, make_theta0,  # noqa: E402
                         read_genotype, write_genotype)
 from common.lth import LTHState  # noqa: E402
-from common.utils import atomic_torch_save  # noqa: E402
+from common.utils import JsonlLog, atomic_torch_save, load_checkpoint  # noqa: E402
 from common.search import (arch_optimizer, arch_step, cosine_power_lr, end_of_epoch, keep_top2_edges,  # noqa: E402
                            trajectory_record, weight_optimizer)
 
@@ -208,7 +207,7 @@ class nnUNetTrainerIAC(nnUNetTrainerIACRef):
             init = "theta0" if self.theta0_init else "fresh"
             if self.theta0_init:                          # IAC-LTH: reset the found cell to θ0
                 t_path = _env("IAC_THETA0", os.path.join(os.path.dirname(g_path), "theta0.pt"))
-                theta0 = torch.load(t_path, map_location="cpu", weights_only=True)
+                theta0 = load_checkpoint(t_path, "theta0")
                 init_from_theta0(unwrap(self.network).skips, theta0["state"], strict_shapes=True)
             self.print_to_log_file(f"IAC cell: {g_path}, init {init}")
 
@@ -240,7 +239,8 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         mode = self.search_mode
         warmup = _env("IAC_WARMUP", 15, int)
         self.on_train_start()
-        load_reference(self, reference_checkpoint(self))
+        backbone = reference_checkpoint(self)
+        load_reference(self, backbone)
         skips = self.network.skips
         skip_ch = self.network.skip_channels          # (no torch.compile here: see _do_i_compile)
         geometry = {"skip_channels": skip_ch, "up_channels": skip_ch, "cell_channels": None}
@@ -254,8 +254,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         a_opt = arch_optimizer(skips, _env("IAC_LR_ARCH", 1e-3, float), (0.5, 0.999), 1e-3)
         lth = LTHState(len(EDGES), _env("IAC_TAU0", 1e-3, float), _env("IAC_GAMMA", 1.1, float),
                        _env("IAC_K_STD", 1.0, float))
-        traj_path = os.path.join(out, "trajectory.jsonl")
-        open(traj_path, "w").close()
+        traj = JsonlLog(os.path.join(out, "trajectory.jsonl"))
         seconds, stopped, epoch = 0.0, False, -1
         for epoch in range(self.num_epochs):
             t0 = time.time()
@@ -281,8 +280,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
             epoch_s = time.time() - t0
             seconds += epoch_s
             losses = {"train_loss": total / max(self.num_iterations_per_epoch, 1)}
-            with open(traj_path, "a") as f:
-                f.write(json.dumps(trajectory_record(skips, info, epoch, losses, lr, epoch_s)) + "\n")
+            traj.write(trajectory_record(skips, info, epoch, losses, lr, epoch_s))
             self.print_to_log_file(f"IAC search [{mode}] epoch {epoch + 1}/{self.num_epochs} loss "
                                    f"{losses['train_loss']:.4f} active ops {int(skips.op_mask.sum())} "
                                    f"pruned {len(info['pruned'])} {epoch_s:.1f}s")
@@ -294,7 +292,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         genotype = skips.derive_genotype()
         write_genotype(os.path.join(out, "genotype.json"), genotype,
                        {"mode": mode, "epochs_run": epoch + 1, "epochs_cap": self.num_epochs, "stopped_early": stopped,
-                        "seconds": seconds, "backbone": reference_checkpoint(self), "encoder": "nnunet_2d",
+                        "seconds": seconds, "backbone": backbone, "encoder": "nnunet_2d",
                         "dataset": self.plans_manager.dataset_name, "seed": None, "geometry": geometry})
         self.print_to_log_file(f"genotype: {genotype['edges']}")
         self.on_train_end()
