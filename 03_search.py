@@ -14,6 +14,8 @@ full: 200 epochs of first-order bilevel search; per step one Adam step on α, β
 lth:  single-level search on the whole training set (one forward and backward, both
       optimizers step); after each epoch the JS test (Eq. 20) prunes ops on stable
       edges (Eq. 21); stops when every edge has one op, then keeps 2 edges per node.
+      The first test after warm-up prunes nothing and sets τ0 = κ · median edge JS
+      (--tau0_rel; --tau0 gives an absolute τ0 instead).
 Both: backbone frozen in eval mode, an IAC in every skip level with one shared α, β;
       15 warm-up epochs train only the cell weights; SGD with cosine power annealing.
 """
@@ -23,14 +25,15 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from common.data import SliceDataset
 from common.engine import (EpochTimer, NonFiniteLoss, check_finite, load_frozen_backbone, make_loader, setup_run,
                            to_device)
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
-from common.lth import LTHState
-from common.search import (arch_optimizer, arch_step, cosine_power_lr, end_of_epoch, keep_top2_edges,
+from common.search import (add_search_flags, arch_optimizer, changed_settings, cosine_power_lr, end_of_epoch,
+                           keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
 from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, autocast, epoch_generator,
                           load_checkpoint, run_metadata)
@@ -42,24 +45,11 @@ def get_args(argv=None):
     p.add_argument("--data", required=True, help="slices.h5")
     p.add_argument("--splits", required=True, help="splits.json")
     p.add_argument("--mode", choices=["full", "lth"], default="lth", help="original bilevel search or IAC-LTH")
-    p.add_argument("--epochs", type=int, default=200, help="search epochs (full) or the cap (lth)")
-    p.add_argument("--warmup", type=int, default=15, help="epochs training only the cell weights")
     p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
-    p.add_argument("--lr_w", type=float, default=0.01, help="SGD lr of the cell weights (paper: 0.01)")
-    p.add_argument("--lr_w_min", type=float, default=1e-4, help="final lr of cosine power annealing (chosen)")
-    p.add_argument("--lr_power", type=float, default=2.0, help="power p of cosine power annealing (chosen)")
-    p.add_argument("--lr_arch", type=float, default=1e-3, help="Adam lr of α, β (paper: 1e-3)")
-    p.add_argument("--arch_betas", type=float, nargs=2, default=[0.5, 0.999], help="Adam betas of α, β (PC-DARTS)")
-    p.add_argument("--arch_weight_decay", type=float, default=1e-3, help="Adam weight decay of α, β (PC-DARTS)")
-    p.add_argument("--pc_k", type=int, default=4, help="partial-channel K, Eq. (4) (PC-DARTS: 4)")
-    p.add_argument("--beta_fn", choices=["tanh", "identity"], default="tanh", help="monotonic f of Eq. (5) (chosen)")
     p.add_argument("--cell_channels", type=int, default=None, help="cell width C; default: the skip's channels")
-    p.add_argument("--tau0", type=float, default=1e-3, help="initial JS threshold per edge (chosen)")
-    p.add_argument("--gamma", type=float, default=1.1, help="threshold growth factor γ (chosen)")
-    p.add_argument("--k_std", type=float, default=1.0, help="outlier rule μ − kσ, Eq. (21) (chosen)")
-    p.add_argument("--js_eps", type=float, default=1e-8, help="ε of Eq. (19)-(20)")
+    add_search_flags(p)                             # every search hyperparameter: common/search.py
     add_run_flags(p)
-    return p.parse_args(argv)
+    return resolve_threshold(p.parse_args(argv))
 
 
 def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, device, amp, cl):
@@ -68,32 +58,31 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
     model.train()
     totals = {"train_loss": 0.0, "val_loss": 0.0}
     n = 0
-    val_iter = iter(loaders["val"]) if args.mode == "full" else None
-    for step, batch in enumerate(loaders["train"]):
-        if args.mode == "full" and arch_on:                    # (i) α, β on val_search
-            try:
-                xv, yv = next(val_iter)
-            except StopIteration:
-                val_iter = iter(loaders["val"])
-                xv, yv = next(val_iter)
-            xv, yv = to_device(xv, yv, device, cl)
-            with autocast(device, amp):
-                lv = loss_fn(model(xv), yv)
-            arch_step(lv, skips, a_opt)
-            totals["val_loss"] += lv.item() * len(xv)
-        x, y = to_device(*batch, device, cl)                   # (ii) w on train_search / train
-        w_opt.zero_grad(set_to_none=True)
-        a_opt.zero_grad(set_to_none=True)
+
+    def loss_of(batch):
+        x, y = to_device(*batch, device, cl)
         with autocast(device, amp):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        w_opt.step()
-        if args.mode == "lth" and arch_on:                     # single level: both step
-            a_opt.step()
-        value = loss.item()
+            return loss_fn(model(x), y)
+
+    val_iter = iter(loaders["val"]) if args.mode == "full" else None
+
+    def next_val_batch():                                      # val_search cycles under train_search
+        nonlocal val_iter
+        try:
+            return next(val_iter)
+        except StopIteration:
+            val_iter = iter(loaders["val"])
+            return next(val_iter)
+
+    bar = tqdm(loaders["train"], desc=f"search {epoch + 1}", leave=False, unit="batch", disable=None)
+    for step, batch in enumerate(bar):
+        value, val = search_step(args.mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_batch)
         check_finite(value, epoch, step)
-        totals["train_loss"] += value * len(x)
-        n += len(x)
+        b = len(batch[0])
+        totals["train_loss"] += value * b
+        totals["val_loss"] += (val or 0.0) * b
+        n += b
+        bar.set_postfix(loss=f"{value:.4f}")
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
@@ -112,12 +101,15 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     w_opt = weight_optimizer(skips, args.lr_w)
     a_opt = arch_optimizer(skips, args.lr_arch, args.arch_betas, args.arch_weight_decay)
-    lth = LTHState(len(EDGES), args.tau0, args.gamma, args.k_std, args.js_eps)
+    lth = lth_state(args)
     start_epoch, seconds = 0, 0.0
     if args.resume:
         ck = load_checkpoint(last, "search", map_location=device)
-        if ck["args"]["mode"] != args.mode or ck["geometry"] != geometry:
-            raise SystemExit(f"error: {last} is a {ck['args']['mode']} search of another configuration")
+        changed = changed_settings(ck["args"], vars(args))
+        if changed or ck["geometry"] != geometry:
+            what = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changed.items()) or "cell geometry"
+            raise SystemExit(f"error: {last} is a search with other settings ({what}); resume with the same "
+                             "flags, or start over with --overwrite")
         skips.apply_masks(ck["op_mask"].to(device), ck["edge_mask"].to(device))
         skips.load_state_dict(ck["skips"])
         w_opt = weight_optimizer(skips, args.lr_w)
@@ -158,7 +150,7 @@ def main(args):
             w_opt = weight_optimizer(skips, lr)
         epoch_s = time.time() - t0
         seconds += epoch_s
-        traj.write(trajectory_record(skips, info, epoch, losses, lr, epoch_s))
+        traj.write(trajectory_record(skips, info, epoch, losses, lr, epoch_s, lth if args.mode == "lth" else None))
         active = int(skips.op_mask.sum())
         log.write({"epoch": epoch, **losses, "active_ops": active, "n_pruned": len(pruned), "lr_w": lr,
                    "seconds": epoch_s})
@@ -175,13 +167,12 @@ def main(args):
             return
 
     if stopped:
-        keep_top2_edges(skips)                                        # Sec. 5.5: 2 incoming edges per node
-    genotype = skips.derive_genotype()
+        keep_top2_edges(skips, args.edge_rule)                        # Sec. 5.5: 2 incoming edges per node
+    genotype = skips.derive_genotype(args.edge_rule)                  # Eq. (12), Sec. 3.4
     write_genotype(os.path.join(args.out, "genotype.json"), genotype,
-                   {"mode": args.mode, "epochs_run": epoch + 1, "epochs_cap": args.epochs, "stopped_early": stopped,
-                    "seconds": seconds, "backbone": os.path.abspath(args.backbone),
-                    "encoder": bb["config"]["encoder"], "dataset": meta["dataset"], "seed": args.seed,
-                    "geometry": geometry})
+                   search_summary(args.mode, args, lth, epoch + 1, stopped, seconds,
+                                  backbone=os.path.abspath(args.backbone), encoder=bb["config"]["encoder"],
+                                  dataset=meta["dataset"], seed=args.seed, geometry=geometry))
     print(f"genotype after {epoch + 1} epochs ({seconds / 60:.1f} min): "
           + ", ".join(f"{op}({s}->{d})" for op, s, d in genotype["edges"]))
 

@@ -27,8 +27,9 @@ import pandas as pd
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.analysis import (cosine_matrix, fisher_combined, first_entry_epochs, hamming_similarity_matrix,  # noqa: E402
-                             importance_tensor, paired_comparison, topk_masks)
+from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, cosine_matrix, fisher_combined,  # noqa: E402
+                             first_entry_epochs, genotype_masks, hamming_similarity_matrix, importance_tensor,
+                             paired_comparison, topk_masks)
 from common.data import iter_cases, load_splits, read_meta, slices_to_nifti  # noqa: E402
 from common.engine import evaluate_cases, model_from_checkpoint  # noqa: E402
 from common.iac import read_genotype  # noqa: E402
@@ -183,37 +184,63 @@ def search_tables(searches, out_dir):
 
 
 def dynamics_figures(name, traj, genotype, out_dir):
+    """Sec. 4 on one search: importance curves (Fig. 3), similarity matrices (Fig. 4), similarity to
+    the final epoch (Fig. 5), first-entry epochs (Fig. 6, 7). The discrete statistics use the epochs
+    after warm-up only (all ops are tied during warm-up)."""
+    edge_rule = genotype.get("search", {}).get("edge_rule", "max_importance")   # older runs: PC-DARTS rule
     I, epochs = importance_tensor(traj)
-    T = len(I)
+    arch = arch_epochs(traj)
+    Ia, ep_a = importance_tensor(arch)
     cos = cosine_matrix(I)
     pd.DataFrame(cos, index=epochs, columns=epochs).to_csv(os.path.join(out_dir, f"{name}_cosine.csv"))
-    ham = {k: hamming_similarity_matrix(topk_masks(I, k)) for k in (1, 2, 3)}
+    ham = {f"top-{k}": hamming_similarity_matrix(topk_masks(Ia, k)) for k in (3, 2, 1)} if arch else {}
+    if arch:
+        ham["final discrete genotype"] = hamming_similarity_matrix(genotype_masks(arch, edge_rule))
     for k, M in ham.items():
-        pd.DataFrame(M, index=epochs, columns=epochs).to_csv(os.path.join(out_dir, f"{name}_hamming_top{k}.csv"))
-    first = pd.DataFrame(first_entry_epochs(traj, genotype))
+        tag = k.replace("-", "").replace("final discrete ", "")
+        pd.DataFrame(M, index=ep_a, columns=ep_a).to_csv(os.path.join(out_dir, f"{name}_hamming_{tag}.csv"))
+    first = pd.DataFrame(first_entry_epochs(traj, genotype, edge_rule), columns=FIRST_ENTRY_COLUMNS)
     first.to_csv(os.path.join(out_dir, f"{name}_first_entry.csv"), index=False)
-    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
     for e in range(I.shape[1]):                                       # Fig. 3: importance per op and edge
         for o in range(I.shape[2]):
             ax[0].plot(epochs, I[:, e, o], lw=0.7)
     ax[0].set(title=f"{name}: operation importance", xlabel="epoch", ylabel="I")
-    im = ax[1].imshow(cos, vmin=float(cos.min()), vmax=1, origin="lower",        # the range the data spans
-                      extent=[epochs[0], epochs[-1], epochs[0], epochs[-1]])
-    ax[1].set(title="cosine similarity (Fig. 4)", xlabel="epoch", ylabel="epoch")
-    fig.colorbar(im, ax=ax[1])
-    ax[2].plot(epochs, cos[:, -1], label="full vector")               # Fig. 5: similarity to the final epoch
+    ax[1].plot(epochs, cos[:, -1], label="full vector")               # Fig. 5: similarity to the final epoch
     for k, M in ham.items():
-        ax[2].plot(epochs, M[:, -1], label=f"top-{k} Hamming")
-    ax[2].set(title="similarity to final epoch (Fig. 5)", xlabel="epoch", ylim=(0, 1.05))
-    ax[2].legend(fontsize=7)
+        ax[1].plot(ep_a, M[:, -1], label=f"{k} Hamming")
+    ax[1].set(title="similarity to final epoch (Fig. 5)", xlabel="epoch", ylim=(0, 1.05))
+    ax[1].legend(fontsize=7)
     crit = ["top3", "top2", "top1", "edge_set"]                       # Fig. 6: first-entry epochs
     vals = [first[c].dropna().astype(float).values for c in crit]
-    ax[3].boxplot([v if len(v) else [np.nan] for v in vals], tick_labels=crit)
-    ax[3].set(title="epoch of first entry (Fig. 6)", ylabel="epoch")
+    ax[2].boxplot([v if len(v) else [np.nan] for v in vals], tick_labels=crit)
+    ax[2].set(title="epoch of first entry (Fig. 6)", ylabel="epoch")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"{name}_dynamics.png"), dpi=90)
     plt.close(fig)
-    return T
+
+    rows = [("continuous (cosine)", cos, epochs)] + [(k, M, ep_a) for k, M in ham.items()]
+    fig, ax = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4))   # Fig. 4: epoch x epoch similarity
+    for a, (title, M, ep) in zip(np.atleast_1d(ax), rows):
+        im = a.imshow(M, vmin=float(M.min()), vmax=1, origin="lower", extent=[ep[0], ep[-1], ep[0], ep[-1]])
+        a.set(title=title, xlabel="epoch", ylabel="epoch")
+        fig.colorbar(im, ax=a, fraction=0.046)
+    fig.suptitle(f"{name}: similarity between epochs (Fig. 4; discrete rows after warm-up)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}_fig4.png"), dpi=90)
+    plt.close(fig)
+
+    fig, a = plt.subplots(figsize=(7, 0.45 * len(first) + 1.5))       # Fig. 7: per edge of the final cell
+    y = np.arange(len(first))
+    for c, marker in zip(("top3", "top2", "top1"), ("o", "s", "*")):
+        a.scatter(first[c].astype(float), y, marker=marker, label=f"first in {c}", s=40)
+    a.set_yticks(y, [f"{r.op} ({r.edge})" for r in first.itertuples()])
+    a.set(title=f"{name}: epoch each final op first enters top-3/2/1 (Fig. 7)", xlabel="epoch")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, f"{name}_fig7.png"), dpi=90)
+    plt.close(fig)
 
 
 def overlay_figure(args, meta, cases, preds, path):

@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= demo_runs
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-lth clean
 
 $(VENV)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_data.py
 	$(PYTHON) benchmarks/bench_backbones.py
 	$(PYTHON) benchmarks/bench_search.py
+
+# the JS test's defaults: stop epoch across steps per epoch, and LTH vs full on three seeds (~1 h on 2 cores)
+bench-lth: $(VENV)/.installed
+	$(PYTHON) benchmarks/bench_lth_invariance.py
+	$(PYTHON) benchmarks/bench_lth_quality.py
 
 clean:
 	rm -rf $(DEMO_DIR) bench_runs

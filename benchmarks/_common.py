@@ -28,9 +28,13 @@ def record(section, body):
     print(block)
 
 
-def run(args):
-    """Run a stage script with this interpreter from the project root; fail loudly."""
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True)
+def run(args, threads=None):
+    """Run a stage script with this interpreter from the project root (`threads`: OMP_NUM_THREADS);
+    fail loudly, with the end of its error output."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(args[:1])} failed ({r.returncode}):\n{r.stderr[-3000:]}")
 
 
 def phantom_backbone(tmp, patients, size, epochs=15, batch_size=16):

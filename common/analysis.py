@@ -4,9 +4,10 @@ Statistics come from scipy.stats (bootstrap, wilcoxon, combine_pvalues); nothing
 re-implemented. Trajectories are the lists of dicts in trajectory.jsonl.
 """
 import numpy as np
+import torch
 from scipy import stats
 
-from common.iac import EDGES, NODES, OPS
+from common.iac import EDGES, NODES, OPS, edge_scores, op_weights, top2_incoming
 
 
 # --------------------------------------------------------------------------- statistics
@@ -37,6 +38,12 @@ def fisher_combined(pvalues):
 
 
 # --------------------------------------------------------------------------- dynamics
+def arch_epochs(traj):
+    """The records after warm-up: during warm-up α = β = 0, every op and edge is tied, and the
+    top-k, Hamming and first-entry statistics would only measure the tie-breaking order."""
+    return [r for r in traj if any(map(any, r["alpha"])) or any(r["beta"])]
+
+
 def importance_tensor(traj):
     """(T, 14, 7) importance per epoch and the epoch numbers."""
     return np.array([r["importance"] for r in traj], dtype=float), [r["epoch"] for r in traj]
@@ -51,12 +58,12 @@ def cosine_matrix(X):
 
 
 def topk_masks(I, k):
-    """(T, E, O) binary masks: op among the k highest on its edge (ties broken by op order)."""
+    """(T, E, O) binary masks: op strictly among the k highest on its edge. An op is in the top-k
+    only if its value beats the (k+1)-th largest, so a tie at the boundary (or an all-tied edge)
+    counts as not in the top-k; pruned ops (0) never are."""
     I = np.asarray(I, float)
-    order = np.argsort(-I, axis=-1, kind="stable")[..., :k]
-    M = np.zeros_like(I, dtype=bool)
-    np.put_along_axis(M, order, True, axis=-1)
-    return M
+    kth = -np.sort(-I, axis=-1)[..., k:k + 1]                        # the (k+1)-th largest value
+    return (I > kth) & (I > 0)
 
 
 def hamming_similarity_matrix(M):
@@ -65,26 +72,43 @@ def hamming_similarity_matrix(M):
     return (F[:, None, :] == F[None, :, :]).mean(-1)
 
 
-def _edge_set(imp_t, node):
-    """Top-2 incoming edges of a node by max_o importance (the discretisation rule)."""
-    cand = [e for e, (i, j) in enumerate(EDGES) if j == node]
-    return set(sorted(cand, key=lambda e: -imp_t[e].max())[:2])
+def _genotype_at(rec, edge_rule):
+    """The discrete genotype one trajectory record would give: each edge's argmax op (Eq. 12) and
+    the top-2 incoming edges per node by `edge_rule` (Sec. 3.4). Returns {edge: op}."""
+    op_w = op_weights(torch.tensor(rec["alpha"]), torch.tensor(rec["op_mask"]).bool())
+    keep = top2_incoming(edge_scores(op_w, torch.tensor(rec["w"]), edge_rule))
+    return {e: int(op_w[e].argmax()) for e in keep}
 
 
-def first_entry_epochs(traj, genotype):
-    """For each edge of the final genotype: the first epoch its op is in the edge's top-3, top-2,
-    top-1, and the first epoch its node's top-2 incoming edges equal the final set (None: never)."""
+def genotype_masks(traj, edge_rule="w"):
+    """(T, E, O) masks of the discrete genotype at every epoch (Fig. 4, "final discrete genotype")."""
+    M = np.zeros((len(traj), len(EDGES), len(OPS)), dtype=bool)
+    for t, rec in enumerate(traj):
+        for e, o in _genotype_at(rec, edge_rule).items():
+            M[t, e, o] = True
+    return M
+
+
+FIRST_ENTRY_COLUMNS = ["edge", "op", "top3", "top2", "top1", "edge_set"]
+
+
+def first_entry_epochs(traj, genotype, edge_rule="w"):
+    """For each edge of the final genotype: the first epoch after warm-up its op is in the edge's
+    top-3, top-2, top-1 (ties excluded), and the first epoch its node's top-2 incoming edges equal
+    the final set (None: never)."""
+    traj = arch_epochs(traj)
     I, epochs = importance_tensor(traj)
     masks = {k: topk_masks(I, k) for k in (1, 2, 3)}
     final_sets = {j: {EDGES.index((s, d)) for _, s, d in genotype["edges"] if d == j} for j in NODES}
+    edge_sets = [set(_genotype_at(rec, edge_rule)) for rec in traj]
     rows = []
     for op, s, d in genotype["edges"]:
         e, o = EDGES.index((s, d)), OPS.index(op)
         row = {"edge": f"{s}->{d}", "op": op}
         for k in (3, 2, 1):
-            hit = np.flatnonzero(masks[k][:, e, o])
-            row[f"top{k}"] = int(epochs[hit[0]]) if hit.size else None
-        hit = [t for t in range(len(I)) if _edge_set(I[t], d) == final_sets[d]]
+            hit = np.flatnonzero(masks[k][:, e, o]) if len(traj) else []
+            row[f"top{k}"] = int(epochs[hit[0]]) if len(hit) else None
+        hit = [t for t in range(len(traj)) if {x for x in edge_sets[t] if EDGES[x][1] == d} == final_sets[d]]
         row["edge_set"] = int(epochs[hit[0]]) if hit else None
         rows.append(row)
     return rows

@@ -98,6 +98,29 @@ def edge_weights(beta, edge_mask, beta_fn="tanh"):
     return out
 
 
+EDGE_RULES = ("w", "max_importance")
+
+
+def edge_scores(op_w, edge_w, rule="w"):
+    """What ranks a node's incoming edges: `w` = w'_e (paper Sec. 3.4, Eq. 6-8, the default) or
+    `max_importance` = max_o softmax(α_e)_o · w'_e (PC-DARTS). The same for single-op edges."""
+    if rule == "w":
+        return edge_w
+    if rule == "max_importance":
+        return (op_w * edge_w[..., None]).max(dim=-1).values
+    raise ValueError(f"unknown edge rule {rule!r}; known: {', '.join(EDGE_RULES)}")
+
+
+def top2_incoming(score, edge_mask=None):
+    """Sec. 3.4 / 5.5: for every node, its two (active) incoming edges with the largest score;
+    ties go to the lower edge index. Returns the kept edge indices, node by node."""
+    keep = []
+    for j in NODES:
+        cand = [e for e in IN_EDGES[j] if edge_mask is None or bool(edge_mask[e])]
+        keep += sorted(sorted(cand, key=lambda e: -float(score[e]))[:2])
+    return keep
+
+
 def op_weights(alpha, op_mask):
     """Eq. (2): softmax of α over each edge's active ops; pruned ops get 0."""
     return torch.softmax(alpha.masked_fill(~op_mask, float("-inf")), dim=-1)
@@ -226,17 +249,12 @@ class IACSearchSkips(nn.Module):
         return self.cells[level](skip, up, op_w, edge_w)
 
     @torch.no_grad()
-    def derive_genotype(self):
-        """Eq. (12): each edge's argmax op; then each node keeps its top-2 incoming edges by
-        max_o softmax(α)_o · w' (for single-op edges this is w', as Sec. 5.5 says)."""
+    def derive_genotype(self, edge_rule="w"):
+        """Eq. (12): each edge's argmax op; each node keeps its top-2 incoming edges (Sec. 3.4, `edge_rule`)."""
         p, w = self.op_weights(), self.edge_weights()
-        edges = []
-        for j in NODES:
-            cand = [e for e in IN_EDGES[j] if self.edge_mask[e]]
-            score = {e: float(p[e].max() * w[e]) for e in cand}
-            for e in sorted(sorted(cand, key=lambda e: -score[e])[:2]):
-                edges.append([OPS[int(p[e].argmax())], EDGES[e][0], j])
-        return {"ops": list(OPS), "edges": edges, "concat": list(NODES)}
+        keep = top2_incoming(edge_scores(p, w, edge_rule), self.edge_mask)
+        return {"ops": list(OPS), "edges": [[OPS[int(p[e].argmax())], *EDGES[e]] for e in keep],
+                "concat": list(NODES)}
 
 
 class IACSkips(nn.Module):

@@ -5,12 +5,27 @@ Small pure functions plus `LTHState`, which goes into the search checkpoint.
     I_{e,o}   = softmax(α_e)_o · w'_e                              Eq. (13)/(18), SPEC §3
     p_{e,o}   = I_{e,o} / (Σ_o' I_{e,o'} + ε)   (uniform if Σ = 0)  Eq. (19)
     JS(p, q)  = ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q)                Eq. (20)
+    τ0        = κ · median_e JS_e at the first test after warm-up (lower median), which prunes nothing
+                (self-calibrated, SPEC §3)
     stable    : JS_e(t) < τ_e, else τ_e ← γ τ_e                     Sec. 5.3
     prune     : I < μ − kσ over the edge's active ops, else the lowest one;
                 never the last op                                  Eq. (21), Sec. 5.4
     stop      : every edge has one op -> keep the top-2 incoming edges per node   Sec. 5.5
+
+Why τ0 calibrates itself: p_e is softmax(α_e) over the active ops (w'_e cancels), and for small
+moves JS_e ≈ ⅛·Var_p(Δα_e). Adam moves α by about its lr per step, so the per-epoch JS scales
+with the square of the optimizer steps per epoch: ~1e-6 on a phantom, ~1e-2 on BraTS. An absolute
+τ0 is either passed by every edge at once (pruning on a timer) or by none for a long time,
+depending on the data set's size. τ0 = κ · median JS of the first test is the same rule on
+every data set; `--tau0` stays as an absolute override.
+
+JS support: `common` (default) compares p_t and p_{t−1} renormalised over the ops active in
+both epochs, so that a prune is not read as instability; `all` compares the whole 7-vectors
+(a pruned op's probability mass moving to the others counts as change).
 """
 import torch
+
+JS_SUPPORTS = ("common", "all")
 
 
 def importance_distribution(I, eps=1e-8):
@@ -20,12 +35,19 @@ def importance_distribution(I, eps=1e-8):
     return torch.where(s > 0, p, torch.full_like(I, 1.0 / I.shape[-1]))
 
 
-def js_divergence(p, q, eps=1e-8):
-    """Eq. (20), natural log, on ε-smoothed and renormalised distributions (row-wise)."""
-    p = (p + eps) / (p + eps).sum(dim=-1, keepdim=True)
-    q = (q + eps) / (q + eps).sum(dim=-1, keepdim=True)
+def js_divergence(p, q, eps=1e-8, support=None):
+    """Eq. (20), natural log, on ε-smoothed and renormalised distributions (row-wise).
+
+    `support` (bool, same shape): compare only these entries, both rows renormalised over them."""
+    if support is None:
+        support = torch.ones_like(p, dtype=torch.bool)
+    p = torch.where(support, p + eps, torch.zeros_like(p))
+    q = torch.where(support, q + eps, torch.zeros_like(q))
+    p, q = p / p.sum(dim=-1, keepdim=True), q / q.sum(dim=-1, keepdim=True)
     m = 0.5 * (p + q)
-    return 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+    kl_pm = torch.where(support, p * (p / m).log(), torch.zeros_like(p))
+    kl_qm = torch.where(support, q * (q / m).log(), torch.zeros_like(q))
+    return 0.5 * kl_pm.sum(-1) + 0.5 * kl_qm.sum(-1)
 
 
 def ops_to_prune(I_e, active_e, k_std):
@@ -52,37 +74,66 @@ def all_edges_single(op_mask, edge_mask=None):
 
 
 class LTHState:
-    """Per-edge thresholds τ and the previous epoch's distributions; checkpointable."""
+    """Per-edge thresholds τ and the previous epoch's distributions; checkpointable.
 
-    def __init__(self, n_edges, tau0=1e-3, gamma=1.1, k_std=1.0, eps=1e-8):
-        self.tau = torch.full((n_edges,), float(tau0), dtype=torch.float64)
-        self.gamma, self.k_std, self.eps = gamma, k_std, eps
-        self.prev = None
+    Give either `tau0` (absolute) or `tau0_rel` (κ: τ0 = κ · median JS of the first test, at which
+    nothing is pruned). `tau` is None until the threshold is set."""
+
+    def __init__(self, n_edges, tau0=None, tau0_rel=None, gamma=1.1, k_std=1.0, eps=1e-8, js_support="common"):
+        if (tau0 is None) == (tau0_rel is None):
+            raise ValueError("give exactly one of tau0 (absolute) and tau0_rel (κ, self-calibrating)")
+        if js_support not in JS_SUPPORTS:
+            raise ValueError(f"js_support must be one of {JS_SUPPORTS}, not {js_support!r}")
+        self.n_edges, self.tau0_rel, self.gamma, self.k_std, self.eps = n_edges, tau0_rel, gamma, k_std, eps
+        self.js_support = js_support
+        self.tau0 = None if tau0 is None else float(tau0)
+        self.tau = None if tau0 is None else torch.full((n_edges,), self.tau0, dtype=torch.float64)
+        self.prev, self.prev_mask = None, None
+
+    def settings(self):
+        """What decides the test, for genotype.json and trajectory.jsonl (τ0: the value in force)."""
+        return {"tau0_rel": self.tau0_rel, "tau0": self.tau0, "gamma": self.gamma, "k_std": self.k_std,
+                "eps": self.eps, "js_support": self.js_support}
 
     def step(self, I, op_mask):
-        """One end-of-epoch test. Returns (js (E,) or None, tau used (E,), [(edge, op), ...] to prune)."""
+        """One end-of-epoch test. Returns (js (E,) or None, τ used (E,) or None, [(edge, op), ...] to prune)."""
         I = I.detach().double().cpu()
         op_mask = op_mask.cpu()
-        p = importance_distribution(I, self.eps)
+        p = importance_distribution(I, self.eps)                              # Eq. (19)
+        prev, prev_mask = self.prev, self.prev_mask
+        self.prev, self.prev_mask = p, op_mask.clone()
+        if prev is None:
+            return None, self.tau, []
+        support = (prev_mask & op_mask) if self.js_support == "common" else None
+        js = js_divergence(prev, p, self.eps, support)                         # Eq. (20)
+        multi = op_mask.sum(dim=1) > 1
+        if self.tau is None:                                                  # calibration test: no pruning
+            med = float(js[multi].median()) if bool(multi.any()) else 0.0
+            if med > 0:                                                       # (α has moved)
+                self.tau0 = self.tau0_rel * med
+                self.tau = torch.full((self.n_edges,), self.tau0, dtype=torch.float64)
+            return js, None, []
         tau_used = self.tau.clone()
-        if self.prev is None:
-            self.prev = p
-            return None, tau_used, []
-        js = js_divergence(self.prev, p, self.eps)                            # Eq. (20)
         prune = []
         for e in range(I.shape[0]):
-            if int(op_mask[e].sum()) <= 1:
+            if not multi[e]:
                 continue
             if js[e] < self.tau[e]:                                           # stable edge
-                prune += [(e, o) for o in ops_to_prune(I[e], op_mask[e], self.k_std)]
+                prune += [(e, o) for o in ops_to_prune(I[e], op_mask[e], self.k_std)]   # Eq. (21)
             else:
                 self.tau[e] *= self.gamma                                     # τ_e ← γ τ_e
-        self.prev = p
         return js, tau_used, prune
 
     def state_dict(self):
-        return {"tau": self.tau, "prev": self.prev, "gamma": self.gamma, "k_std": self.k_std, "eps": self.eps}
+        return {"tau": self.tau, "tau0": self.tau0, "prev": self.prev, "prev_mask": self.prev_mask,
+                "settings": self.settings()}
 
     def load_state_dict(self, d):
-        self.tau, self.prev = d["tau"].clone(), None if d["prev"] is None else d["prev"].clone()
-        self.gamma, self.k_std, self.eps = d["gamma"], d["k_std"], d["eps"]
+        mine, theirs = self.settings(), d["settings"]
+        if self.tau0_rel is not None:
+            mine["tau0"] = theirs["tau0"]                                     # calibrated, not a setting
+        if mine != theirs:
+            raise ValueError(f"the checkpoint's LTH settings {theirs} differ from these {mine}")
+        clone = (lambda t: None if t is None else t.clone())
+        self.tau, self.tau0, self.prev, self.prev_mask = clone(d["tau"]), d["tau0"], clone(d["prev"]), \
+            clone(d["prev_mask"])

@@ -1,18 +1,114 @@
-"""The parts of an IAC search shared by 03_search.py and the nnU-Net search trainer (nnunet_iac/).
+"""The parts of an IAC search shared by 03_search.py and the nnU-Net search trainers (nnunet_iac/).
 
-    w_opt = weight_optimizer(skips, lr)                     # SGD, no momentum, no weight decay
-    a_opt = arch_optimizer(skips, lr, betas, weight_decay)  # Adam on α, β
-    arch_step(loss, skips, a_opt)                           # full mode: α, β on a val_search batch
+    SEARCH_SETTINGS                                         # the one table of defaults (flags and IAC_* vars)
+    s = settings_from_env()  /  add_search_flags(parser)   # nnU-Net trainers  /  03_search.py
+    w_opt, a_opt = weight_optimizer(..), arch_optimizer(..)
+    lth = lth_state(s)                                      # JS test (common/lth.py) with these settings
+    search_step(mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_batch)   # one step
     info = end_of_epoch(skips, lth, mode, epoch, warmup)   # importance, JS test, pruning, stop rule
     record = trajectory_record(skips, info, epoch, ...)    # one line of trajectory.jsonl
-    keep_top2_edges(skips)                                  # Sec. 5.5, once every edge has one op
+    keep_top2_edges(skips, edge_rule)                       # Sec. 5.5, once every edge has one op
 """
+import argparse
 import math
+import os
+from collections import namedtuple
 
 import torch
 
-from common.iac import EDGES, NODES, OPS
-from common.lth import all_edges_single
+from common.iac import EDGE_RULES, EDGES, OPS, edge_scores, top2_incoming
+from common.lth import JS_SUPPORTS, LTHState, all_edges_single
+
+Setting = namedtuple("Setting", "name type default help choices nargs", defaults=(None, None))
+
+# κ of the self-calibrating threshold, chosen by benchmarks/bench_lth_invariance.py (RESULTS.md)
+TAU0_REL = 0.2
+
+# Every search hyperparameter, defined once: 03_search.py makes a flag of each (--name) and the
+# nnU-Net search trainers read each from IAC_<NAME> (arch_betas as "0.5,0.999").
+SEARCH_SETTINGS = (
+    Setting("epochs", int, 200, "search epochs (full) or the cap (lth) (paper: 200)"),
+    Setting("warmup", int, 15, "epochs training only the cell weights, α and β fixed (paper: 15)"),
+    Setting("lr_w", float, 0.01, "SGD lr of the cell weights (paper: 0.01)"),
+    Setting("lr_w_min", float, 1e-4, "final lr of cosine power annealing (chosen)"),
+    Setting("lr_power", float, 2.0, "power p of cosine power annealing (chosen)"),
+    Setting("lr_arch", float, 1e-3, "Adam lr of α, β (paper: 1e-3)"),
+    Setting("arch_betas", float, (0.5, 0.999), "Adam betas of α, β (PC-DARTS)", nargs=2),
+    Setting("arch_weight_decay", float, 1e-3, "Adam weight decay of α, β (PC-DARTS)"),
+    Setting("pc_k", int, 4, "partial-channel K, Eq. (4) (PC-DARTS: 4)"),
+    Setting("beta_fn", str, "tanh", "monotonic f of Eq. (5) (chosen)", ("tanh", "identity")),
+    Setting("tau0_rel", float, TAU0_REL, "κ: τ0 = κ · median edge JS at the first test after warm-up, which "
+            "prunes nothing (self-calibrating; chosen by benchmark)"),
+    Setting("tau0", float, None, "absolute initial JS threshold instead of --tau0_rel (override)"),
+    Setting("gamma", float, 1.1, "threshold growth factor γ, τ_e ← γ τ_e on an unstable edge (chosen)"),
+    Setting("k_std", float, 1.0, "outlier rule μ − kσ, Eq. (21) (chosen)"),
+    Setting("js_eps", float, 1e-8, "ε of Eq. (19)-(20)"),
+    Setting("js_support", str, "common", "JS over the ops active in both epochs (common) or all 7 (all)",
+            JS_SUPPORTS),
+    Setting("edge_rule", str, "w", "rank a node's incoming edges by w' (paper Sec. 3.4) or by "
+            "max_o softmax(α)·w' (max_importance, PC-DARTS)", EDGE_RULES),
+)
+# what changes a search's result besides SEARCH_SETTINGS: --resume refuses to change these
+RESULT_FLAGS = tuple(s.name for s in SEARCH_SETTINGS) + ("mode", "batch_size", "seed", "cell_channels")
+
+
+def add_search_flags(p):
+    """A typed argparse flag for every search setting; --tau0 and --tau0_rel exclude each other."""
+    group = p.add_mutually_exclusive_group()
+    for s in SEARCH_SETTINGS:
+        target = group if s.name in ("tau0", "tau0_rel") else p
+        kw = {"nargs": s.nargs} if s.nargs else {}
+        target.add_argument(f"--{s.name}", type=s.type, default=s.default, choices=s.choices, help=s.help, **kw)
+
+
+def resolve_threshold(args):
+    """An absolute --tau0 switches the self-calibration off (tau0_rel becomes None)."""
+    if args.tau0 is not None:
+        args.tau0_rel = None
+    return args
+
+
+def settings_from_env(environ=None, prefix="IAC_"):
+    """The search settings from IAC_<NAME> variables (nnU-Net trainers), defaults from the table."""
+    env = os.environ if environ is None else environ
+    out = {}
+    for s in SEARCH_SETTINGS:
+        raw = env.get(prefix + s.name.upper(), "")
+        if raw == "":
+            out[s.name] = s.default
+            continue
+        try:
+            value = tuple(s.type(v) for v in raw.split(",")) if s.nargs else s.type(raw)
+        except ValueError:
+            raise ValueError(f"{prefix}{s.name.upper()}={raw!r} is not a {s.type.__name__}"
+                             + (" pair like 0.5,0.999" if s.nargs else "")) from None
+        if s.choices and value not in s.choices:
+            raise ValueError(f"{prefix}{s.name.upper()}={raw!r}: choose one of {', '.join(s.choices)}")
+        if s.nargs and len(value) != s.nargs:
+            raise ValueError(f"{prefix}{s.name.upper()}={raw!r}: give {s.nargs} comma-separated values")
+        out[s.name] = value
+    if env.get(prefix + "TAU0") and env.get(prefix + "TAU0_REL"):
+        raise ValueError(f"set {prefix}TAU0 (absolute) or {prefix}TAU0_REL (self-calibrating), not both")
+    return resolve_threshold(argparse.Namespace(**out))
+
+
+def changed_settings(old, new):
+    """The result-changing flags that differ between a checkpoint's args and this invocation's."""
+    norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return {k: (old.get(k), new.get(k)) for k in RESULT_FLAGS if norm(old.get(k)) != norm(new.get(k))}
+
+
+def search_summary(mode, s, lth, epochs_run, stopped, seconds, **extra):
+    """genotype.json's `search` block: how the search ran, every setting, the JS test with its τ0."""
+    return {"mode": mode, "epochs_run": epochs_run, "epochs_cap": s.epochs, "stopped_early": stopped,
+            "seconds": seconds, "warmup": s.warmup, "edge_rule": s.edge_rule,
+            "settings": {x.name: getattr(s, x.name) for x in SEARCH_SETTINGS},
+            **({"lth": lth.settings()} if mode == "lth" else {}), **extra}
+
+
+def lth_state(s):
+    """The JS test of these settings (`tau0` absolute, or `tau0_rel` self-calibrating)."""
+    return LTHState(len(EDGES), s.tau0, s.tau0_rel, s.gamma, s.k_std, s.js_eps, s.js_support)
 
 
 def cosine_power_lr(epoch, epochs, lr_max, lr_min, power):
@@ -38,12 +134,34 @@ def arch_step(loss, skips, a_opt):
     a_opt.step()
 
 
+def search_step(mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_batch=None):
+    """One optimizer step of the search; `loss_of(batch)` is the loss tensor of a batch.
+
+    full (bilevel, first order): (i) after warm-up one Adam step on α, β with a val_search batch,
+    (ii) one SGD step on the cell weights with a train_search batch.
+    lth (single level): one forward and backward on a training batch, then both optimizers step
+    (α, β only after warm-up). Returns the (train, val or None) loss values."""
+    val = None
+    if mode == "full" and arch_on:                                     # (i) α, β on val_search
+        lv = loss_of(next_val_batch())
+        arch_step(lv, skips, a_opt)
+        val = lv.item()
+    w_opt.zero_grad(set_to_none=True)                                  # (ii) w on train_search / train
+    a_opt.zero_grad(set_to_none=True)
+    loss = loss_of(batch)
+    loss.backward()
+    w_opt.step()
+    if mode == "lth" and arch_on:                                      # single level: both step
+        a_opt.step()
+    return loss.item(), val
+
+
 @torch.no_grad()
 def end_of_epoch(skips, lth, mode, epoch, warmup):
     """Importance (Eq. 13/18); in lth mode the JS test (Eq. 20) and pruning (Eq. 21) from the end of
     warm-up on (α, β do not move before). Returns importance, js, tau, pruned [(e, o)], stopped."""
     I = skips.importance()
-    js, tau, pruned = None, lth.tau.clone(), []
+    js, tau, pruned = None, lth.tau, []
     if mode == "lth" and epoch >= warmup - 1:
         js, tau, pruned = lth.step(I, skips.op_mask)
         for e, o in pruned:
@@ -52,20 +170,24 @@ def end_of_epoch(skips, lth, mode, epoch, warmup):
     return {"importance": I, "js": js, "tau": tau, "pruned": pruned, "stopped": stopped}
 
 
+def _list(t):
+    return None if t is None else t.tolist()
+
+
 @torch.no_grad()
-def trajectory_record(skips, info, epoch, losses, lr, seconds):
+def trajectory_record(skips, info, epoch, losses, lr, seconds, lth=None):
+    """One line of trajectory.jsonl; `lth` (lth mode) adds its settings with the calibrated τ0."""
     return {"epoch": epoch, "alpha": skips.alpha.tolist(), "beta": skips.beta.tolist(),
             "w": skips.edge_weights().tolist(), "importance": info["importance"].tolist(),
-            "op_mask": skips.op_mask.int().tolist(), "js": None if info["js"] is None else info["js"].tolist(),
-            "tau": info["tau"].tolist(), "pruned": [[e, OPS[o]] for e, o in info["pruned"]], **losses,
-            "lr_w": lr, "seconds": seconds}
+            "op_mask": skips.op_mask.int().tolist(), "js": _list(info["js"]), "tau": _list(info["tau"]),
+            "pruned": [[e, OPS[o]] for e, o in info["pruned"]], **losses, "lr_w": lr, "seconds": seconds,
+            **({"lth": lth.settings()} if lth is not None else {})}
 
 
 @torch.no_grad()
-def keep_top2_edges(skips):
-    """Sec. 5.5: each node keeps the two incoming edges with the largest w' (node 2 has exactly two)."""
-    w = skips.edge_weights()
-    for node in NODES:
-        incoming = [e for e, (i, j) in enumerate(EDGES) if j == node and skips.edge_mask[e]]
-        for e in sorted(incoming, key=lambda e: -float(w[e]))[2:]:
+def keep_top2_edges(skips, edge_rule="w"):
+    """Sec. 5.5: each node keeps its two incoming edges with the largest w' (node 2 has exactly two)."""
+    keep = set(top2_incoming(edge_scores(skips.op_weights(), skips.edge_weights(), edge_rule), skips.edge_mask))
+    for e in range(len(EDGES)):
+        if skips.edge_mask[e] and e not in keep:
             skips.prune_edge(e)

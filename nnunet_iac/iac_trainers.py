@@ -19,33 +19,38 @@ Trainers (each also as a `...NoDA` variant without data augmentation, as nnUNetT
     nnUNetTrainerIACLTH        the same, cell reset to θ0 of the search (IAC-LTH)
 
 Settings (environment variables, so tests and demos can run tiny):
-    IAC_EPOCHS, IAC_ITERS, IAC_VAL_ITERS    epochs, training / validation iterations per epoch
+    IAC_EPOCHS, IAC_ITERS, IAC_VAL_ITERS    epochs (search trainers: 200, the paper's; others: nnU-Net's),
+                   training / validation iterations per epoch
     IAC_BACKBONE   checkpoint of the finished reference; default: checkpoint_final.pth of the same fold
                    of nnUNetTrainerIACRef (or ...RefNoDA for the NoDA trainers), same plans and configuration
     IAC_GENOTYPE   genotype.json (nnUNetTrainerIAC / IACLTH, training and nnUNetv2_predict)
     IAC_THETA0     theta0.pt for nnUNetTrainerIACLTH (default: beside the genotype)
-    IAC_WARMUP, IAC_TAU0, IAC_GAMMA, IAC_K_STD, IAC_PC_K, IAC_LR_W, IAC_LR_ARCH   (search)
+    IAC_<SETTING>  every search setting of 03_search.py, from the one table in common/search.py:
+                   IAC_WARMUP, IAC_TAU0_REL (κ) or IAC_TAU0 (absolute), IAC_GAMMA, IAC_K_STD, IAC_JS_SUPPORT,
+                   IAC_EDGE_RULE, IAC_PC_K, IAC_LR_W, IAC_LR_ARCH, IAC_ARCH_BETAS=0.5,0.999, ...
 
 The cell sits where the decoder joins the transposed-conv output `up` with the encoder skip:
 cat(up, cell(skip, up)); its output keeps the skip's channel count, so the frozen decoder is unchanged.
-In `full` mode the fold's training cases are train_search and its validation cases val_search.
+In `full` mode the fold's training cases are split once (seeded) into train_search / val_search halves,
+as stage II does; α, β step on val_search batches (nnU-Net's validation loader: no augmentation).
+In `lth` mode the search trains on all of the fold's training cases.
 """
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.iac import (EDGES, IACSearchSkips, IACSkips, init_from_theta0, make_theta0,  # noqa: E402
+from common.iac import (IACSearchSkips, IACSkips, init_from_theta0, make_theta0,  # noqa: E402
                         read_genotype, write_genotype)
-from common.lth import LTHState  # noqa: E402
 from common.utils import JsonlLog, atomic_torch_save, load_checkpoint  # noqa: E402
-from common.search import (arch_optimizer, arch_step, cosine_power_lr, end_of_epoch, keep_top2_edges,  # noqa: E402
-                           trajectory_record, weight_optimizer)
+from common.search import (arch_optimizer, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state,  # noqa: E402
+                           search_step, search_summary, settings_from_env, trajectory_record, weight_optimizer)
 
 
 def _env(name, default=None, cast=str):
@@ -217,9 +222,32 @@ class nnUNetTrainerIACLTH(nnUNetTrainerIAC):
     theta0_init = True
 
 
+def search_settings():
+    """The search settings from IAC_* (common/search.py), with a clear error for a bad value."""
+    try:
+        return settings_from_env()
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
+
+
+def search_halves(keys, seed=12345):
+    """Stage II's train_search / val_search: the fold's training cases in two seeded halves."""
+    keys = sorted(keys)
+    if len(keys) < 2:
+        raise RuntimeError(f"a full (bilevel) search needs at least 2 training cases in the fold, found {len(keys)}")
+    perm = np.random.RandomState(seed).permutation(len(keys))
+    half = len(keys) // 2
+    return [keys[i] for i in sorted(perm[half:])], [keys[i] for i in sorted(perm[:half])]
+
+
 class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
     """Stage II in nnU-Net: search one genotype for every skip of the frozen reference (`lth`)."""
     search_mode = "lth"
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.search = search_settings()
+        self.num_epochs = self.search.epochs              # IAC_EPOCHS, default the paper's 200
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
@@ -227,7 +255,8 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                        num_output_channels, enable_deep_supervision)
         skip_ch = list(net.encoder.output_channels[:-1])
-        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, _env("IAC_PC_K", 4, int)))
+        s = search_settings()
+        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn))
 
     def _do_i_compile(self):
         return False                          # pruning changes the graph; no torch.compile for the search
@@ -236,8 +265,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         self.print_to_log_file("search run: no validation of the supernet; train the cell with nnUNetTrainerIAC")
 
     def run_training(self):
-        mode = self.search_mode
-        warmup = _env("IAC_WARMUP", 15, int)
+        s, mode = self.search, self.search_mode
         self.on_train_start()
         backbone = reference_checkpoint(self)
         load_reference(self, backbone)
@@ -249,38 +277,29 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         out = self.output_folder
         atomic_torch_save({"kind": "theta0", "state": theta0, "geometry": geometry,
                            "backbone": "nnU-Net PlainConvUNet"}, os.path.join(out, "theta0.pt"))
-        lr_w = _env("IAC_LR_W", 0.01, float)
-        w_opt = weight_optimizer(skips, lr_w)
-        a_opt = arch_optimizer(skips, _env("IAC_LR_ARCH", 1e-3, float), (0.5, 0.999), 1e-3)
-        lth = LTHState(len(EDGES), _env("IAC_TAU0", 1e-3, float), _env("IAC_GAMMA", 1.1, float),
-                       _env("IAC_K_STD", 1.0, float))
+        w_opt = weight_optimizer(skips, s.lr_w)
+        a_opt = arch_optimizer(skips, s.lr_arch, s.arch_betas, s.arch_weight_decay)
+        lth = lth_state(s)
         traj = JsonlLog(os.path.join(out, "trajectory.jsonl"))
         seconds, stopped, epoch = 0.0, False, -1
         for epoch in range(self.num_epochs):
             t0 = time.time()
-            lr = cosine_power_lr(epoch, self.num_epochs, lr_w, 1e-4, 2.0)
+            lr = cosine_power_lr(epoch, self.num_epochs, s.lr_w, s.lr_w_min, s.lr_power)
             for g in w_opt.param_groups:
                 g["lr"] = lr
             self.network.train()
             total = 0.0
             for _ in range(self.num_iterations_per_epoch):
-                if mode == "full" and epoch >= warmup:          # α, β on a validation (val_search) batch
-                    arch_step(self._batch_loss(next(self.dataloader_val)), skips, a_opt)
-                w_opt.zero_grad(set_to_none=True)
-                a_opt.zero_grad(set_to_none=True)
-                loss = self._batch_loss(next(self.dataloader_train))
-                loss.backward()
-                w_opt.step()
-                if mode == "lth" and epoch >= warmup:
-                    a_opt.step()
-                total += loss.item()
-            info = end_of_epoch(skips, lth, mode, epoch, warmup)
+                value, _ = search_step(mode, epoch >= s.warmup, skips, w_opt, a_opt, self._batch_loss,
+                                       next(self.dataloader_train), lambda: next(self.dataloader_val))
+                total += value
+            info = end_of_epoch(skips, lth, mode, epoch, s.warmup)
             if info["pruned"]:
                 w_opt = weight_optimizer(skips, lr)
             epoch_s = time.time() - t0
             seconds += epoch_s
             losses = {"train_loss": total / max(self.num_iterations_per_epoch, 1)}
-            traj.write(trajectory_record(skips, info, epoch, losses, lr, epoch_s))
+            traj.write(trajectory_record(skips, info, epoch, losses, lr, epoch_s, lth if mode == "lth" else None))
             self.print_to_log_file(f"IAC search [{mode}] epoch {epoch + 1}/{self.num_epochs} loss "
                                    f"{losses['train_loss']:.4f} active ops {int(skips.op_mask.sum())} "
                                    f"pruned {len(info['pruned'])} {epoch_s:.1f}s")
@@ -288,12 +307,12 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
                 stopped = True
                 break
         if stopped:
-            keep_top2_edges(skips)
-        genotype = skips.derive_genotype()
+            keep_top2_edges(skips, s.edge_rule)
+        genotype = skips.derive_genotype(s.edge_rule)
         write_genotype(os.path.join(out, "genotype.json"), genotype,
-                       {"mode": mode, "epochs_run": epoch + 1, "epochs_cap": self.num_epochs, "stopped_early": stopped,
-                        "seconds": seconds, "backbone": backbone, "encoder": "nnunet_2d",
-                        "dataset": self.plans_manager.dataset_name, "seed": None, "geometry": geometry})
+                       search_summary(mode, s, lth, epoch + 1, stopped, seconds, backbone=backbone,
+                                      encoder="nnunet_2d", dataset=self.plans_manager.dataset_name, seed=None,
+                                      geometry=geometry))
         self.print_to_log_file(f"genotype: {genotype['edges']}")
         self.on_train_end()
 
@@ -306,8 +325,15 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
 
 
 class nnUNetTrainerIACSearchFull(nnUNetTrainerIACSearchLTH):
-    """The original bilevel search (`full`): α, β on validation batches, w on training batches."""
+    """The original bilevel search (`full`): w on train_search batches, α, β on val_search batches."""
     search_mode = "full"
+
+    def do_split(self):
+        """The fold's training cases in train_search / val_search halves (its validation cases stay out)."""
+        tr_keys, _ = super().do_split()
+        train_search, val_search = search_halves(tr_keys)
+        self.print_to_log_file(f"full search: {len(train_search)} train_search, {len(val_search)} val_search cases")
+        return train_search, val_search
 
 
 class nnUNetTrainerIACRefNoDA(nnUNetTrainerIACRef, nnUNetTrainerNoDA):

@@ -11,6 +11,7 @@ BS=16                          # training batch (paper: 128)
 SBS=32                         # search batch (paper: 128)
 COMMON="--batch_size $BS --seed 0"
 SEARCH="--epochs $SE --warmup $WU --batch_size $SBS --seed 0"
+GAMMA=${DEMO_GAMMA:-1.5}       # JS threshold growth (paper schedule: 1.1 over a 200-epoch cap; faster for a 24-epoch cap)
 DATA="--data $D/data/slices.h5 --splits $D/data/splits.json"
 mkdir -p "$D"
 echo "== IAC-LTH demo: scaled down for CPU (64x64 crops, $EP training epochs, $SE search epochs with $WU warm-up,"
@@ -31,7 +32,8 @@ $PY 02_pretrain.py $DATA --encoder mobilenet_v3_large --width 8 --skip ref --epo
 
 step "3/6 stage II: IAC search, --mode full and --mode lth, on the frozen base U-Net"
 $PY 03_search.py --backbone "$D/base_ref/ckpt_best.pt" $DATA --mode full $SEARCH --out "$D/search_full" --overwrite
-$PY 03_search.py --backbone "$D/base_ref/ckpt_best.pt" $DATA --mode lth $SEARCH --out "$D/search_lth" --overwrite
+$PY 03_search.py --backbone "$D/base_ref/ckpt_best.pt" $DATA --mode lth $SEARCH --gamma $GAMMA --out "$D/search_lth" \
+    --overwrite
 
 step "4/6 stage III: IAC (fresh init) and IAC-LTH (reset to theta0) in the frozen backbone"
 $PY 04_finetune.py --backbone "$D/base_ref/ckpt_best.pt" --genotype "$D/search_full/genotype.json" $DATA \

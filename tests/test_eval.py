@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import stats
 
-from common.analysis import (cosine_matrix, fisher_combined, first_entry_epochs, hamming_similarity_matrix,
-                             paired_comparison, topk_masks)
-from common.iac import EDGES, OPS, write_genotype
+from common.analysis import (arch_epochs, cosine_matrix, fisher_combined, first_entry_epochs, genotype_masks,
+                             hamming_similarity_matrix, paired_comparison, topk_masks)
+from common.iac import EDGES, OPS, edge_weights, op_weights, write_genotype
 from common.data import read_meta
 from conftest import data_args
 from test_iac import GENO
@@ -77,7 +77,8 @@ def test_evaluate_end_to_end(tmp_path, scripts, acdc, backbone, lth_search):
     paired = pd.read_csv(os.path.join(out, "paired.csv"))
     assert set(paired["method"]) == {"iac_lth", "att"}
     for name in ("summary.md", "paired.md", "search_cost.md", "overlay.png", "dynamics/lth_dynamics.png",
-                 "dynamics/lth_first_entry.csv"):
+                 "dynamics/lth_fig4.png", "dynamics/lth_fig7.png", "dynamics/lth_first_entry.csv",
+                 "dynamics/lth_hamming_genotype.csv"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     case = splits["test"][0]
     pred = nib.load(os.path.join(nii, "ref_base_seed0", f"{case}.nii.gz"))
@@ -115,20 +116,39 @@ def test_statistics_equal_scipy():
     assert abs(fisher_combined([0.01, 0.2, 0.5]) - stats.combine_pvalues([0.01, 0.2, 0.5], method="fisher").pvalue) < 1e-12
 
 
+def _record(epoch, alpha, beta):
+    """A trajectory.jsonl record of the given α, β (nothing pruned)."""
+    mask = torch.ones(14, 7, dtype=torch.bool)
+    p, w = op_weights(alpha, mask), edge_weights(beta, torch.ones(14, dtype=torch.bool))
+    return {"epoch": epoch, "alpha": alpha.tolist(), "beta": beta.tolist(), "w": w.tolist(),
+            "importance": (p * w[:, None]).tolist(), "op_mask": mask.int().tolist()}
+
+
 def test_analysis_on_hand_made_trajectory():
-    """Edge 0 (0->2): sep_conv_3x3 enters top-3 at epoch 1, top-2 at 2, top-1 at 3."""
-    I = np.full((4, 14, 7), 0.01)
+    """Epoch 0 is warm-up (all tied); edge 0 (0->2): sep_conv_3x3 enters top-3 at 2, top-2 at 3, top-1 at 4."""
     s3 = OPS.index("sep_conv_3x3")
-    for t, rank_value in enumerate([0.0, 0.07, 0.09, 0.2]):
-        I[t, 0, :3] = [0.1, 0.08, 0.06]
-        I[t, 0, s3] = rank_value
-    traj = [{"epoch": t, "importance": I[t].tolist()} for t in range(4)]
-    rows = first_entry_epochs(traj, GENO)
+    beta = torch.zeros(14)
+    beta[EDGES.index((1, 3))], beta[EDGES.index((2, 3))] = 0.3, 0.2         # node 3 keeps 1->3, 2->3 by w'
+    traj = [_record(0, torch.zeros(14, 7), torch.zeros(14))]
+    for t, value in enumerate([-0.5, 0.35, 0.45, 0.6], start=1):
+        alpha = torch.zeros(14, 7)
+        alpha[:, 0] = 0.5                                   # skip_connect leads every edge
+        alpha[0, :3] = torch.tensor([0.5, 0.4, 0.3])
+        alpha[0, s3] = value
+        traj.append(_record(t, alpha, beta))
+    rows = first_entry_epochs(traj, GENO, "w")
     r = rows[0]
-    assert (r["edge"], r["op"], r["top3"], r["top2"], r["top1"]) == ("0->2", "sep_conv_3x3", 1, 2, 3)
-    assert r["edge_set"] == 0                                  # node 2 has only edges 0 and 1
+    assert (r["edge"], r["op"], r["top3"], r["top2"], r["top1"]) == ("0->2", "sep_conv_3x3", 2, 3, 4)
+    assert r["edge_set"] == 1                               # node 2 has only two edges: right from the first arch epoch
+    assert rows[2]["top3"] is None                          # dil_conv_5x5 on 0->3 is tied with 5 others, never top-3
+    assert rows[3]["edge"] == "2->3" and rows[3]["edge_set"] is None     # GENO keeps 0->3, 2->3; w' says 1->3, 2->3
+    assert [r["epoch"] for r in arch_epochs(traj)] == [1, 2, 3, 4]
+    I = np.array([r["importance"] for r in traj])
+    assert not topk_masks(I[:1], 1).any() and not topk_masks(I[:1], 3).any()   # all tied: nobody is top-k
+    M = genotype_masks(traj[1:], "w")
+    assert M[-1, 0, s3] and M[-1, EDGES.index((1, 3)), 0] and not M[-1, EDGES.index((0, 3))].any()
+    assert M.sum(axis=(1, 2)).tolist() == [8] * 4          # 4 nodes x 2 edges x 1 op, every epoch
     C = cosine_matrix(I)
-    assert np.allclose(np.diag(C), 1) and C[0, 3] < 1
-    H = hamming_similarity_matrix(topk_masks(I, 1))
+    assert np.allclose(np.diag(C), 1) and C[1, 4] < 1
+    H = hamming_similarity_matrix(topk_masks(I[1:], 1))
     assert H[0, 0] == 1 and H[0, 3] == 1 - 2 / (14 * 7)        # the top-1 of edge 0 moved: 2 entries differ
-    assert EDGES[0] == (0, 2)

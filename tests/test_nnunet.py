@@ -97,6 +97,12 @@ def test_nnunet_pipeline(tmp_path):
     lth_dir = _fold(tmp_path, "nnUNetTrainerIACSearchLTH")
     lth_search = json.load(open(lth_dir / "genotype.json"))["search"]
     assert lth_search["stopped_early"] and lth_search["epochs_run"] < 9      # τ0 = 10: a prune every epoch
+    assert lth_search["lth"] == {"tau0_rel": None, "tau0": 10.0, "gamma": 1.1, "k_std": 1.0, "eps": 1e-8,
+                                 "js_support": "common"}
+    assert lth_search["settings"]["epochs"] == 9 and lth_search["edge_rule"] == "w"
+    full_log = "".join(open(f).read() for f in _fold(tmp_path, "nnUNetTrainerIACSearchFull").glob("training_log*.txt"))
+    n_train = len(json.load(open(tmp_path / "pre" / "Dataset501_Phantom" / "splits_final.json"))[0]["train"])
+    assert f"full search: {n_train - n_train // 2} train_search, {n_train // 2} val_search cases" in full_log
 
     cell_env = dict(env, IAC_GENOTYPE=str(lth_dir / "genotype.json"))
     _train("nnUNetTrainerIACLTH", cell_env)
@@ -148,6 +154,15 @@ def test_clear_errors(tmp_path, monkeypatch):
         configuration_name = "2d"
     with pytest.raises(RuntimeError, match="is not a 2d nnU-Net checkpoint"):
         load_reference(_Trainer(), str(foreign))
+
+
+def test_search_halves():
+    from iac_trainers import search_halves
+    tr, va = search_halves([f"c{i}" for i in range(7)])
+    assert len(tr) == 4 and len(va) == 3 and not set(tr) & set(va) and sorted(tr + va) == [f"c{i}" for i in range(7)]
+    assert (tr, va) == search_halves([f"c{i}" for i in reversed(range(7))])     # seeded, order-free
+    with pytest.raises(RuntimeError, match="at least 2"):
+        search_halves(["c0"])
 
 
 def test_noda_variants_and_missing_nnunet_variables(monkeypatch):
