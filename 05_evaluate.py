@@ -233,8 +233,8 @@ def dynamics_figures(name, traj, genotype, out_dir):
 
     fig, a = plt.subplots(figsize=(7, 0.45 * len(first) + 1.5))       # Fig. 7: per edge of the final cell
     y = np.arange(len(first))
-    for c, marker in zip(("top3", "top2", "top1"), ("o", "s", "*")):
-        a.scatter(first[c].astype(float), y, marker=marker, label=f"first in {c}", s=40)
+    for c, marker, dy in zip(("top3", "top2", "top1"), ("o", "s", "*"), (0.2, 0.0, -0.2)):   # side by side
+        a.scatter(first[c].astype(float), y + dy, marker=marker, label=f"first in {c}", s=40)
     a.set_yticks(y, [f"{r.op} ({r.edge})" for r in first.itertuples()])
     a.set(title=f"{name}: epoch each final op first enters top-3/2/1 (Fig. 7)", xlabel="epoch")
     a.legend(fontsize=7)
