@@ -187,7 +187,7 @@ def dynamics_figures(name, traj, genotype, out_dir):
     """Sec. 4 on one search: importance curves (Fig. 3), similarity matrices (Fig. 4), similarity to
     the final epoch (Fig. 5), first-entry epochs (Fig. 6, 7). The discrete statistics use the epochs
     after warm-up only (all ops are tied during warm-up)."""
-    edge_rule = genotype.get("search", {}).get("edge_rule", "max_importance")   # older runs: PC-DARTS rule
+    edge_rule = genotype.get("search", {}).get("settings", {}).get("edge_rule", "max_importance")   # older: PC-DARTS
     I, epochs = importance_tensor(traj)
     arch = arch_epochs(traj)
     Ia, ep_a = importance_tensor(arch)

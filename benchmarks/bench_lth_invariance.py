@@ -27,17 +27,18 @@ from common.utils import read_jsonl  # noqa: E402
 
 def search(tmp, data_flags, batch, setting, seed, threads):
     """One LTH search; returns its stop epoch, seconds, first-test median JS and τ0."""
-    flags = [f"--{kv}" if "=" not in kv else f"--{kv.split('=')[0]}={kv.split('=')[1]}" for kv in setting.split()]
+    flags = [f"--{kv}" for kv in setting.split()]                       # argparse takes --name=value
     out = os.path.join(tmp, f"b{batch}_s{seed}_" + "_".join(setting.split()).replace("=", ""))
     run(["03_search.py", "--backbone", f"{tmp}/ref/ckpt_best.pt", *data_flags, "--batch_size", str(batch),
          "--mode", "lth", "--epochs", "200", "--warmup", "15", "--seed", str(seed), *flags, "--out", out],
         threads=threads)
-    g = json.load(open(f"{out}/genotype.json"))["search"]
+    genotype = json.load(open(f"{out}/genotype.json"))
+    g = genotype["search"]
     traj = read_jsonl(f"{out}/trajectory.jsonl")
     first = next(t for t in traj if t["js"] is not None)
     multi = [js for js, m in zip(first["js"], first["op_mask"]) if sum(m) > 1]
     return {"stop": g["epochs_run"], "seconds": g["seconds"], "median_js": statistics.median(multi),
-            "tau0": g["lth"]["tau0"], "genotype": [e[0] for e in json.load(open(f"{out}/genotype.json"))["edges"]]}
+            "tau0": g["lth"]["tau0"], "genotype": [e[0] for e in genotype["edges"]]}
 
 
 def main():

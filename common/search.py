@@ -101,8 +101,7 @@ def changed_settings(old, new):
 def search_summary(mode, s, lth, epochs_run, stopped, seconds, **extra):
     """genotype.json's `search` block: how the search ran, every setting, the JS test with its τ0."""
     return {"mode": mode, "epochs_run": epochs_run, "epochs_cap": s.epochs, "stopped_early": stopped,
-            "seconds": seconds, "warmup": s.warmup, "edge_rule": s.edge_rule,
-            "settings": {x.name: getattr(s, x.name) for x in SEARCH_SETTINGS},
+            "seconds": seconds, "settings": {x.name: getattr(s, x.name) for x in SEARCH_SETTINGS},
             **({"lth": lth.settings()} if mode == "lth" else {}), **extra}
 
 

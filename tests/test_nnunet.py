@@ -99,7 +99,7 @@ def test_nnunet_pipeline(tmp_path):
     assert lth_search["stopped_early"] and lth_search["epochs_run"] < 9      # τ0 = 10: a prune every epoch
     assert lth_search["lth"] == {"tau0_rel": None, "tau0": 10.0, "gamma": 1.1, "k_std": 1.0, "eps": 1e-8,
                                  "js_support": "common"}
-    assert lth_search["settings"]["epochs"] == 9 and lth_search["edge_rule"] == "w"
+    assert lth_search["settings"]["epochs"] == 9 and lth_search["settings"]["edge_rule"] == "w"
     full_log = "".join(open(f).read() for f in _fold(tmp_path, "nnUNetTrainerIACSearchFull").glob("training_log*.txt"))
     n_train = len(json.load(open(tmp_path / "pre" / "Dataset501_Phantom" / "splits_final.json"))[0]["train"])
     assert f"full search: {n_train - n_train // 2} train_search, {n_train // 2} val_search cases" in full_log
