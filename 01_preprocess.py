@@ -13,19 +13,18 @@ Both writes go to a temporary name and are renamed at the end, so an interrupted
 failed run leaves nothing half-written. Bad input stops with a message naming the case.
 """
 import argparse
-import json
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 
-import h5py
 import numpy as np
 from tqdm import tqdm
 
-from common.data import ct_statistics, foreground_sample_job, process_case_job
+from common.data import ct_statistics, foreground_sample_job, process_case_job, write_slices
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, list_cases
-from common.utils import atomic_write_json, run_metadata
+from common.utils import InputError, atomic_write_json, cli, run_metadata
+
+STRIDE = 32                                  # the U-Nets' total down-sampling: crops must be multiples of it
 
 
 def get_args(argv=None):
@@ -34,7 +33,7 @@ def get_args(argv=None):
     p.add_argument("--raw", help="raw data folder")
     p.add_argument("--out", help="output folder for slices.h5 and splits.json")
     p.add_argument("--crop", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
-                   help="centred in-plane crop (padded when the slice is smaller)")
+                   help=f"centred in-plane crop (padded when the slice is smaller); multiples of {STRIDE}")
     p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SX", "SY"),
                    help="resample in-plane to this spacing (mm) before cropping; off by default")
     p.add_argument("--modality", choices=["ct", "mri", "all"], default="ct", help="AMOS: which scans to use")
@@ -71,55 +70,20 @@ def split_patients(patient_ids, fractions, seed):
     return {k: sorted(v) for k, v in parts.items()}
 
 
-def write_slices(tmp_path, info, order, results_iter, attrs):
-    """Stream processed cases into an HDF5 file; slices of a case are contiguous."""
-    n_ch = len(info.cases[0].images)
-    H, W = attrs["crop"]
-    with h5py.File(tmp_path, "w") as f:
-        images = f.create_dataset("images", (0, n_ch, H, W), maxshape=(None, n_ch, H, W),
-                                  dtype="float32", chunks=(1, n_ch, H, W))
-        labels = f.create_dataset("labels", (0, H, W), maxshape=(None, H, W), dtype="uint8", chunks=(1, H, W))
-        slice_case, slice_index = [], []
-        tables = {k: [] for k in ("first_slice", "n_slices", "orig_shape", "orig_affine", "canonical_shape",
-                                  "work_shape", "crop_start")}
-        for i, (case, r) in enumerate(zip(order, results_iter)):
-            if r["warn"]:
-                tqdm.write("warning: " + r["warn"])
-            n0, z = images.shape[0], r["images"].shape[0]
-            images.resize(n0 + z, axis=0)
-            labels.resize(n0 + z, axis=0)
-            images[n0:] = r["images"]
-            labels[n0:] = r["labels"]
-            slice_case += [i] * z
-            slice_index += list(range(z))
-            tables["first_slice"].append(n0)
-            tables["n_slices"].append(z)
-            for k in ("orig_shape", "orig_affine", "canonical_shape", "work_shape", "crop_start"):
-                tables[k].append(r[k])
-        f.create_dataset("slice_case", data=np.array(slice_case, dtype=np.int32))
-        f.create_dataset("slice_index", data=np.array(slice_index, dtype=np.int32))
-        g = f.create_group("cases")
-        str_dt = h5py.string_dtype()
-        g.create_dataset("case_id", data=[c.case_id for c in order], dtype=str_dt)
-        g.create_dataset("patient_id", data=[c.patient_id for c in order], dtype=str_dt)
-        g.create_dataset("modality", data=[c.modality for c in order], dtype=str_dt)
-        g.create_dataset("source", data=[json.dumps(c.images + [c.label]) for c in order], dtype=str_dt)
-        for k, v in tables.items():
-            g.create_dataset(k, data=np.array(v))
-        for k, v in attrs.items():
-            f.attrs[k] = json.dumps(v)
-
-
 def main(args):
     if args.make_phantom:
         write_phantom(args.make_phantom, args.layout, args.patients, seed=args.seed, size=args.phantom_size)
         print(f"phantom ({args.layout}, {args.patients} patients) written to {args.make_phantom}")
         return
     if not (args.dataset and args.raw and args.out):
-        raise SystemExit("error: --dataset, --raw and --out are required (or --make_phantom DIR)")
+        raise InputError("--dataset, --raw and --out are required (or --make_phantom DIR)")
+    if any(c <= 0 or c % STRIDE for c in args.crop):
+        up = [max(STRIDE, -(-c // STRIDE) * STRIDE) for c in args.crop]
+        raise InputError(f"--crop {args.crop[0]} {args.crop[1]}: both sides must be positive multiples of {STRIDE} "
+                         f"(the U-Net's down-sampling); try --crop {up[0]} {up[1]}")
     out_h5, out_splits = os.path.join(args.out, "slices.h5"), os.path.join(args.out, "splits.json")
     if not args.overwrite and (os.path.exists(out_h5) or os.path.exists(out_splits)):
-        raise SystemExit(f"error: {args.out} already holds slices.h5/splits.json; pass --overwrite to replace")
+        raise InputError(f"{args.out} already holds slices.h5/splits.json; pass --overwrite to replace")
     os.makedirs(args.out, exist_ok=True)
 
     info = list_cases(args.dataset, args.raw, args.modality)
@@ -142,7 +106,7 @@ def main(args):
         try:
             jobs = [(c, info, list(args.crop), args.spacing, ct_stats) for c in info.cases]
             results = tqdm(pool.map(process_case_job, jobs), total=len(jobs), desc="slicing", unit="vol")
-            write_slices(tmp, info, info.cases, results, attrs)
+            write_slices(tmp, info.cases, results, attrs, n_channels=len(info.cases[0].images))
             os.replace(tmp, out_h5)
         finally:
             if os.path.exists(tmp):
@@ -155,8 +119,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, get_args)

@@ -14,18 +14,16 @@ same weights as a run that was never stopped.
 import argparse
 import math
 import os
-import sys
-import time
 
 import torch
 
 from common.backbones import ENCODERS, UNet
+from common.checkpoints import resume_training
 from common.data import SliceDataset
-from common.engine import EpochTimer, NonFiniteLoss, evaluate_cases, make_loader, setup_run, train_epoch
+from common.engine import fit, setup_run
 from common.losses import SegLoss
 from common.skips import SKIP_TYPES
-from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, epoch_generator,
-                          load_checkpoint, run_metadata)
+from common.utils import add_run_flags, atomic_write_json, cli, run_metadata
 
 
 def get_args(argv=None):
@@ -52,15 +50,8 @@ def trainable_parameters(model):
     return model.parameters()
 
 
-def checkpoint(model, optimizer, epoch, args, best, meta):
-    return {"kind": "pretrain", "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "args": vars(args), "config": model.config, "best_dice": best[0], "best_epoch": best[1],
-            "data": {"dataset": meta["dataset"], "class_names": meta["class_names"], "crop": meta["crop"]}}
-
-
 def main(args):
     device, amp, channels_last, meta, splits, last = setup_run(args, "run")
-    best_path = os.path.join(args.out, "ckpt_best.pt")
 
     model = build_model(args, meta).to(device)
     if channels_last:
@@ -68,49 +59,16 @@ def main(args):
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=args.lr)
     start_epoch, best = 0, (-math.inf, -1)
     if args.resume:
-        ckpt = load_checkpoint(last, "pretrain", map_location=device)
-        if ckpt["config"] != model.config:
-            raise SystemExit(f"error: {last} holds a {ckpt['config']} model, the flags ask for {model.config}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"] + 1, (ckpt["best_dice"], ckpt["best_epoch"])
+        start_epoch, best = resume_training(last, "pretrain", model, optimizer, device)
         print(f"resuming from epoch {start_epoch} (best Dice {best[0]:.4f} at epoch {best[1]})")
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
-    log = JsonlLog(os.path.join(args.out, "log.jsonl"), resume_epoch=start_epoch - 1 if args.resume else None)
 
-    train_set = SliceDataset(args.data, splits["train"])
-    loss_fn = SegLoss()
-    timer = EpochTimer(args.epochs, start_epoch)
+    train_set = SliceDataset(args.data, splits["train"], meta=meta)
     print(f"{args.encoder} U-Net, {args.skip} skips, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_set)} training slices, device {device}")
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        torch.manual_seed(args.seed * 1000 + epoch)          # per-epoch seeding: exact resume
-        loader = make_loader(train_set, args.batch_size, True, epoch_generator(args.seed, epoch), args.workers, device)
-        train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch)
-        _, val_dice, _ = evaluate_cases(model, args.data, splits["val"], model.config["num_classes"], device, amp,
-                                        channels_last)
-        improved = val_dice > best[0] or (best[1] < 0)
-        if improved:
-            best = (val_dice, epoch)
-        state = checkpoint(model, optimizer, epoch, args, best, meta)
-        atomic_torch_save(state, last)
-        if improved:
-            atomic_torch_save(state, best_path)
-        seconds = time.time() - t0
-        log.write({"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "best_dice": best[0],
-                   "best_epoch": best[1], "seconds": seconds})
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val Dice {val_dice:.4f}  "
-              f"(best {best[0]:.4f} @ {best[1] + 1})  {seconds:.1f}s  ETA {timer.eta(epoch)}", flush=True)
-        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
-            print(f"stopping after {args.stop_after} epochs as asked; continue with --resume")
-            return
-    print(f"done: best validation Dice {best[0]:.4f} at epoch {best[1] + 1}; {best_path}")
+    fit(args, model, optimizer, SegLoss(), train_set, meta, splits, device, amp, channels_last, "pretrain",
+        start_epoch, best)
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, get_args)

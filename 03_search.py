@@ -21,22 +21,22 @@ Both: backbone frozen in eval mode, an IAC in every skip level with one shared Î
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
 from tqdm import tqdm
 
+from common.checkpoints import (load_frozen_backbone, resume_search, save_checkpoint, save_theta0,
+                                search_checkpoint)
 from common.data import SliceDataset
-from common.engine import (EpochTimer, NonFiniteLoss, check_finite, load_frozen_backbone, make_loader, setup_run,
-                           to_device)
+from common.engine import EpochTimer, check_finite, make_loader, setup_run, stop_early, to_device
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
-from common.search import (add_search_flags, arch_optimizer, changed_settings, cosine_power_lr, end_of_epoch,
+from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch, expected_stop,
                            keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
-from common.utils import (JsonlLog, add_run_flags, atomic_torch_save, atomic_write_json, autocast, epoch_generator,
-                          load_checkpoint, run_metadata)
+from common.utils import (JsonlLog, add_run_flags, atomic_write_json, autocast, cli, epoch_generator, read_jsonl,
+                          run_metadata)
 
 
 def get_args(argv=None):
@@ -104,32 +104,22 @@ def main(args):
     lth = lth_state(args)
     start_epoch, seconds = 0, 0.0
     if args.resume:
-        ck = load_checkpoint(last, "search", map_location=device)
-        changed = changed_settings(ck["args"], vars(args))
-        if changed or ck["geometry"] != geometry:
-            what = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changed.items()) or "cell geometry"
-            raise SystemExit(f"error: {last} is a search with other settings ({what}); resume with the same "
-                             "flags, or start over with --overwrite")
-        skips.apply_masks(ck["op_mask"].to(device), ck["edge_mask"].to(device))
-        skips.load_state_dict(ck["skips"])
-        w_opt = weight_optimizer(skips, args.lr_w)
-        a_opt.load_state_dict(ck["a_opt"])
-        lth.load_state_dict(ck["lth"])
-        start_epoch, seconds = ck["epoch"] + 1, ck["seconds"]
+        start_epoch, seconds = resume_search(last, skips, a_opt, lth, args, geometry, device)
+        w_opt = weight_optimizer(skips, args.lr_w)                     # over the ops still active
         print(f"resuming at epoch {start_epoch + 1}; {int(skips.op_mask.sum())} ops active")
     else:
-        atomic_torch_save({"kind": "theta0", "state": theta0, "geometry": geometry,
-                           "backbone": bb["config"]}, os.path.join(args.out, "theta0.pt"))
+        save_theta0(os.path.join(args.out, "theta0.pt"), theta0, geometry, bb["config"])
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     resume_epoch = start_epoch - 1 if args.resume else None
     log = JsonlLog(os.path.join(args.out, "log.jsonl"), resume_epoch)
     traj = JsonlLog(os.path.join(args.out, "trajectory.jsonl"), resume_epoch)
+    active_ops = [r["active_ops"] for r in read_jsonl(log.path)]      # for the LTH's ETA
 
     if args.mode == "full":
-        sets = {"train": SliceDataset(args.data, splits["train_search"]),
-                "val": SliceDataset(args.data, splits["val_search"])}
+        sets = {"train": SliceDataset(args.data, splits["train_search"], meta=meta),
+                "val": SliceDataset(args.data, splits["val_search"], meta=meta)}
     else:
-        sets = {"train": SliceDataset(args.data, splits["train"])}
+        sets = {"train": SliceDataset(args.data, splits["train"], meta=meta)}
     loss_fn = SegLoss()
     timer = EpochTimer(args.epochs, start_epoch)
     print(f"{args.mode} search on a frozen {bb['config']['encoder']} U-Net, {len(sets['train'])} slices/epoch, "
@@ -154,17 +144,19 @@ def main(args):
         active = int(skips.op_mask.sum())
         log.write({"epoch": epoch, **losses, "active_ops": active, "n_pruned": len(pruned), "lr_w": lr,
                    "seconds": epoch_s})
-        atomic_torch_save({"kind": "search", "skips": skips.state_dict(), "op_mask": skips.op_mask.cpu(),
-                           "edge_mask": skips.edge_mask.cpu(), "a_opt": a_opt.state_dict(), "lth": lth.state_dict(),
-                           "epoch": epoch, "seconds": seconds, "args": vars(args), "geometry": geometry}, last)
+        save_checkpoint(search_checkpoint(skips, a_opt, lth, epoch, seconds, args, geometry), last)
+        active_ops.append(active)
+        end = expected_stop(active_ops, args.epochs) if args.mode == "lth" else args.epochs
+        eta = f"ETA {timer.eta(epoch, end)}" + ("" if args.mode == "full" else
+                                                 f" (expected stop at epoch {end}, from the pruning rate)"
+                                                 if end < args.epochs else " (at most: nothing pruned yet)")
         print(f"epoch {epoch + 1}/{args.epochs} [{args.mode}]  loss {losses['train_loss']:.4f}  active ops "
-              f"{active}/{len(EDGES) * len(OPS)}  pruned {len(pruned)}  {epoch_s:.1f}s  ETA {timer.eta(epoch)}"
+              f"{active}/{len(EDGES) * len(OPS)}  pruned {len(pruned)}  {epoch_s:.1f}s  {eta}"
               + ("  (warm-up)" if epoch < args.warmup else ""), flush=True)
-        if stopped:
+        if stopped or stop_early(args, epoch, start_epoch):
             break
-        if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
-            print(f"stopping after {args.stop_after} epochs as asked; continue with --resume")
-            return
+    if not stopped and epoch + 1 < args.epochs:                       # --stop_after: no genotype yet
+        return
 
     if stopped:
         keep_top2_edges(skips, args.edge_rule)                        # Sec. 5.5: 2 incoming edges per node
@@ -178,8 +170,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, get_args)

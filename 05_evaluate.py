@@ -19,22 +19,20 @@ import argparse
 import json
 import os
 
-import matplotlib
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, cosine_matrix, fisher_combined,  # noqa: E402
-                             first_entry_epochs, genotype_masks, hamming_similarity_matrix, importance_tensor,
-                             paired_comparison, topk_masks)
-from common.data import iter_cases, load_splits, read_meta, slices_to_nifti  # noqa: E402
-from common.engine import evaluate_cases, model_from_checkpoint  # noqa: E402
-from common.iac import read_genotype  # noqa: E402
-from common.metrics import patient_dice  # noqa: E402
-from common.utils import atomic_write_json, load_checkpoint, pick_device, read_jsonl, run_metadata  # noqa: E402
+from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, cosine_matrix, fisher_combined, first_entry_epochs,
+                             genotype_masks, hamming_similarity_matrix, importance_tensor, paired_comparison,
+                             topk_masks)
+from common.checkpoints import check_same_data, load_checkpoint, model_from_checkpoint
+from common.data import iter_cases, load_splits, read_meta, slices_to_nifti
+from common.engine import evaluate_cases
+from common.iac import read_genotype
+from common.metrics import patient_dice
+from common.utils import InputError, add_device_flags, atomic_write_json, cli, pick_device, read_jsonl, run_metadata
 
 
 def get_args(argv=None):
@@ -51,8 +49,7 @@ def get_args(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save_nifti", default=None, metavar="DIR", help="write predictions as NIfTI under DIR/NAME/")
     p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    add_device_flags(p)
     return p.parse_args(argv)
 
 
@@ -60,7 +57,7 @@ def parse_pairs(items, flag):
     out = []
     for it in items:
         if "=" not in it:
-            raise SystemExit(f"error: {flag} {it!r} must be NAME=DIR")
+            raise InputError(f"{flag} {it!r} must be NAME=DIR")
         name, d = it.split("=", 1)
         out.append((name, d))
     return out
@@ -79,14 +76,13 @@ def evaluate_runs(args, meta, cases, device):
     K = len(meta["class_names"]) + 1
     for name, d in parse_pairs(args.run, "--run"):
         path = os.path.join(d, "ckpt_best.pt")
-        ckpt = load_checkpoint(path, ("pretrain", "finetune"))
-        if ckpt["data"]["dataset"] != meta["dataset"] or ckpt["data"]["class_names"] != meta["class_names"]:
-            raise SystemExit(f"error: run {name} ({d}) was trained on {ckpt['data']['dataset']} "
-                             f"{ckpt['data']['class_names']}, the data is {meta['dataset']} {meta['class_names']}")
+        ckpt = load_checkpoint(path, ("pretrain", "finetune"), flag=f"--run {name}={d}:")
+        check_same_data(ckpt, meta, path)
         model = model_from_checkpoint(ckpt).to(device)
         backbone, seed = ckpt["config"]["encoder"], ckpt["args"]["seed"]
+        cl = args.channels_last and device.type == "cuda"
         per_case, score, pr = evaluate_cases(model, args.data, cases, K, device, args.amp and device.type == "cuda",
-                                             False, keep_pred=True)
+                                             cl, keep_pred=True, meta=meta, desc=f"predict {name}")
         preds[name, backbone, seed] = pr
         info.append((name, d, backbone, seed))
         print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean foreground Dice {score:.4f} on {len(cases)} cases")
@@ -100,10 +96,10 @@ def evaluate_runs(args, meta, cases, device):
 def evaluate_nnunet(args):
     """Per-case Dice of nnU-Net prediction folders against the raw labels (whole volumes)."""
     if not args.nnunet_gt:
-        raise SystemExit("error: --nnunet_pred needs --nnunet_gt (the labelsTr folder of the raw data set)")
+        raise InputError("--nnunet_pred needs --nnunet_gt (the labelsTr folder of the raw data set)")
     ds_json = os.path.join(os.path.dirname(os.path.abspath(args.nnunet_gt)), "dataset.json")
     if not os.path.isfile(ds_json):
-        raise SystemExit(f"error: {ds_json} not found beside {args.nnunet_gt}")
+        raise InputError(f"--nnunet_gt {args.nnunet_gt}: no dataset.json beside it ({ds_json})")
     labels = json.load(open(ds_json))["labels"]
     names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
     rows = []
@@ -111,14 +107,14 @@ def evaluate_nnunet(args):
         name, _, seed = name.partition("@")
         files = sorted(f for f in os.listdir(d) if f.endswith(".nii.gz")) if os.path.isdir(d) else []
         if not files:
-            raise SystemExit(f"error: no .nii.gz predictions in {d}")
+            raise InputError(f"--nnunet_pred {name}={d}: no .nii.gz predictions there")
         for fn in files:
             gt_path = os.path.join(args.nnunet_gt, fn)
             if not os.path.isfile(gt_path):
-                raise SystemExit(f"error: prediction {fn} in {d} has no label {gt_path}")
+                raise InputError(f"prediction {fn} in {d} has no label {gt_path}")
             pred, gt = np.asarray(nib.load(os.path.join(d, fn)).dataobj), np.asarray(nib.load(gt_path).dataobj)
             if pred.shape != gt.shape:
-                raise SystemExit(f"error: {fn}: prediction {pred.shape} and label {gt.shape} differ in shape")
+                raise InputError(f"{fn}: prediction {pred.shape} and label {gt.shape} differ in shape")
             for cname, v in zip(names, patient_dice(pred, gt, len(names) + 1)):
                 rows.append({"method": name, "backbone": "nnunet_2d", "seed": int(seed or 0),
                              "patient": fn[:-len(".nii.gz")], "class": cname, "dice": float(v)})
@@ -162,9 +158,11 @@ def search_tables(searches, out_dir):
     recs = []
     for name, d in searches:
         gpath, tpath = os.path.join(d, "genotype.json"), os.path.join(d, "trajectory.jsonl")
+        if not os.path.isfile(gpath):
+            raise InputError(f"--search {name}={d}: no genotype.json there (is the search finished?)")
         g = read_genotype(gpath)
         if not os.path.isfile(tpath):
-            raise SystemExit(f"error: search {name}: {gpath} has no trajectory.jsonl beside it")
+            raise InputError(f"search {name}: {gpath} has no trajectory.jsonl beside it")
         traj = read_jsonl(tpath)
         s = g["search"]
         recs.append({"search": name, "mode": s["mode"], "dataset": s["dataset"], "backbone": s["encoder"],
@@ -202,7 +200,8 @@ def dynamics_figures(name, traj, genotype, out_dir):
     first = pd.DataFrame(first_entry_epochs(traj, genotype, edge_rule), columns=FIRST_ENTRY_COLUMNS)
     first.to_csv(os.path.join(out_dir, f"{name}_first_entry.csv"), index=False)
 
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    fig = Figure(figsize=(14, 4))
+    ax = fig.subplots(1, 3)
     for e in range(I.shape[1]):                                       # Fig. 3: importance per op and edge
         for o in range(I.shape[2]):
             ax[0].plot(epochs, I[:, e, o], lw=0.7)
@@ -218,10 +217,10 @@ def dynamics_figures(name, traj, genotype, out_dir):
     ax[2].set(title="epoch of first entry (Fig. 6)", ylabel="epoch")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"{name}_dynamics.png"), dpi=90)
-    plt.close(fig)
 
     rows = [("continuous (cosine)", cos, epochs)] + [(k, M, ep_a) for k, M in ham.items()]
-    fig, ax = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.4))   # Fig. 4: epoch x epoch similarity
+    fig = Figure(figsize=(3.6 * len(rows), 3.4))                           # Fig. 4: epoch x epoch similarity
+    ax = fig.subplots(1, len(rows))
     for a, (title, M, ep) in zip(np.atleast_1d(ax), rows):
         im = a.imshow(M, vmin=float(M.min()), vmax=1, origin="lower", extent=[ep[0], ep[-1], ep[0], ep[-1]])
         a.set(title=title, xlabel="epoch", ylabel="epoch")
@@ -229,9 +228,9 @@ def dynamics_figures(name, traj, genotype, out_dir):
     fig.suptitle(f"{name}: similarity between epochs (Fig. 4; discrete rows after warm-up)")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"{name}_fig4.png"), dpi=90)
-    plt.close(fig)
 
-    fig, a = plt.subplots(figsize=(7, 0.45 * len(first) + 1.5))       # Fig. 7: per edge of the final cell
+    fig = Figure(figsize=(7, 0.45 * len(first) + 1.5))               # Fig. 7: per edge of the final cell
+    a = fig.subplots()
     y = np.arange(len(first))
     for c, marker, dy in zip(("top3", "top2", "top1"), ("o", "s", "*"), (0.2, 0.0, -0.2)):   # side by side
         a.scatter(first[c].astype(float), y + dy, marker=marker, label=f"first in {c}", s=40)
@@ -240,19 +239,19 @@ def dynamics_figures(name, traj, genotype, out_dir):
     a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, f"{name}_fig7.png"), dpi=90)
-    plt.close(fig)
 
 
 def overlay_figure(args, meta, cases, preds, path):
     best, best_fg = None, -1
-    for case, images, labels in iter_cases(args.data, cases):
+    for case, images, labels in iter_cases(args.data, cases, meta):
         fg = (labels > 0).sum((1, 2))
         z = int(fg.argmax())
         if fg[z] > best_fg:
             best, best_fg = (case, z, images[z, 0], labels[z]), fg[z]
     case, z, img, gt = best
     keys = list(preds)
-    fig, ax = plt.subplots(1, 2 + len(keys), figsize=(3 * (2 + len(keys)), 3.2))
+    fig = Figure(figsize=(3 * (2 + len(keys)), 3.2))
+    ax = fig.subplots(1, 2 + len(keys))
     K = len(meta["class_names"])
     ax[0].imshow(img, cmap="gray")
     ax[0].set_title(f"{case} z={z}")
@@ -264,21 +263,20 @@ def overlay_figure(args, meta, cases, preds, path):
         a.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def main(args):
-    device = pick_device(args.device)
     if not (args.run or args.search or args.nnunet_pred):
-        raise SystemExit("error: give at least one --run NAME=DIR, --nnunet_pred NAME=DIR or --search NAME=DIR")
+        raise InputError("give at least one --run NAME=DIR, --nnunet_pred NAME=DIR or --search NAME=DIR")
     meta, cases = None, []
     if args.run:
         if not (args.data and args.splits):
-            raise SystemExit("error: --run needs --data slices.h5 and --splits splits.json")
+            raise InputError("--run needs --data slices.h5 and --splits splits.json")
         meta = read_meta(args.data)
         cases = load_splits(args.splits, meta)[args.split]
         if not cases:
-            raise SystemExit(f"error: the {args.split} split of {args.splits} is empty; nothing to evaluate")
+            raise InputError(f"the {args.split} split of {args.splits} is empty; nothing to evaluate")
+    device = pick_device(args.device) if args.run else None
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     frames, preds, names = [], {}, []
@@ -330,4 +328,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    cli(main, get_args)

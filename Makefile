@@ -6,9 +6,11 @@ DEMO_DIR ?= demo_runs
 
 .PHONY: demo test bench bench-lth clean
 
-$(VENV)/.installed: requirements.txt
+# the requirements, then this project itself (common/, nnunet_iac/) in editable mode
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --no-deps -e .
 	touch $@
 
 # the nnU-Net plugin's extra (nnunetv2), kept out of the core requirements

@@ -8,7 +8,6 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 
 

@@ -2,12 +2,11 @@
 import resource
 import time
 
+import torch
+
 from _common import machine, record
-
-import torch  # noqa: E402
-
-from common.backbones import ENCODERS, UNet  # noqa: E402
-from common.losses import SegLoss  # noqa: E402
+from common.backbones import ENCODERS, UNet
+from common.losses import SegLoss
 
 
 def bench(encoder, device, batch, size, reps):

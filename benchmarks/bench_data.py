@@ -4,9 +4,8 @@ import tempfile
 import time
 
 from _common import machine, record, run
-
-from common.data import SliceDataset, load_splits  # noqa: E402
-from common.engine import make_loader  # noqa: E402
+from common.data import SliceDataset, load_splits
+from common.engine import make_loader
 
 N_VOLUMES = 48
 

@@ -20,9 +20,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from _common import machine, phantom_backbone, record, run
-
-from common.data import SliceDataset, load_splits  # noqa: E402
-from common.utils import read_jsonl  # noqa: E402
+from common.data import SliceDataset, load_splits
+from common.utils import read_jsonl
 
 
 def search(tmp, data_flags, batch, setting, seed, threads):

@@ -18,9 +18,8 @@ import numpy as np
 import pandas as pd
 
 from _common import machine, phantom_backbone, record, run
-
-from common.iac import EDGES, OPS  # noqa: E402
-from common.utils import read_jsonl  # noqa: E402
+from common.iac import EDGES, OPS
+from common.utils import read_jsonl
 
 
 def top3_share(lth_dir, full_dir):

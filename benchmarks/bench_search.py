@@ -5,13 +5,12 @@ import shutil
 import tempfile
 import time
 
+import torch
+
 from _common import machine, phantom_backbone, record, run
-
-import torch  # noqa: E402
-
-from common.backbones import ENCODERS, UNet  # noqa: E402
-from common.iac import IACSearchSkips  # noqa: E402
-from common.losses import SegLoss  # noqa: E402
+from common.backbones import ENCODERS, UNet
+from common.iac import IACSearchSkips
+from common.losses import SegLoss
 
 
 def step_time(encoder, device, batch, size, reps=3):

@@ -6,14 +6,13 @@ Prints the operators that dominate self CPU (or CUDA) time, to find work that is
 """
 import argparse
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 from _common import machine
-
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from common.backbones import ENCODERS, UNet  # noqa: E402
-from common.iac import IACSearchSkips  # noqa: E402
-from common.losses import SegLoss  # noqa: E402
+from common.backbones import ENCODERS, UNet
+from common.iac import IACSearchSkips
+from common.losses import SegLoss
 
 
 def main():

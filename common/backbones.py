@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torchvision
 
 from common.skips import ConvBlock, build_skips
+from common.utils import InputError, require_file
 
 ENCODERS = ("base", "vgg16", "resnet50", "mobilenet_v3_large", "efficientnet_v2_s", "efficientnet_v2_m")
 _TV_NAME = {"vgg16": "vgg16_bn", "resnet50": "resnet50", "mobilenet_v3_large": "mobilenet_v3_large",
@@ -58,11 +59,16 @@ def _replace_first_conv(module, in_channels):
 def _torchvision_stages(encoder, weights_path):
     model = getattr(torchvision.models, _TV_NAME[encoder])(weights=None)
     if weights_path:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        require_file(weights_path, "--encoder_weights", f"a torchvision {_TV_NAME[encoder]} state dict")
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            missing = model.load_state_dict(state, strict=False).missing_keys
+        except Exception as e:  # not a state dict at all, or one with other shapes
+            raise InputError(f"--encoder_weights {weights_path}: not a torchvision {_TV_NAME[encoder]} state dict "
+                             f"({type(e).__name__})") from e
         enc_missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
         if enc_missing:
-            raise SystemExit(f"error: {weights_path} is not a torchvision {_TV_NAME[encoder]} state dict "
+            raise InputError(f"--encoder_weights {weights_path}: not a torchvision {_TV_NAME[encoder]} state dict "
                              f"(missing e.g. {enc_missing[:3]})")
     if encoder == "resnet50":
         m = model

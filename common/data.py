@@ -1,17 +1,22 @@
-"""Slices in HDF5: preprocessing transforms, the PyTorch Dataset, and the way back to NIfTI.
+"""Slices in HDF5: preprocessing transforms, the slices.h5 file (its one writer and reader), the
+PyTorch Dataset, and the way back to NIfTI.
 
-`slices.h5` (SPEC §7), written by 01_preprocess.py:
+`slices.h5` (SPEC §7), written by `write_slices` (01_preprocess.py), read by `read_meta`:
     images        (N, C, H, W) float32, one chunk per slice
     labels        (N, H, W) uint8, one chunk per slice
     slice_case    (N,) int32  index into the case tables below
     slice_index   (N,) int32  slice position along the canonical z axis
-    cases/        case_id, patient_id, modality (strings), first_slice, n_slices,
-                  orig_shape (3), orig_affine (4x4), canonical_shape (3), work_shape (2:
-                  in-plane shape after optional resampling), crop_start (2, negative = padding)
-    attrs         dataset, modalities, class_names, normalisation, crop, spacing (JSON)
+    cases/        CASE_STRINGS: case_id, patient_id, modality, source (JSON list of the raw files);
+                  CASE_TABLES: first_slice, n_slices, orig_shape (3), orig_affine (4x4),
+                  canonical_shape (3), work_shape (2: in-plane shape after optional resampling),
+                  crop_start (2, negative = padding)
+    attrs         FILE_ATTRS, each JSON: dataset, modalities, class_names, normalisation, crop, spacing
+The slices of a case are contiguous; `meta` (from read_meta) is read once per stage and passed on.
 """
 import json
 import os
+
+from tqdm import tqdm
 
 import h5py
 import nibabel as nib
@@ -21,6 +26,11 @@ from scipy import ndimage
 from torch.utils.data import Dataset, default_collate
 
 from common.raw import from_canonical, load_case
+from common.utils import InputError, require_file
+
+FILE_ATTRS = ("dataset", "modalities", "class_names", "normalisation", "crop", "spacing")
+CASE_STRINGS = ("case_id", "patient_id", "modality", "source")
+CASE_TABLES = ("first_slice", "n_slices", "orig_shape", "orig_affine", "canonical_shape", "work_shape", "crop_start")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -44,7 +54,7 @@ def ct_normalise(x, stats):
 def ct_statistics(samples):
     v = np.concatenate(samples).astype(np.float64)
     if v.size == 0:
-        raise ValueError("no foreground voxels in the training CT cases; cannot compute statistics")
+        raise InputError("no foreground voxels in the training CT cases; cannot compute CT statistics (are the labels empty?)")
     lo, hi = np.percentile(v, [0.5, 99.5])
     v = np.clip(v, lo, hi)
     return {"p00_5": float(lo), "p99_5": float(hi), "mean": float(v.mean()), "std": float(v.std())}
@@ -129,39 +139,80 @@ def process_case_job(args_tuple):
     return process_case(*args_tuple)
 
 
-# --------------------------------------------------------------------------- reading
+# --------------------------------------------------------------------------- the file
+def write_slices(path, cases, results, attrs, n_channels):
+    """Stream processed cases (`results`: process_case outputs, in the order of `cases`) into `path`."""
+    if set(attrs) != set(FILE_ATTRS):
+        raise ValueError(f"slices.h5 attributes must be {FILE_ATTRS}, got {sorted(attrs)}")
+    H, W = attrs["crop"]
+    with h5py.File(path, "w") as f:
+        images = f.create_dataset("images", (0, n_channels, H, W), maxshape=(None, n_channels, H, W),
+                                  dtype="float32", chunks=(1, n_channels, H, W))
+        labels = f.create_dataset("labels", (0, H, W), maxshape=(None, H, W), dtype="uint8", chunks=(1, H, W))
+        slice_case, slice_index = [], []
+        tables = {k: [] for k in CASE_TABLES}
+        for i, r in enumerate(results):
+            if r["warn"]:
+                tqdm.write("warning: " + r["warn"])
+            n0, z = images.shape[0], r["images"].shape[0]
+            images.resize(n0 + z, axis=0)
+            labels.resize(n0 + z, axis=0)
+            images[n0:] = r["images"]
+            labels[n0:] = r["labels"]
+            slice_case += [i] * z
+            slice_index += list(range(z))
+            tables["first_slice"].append(n0)
+            tables["n_slices"].append(z)
+            for k in CASE_TABLES[2:]:
+                tables[k].append(r[k])
+        f.create_dataset("slice_case", data=np.array(slice_case, dtype=np.int32))
+        f.create_dataset("slice_index", data=np.array(slice_index, dtype=np.int32))
+        g = f.create_group("cases")
+        strings = {"case_id": [c.case_id for c in cases], "patient_id": [c.patient_id for c in cases],
+                   "modality": [c.modality for c in cases], "source": [json.dumps(c.images + [c.label]) for c in cases]}
+        for k in CASE_STRINGS:
+            g.create_dataset(k, data=strings[k], dtype=h5py.string_dtype())
+        for k, v in tables.items():
+            g.create_dataset(k, data=np.array(v))
+        for k, v in attrs.items():
+            f.attrs[k] = json.dumps(v)
+
+
 def read_meta(path):
     """File-level attributes and the per-case tables of a slices.h5, validated."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist; run 01_preprocess.py first")
+    require_file(path, "--data", "the slices.h5 of 01_preprocess.py")
     try:
         with h5py.File(path, "r") as f:
             for key in ("images", "labels", "slice_case", "slice_index", "cases/case_id"):
                 if key not in f:
-                    raise ValueError(f"{path} lacks '{key}'; it was not written by 01_preprocess.py")
-            meta = {k: json.loads(f.attrs[k]) for k in ("dataset", "modalities", "class_names",
-                                                        "normalisation", "crop", "spacing")}
+                    raise InputError(f"{path} lacks '{key}'; it was not written by 01_preprocess.py")
+            meta = {k: json.loads(f.attrs[k]) for k in FILE_ATTRS}
             cases = {k: f["cases"][k][()] for k in f["cases"]}
             meta["shape"] = f["images"].shape
     except OSError as e:
-        raise ValueError(f"{path} is not a readable HDF5 file ({e})") from e
-    for k in ("case_id", "patient_id", "modality"):
-        cases[k] = [s.decode() if isinstance(s, bytes) else str(s) for s in cases[k]]
+        raise InputError(f"{path} is not a readable HDF5 file ({e}); run 01_preprocess.py again") from e
+    for k in CASE_STRINGS:
+        if k in cases:                                            # `source` is absent in older files
+            cases[k] = [s.decode() if isinstance(s, bytes) else str(s) for s in cases[k]]
     meta["cases"] = cases
     meta["case_index"] = {c: i for i, c in enumerate(cases["case_id"])}
     return meta
 
 
 def load_splits(path, meta=None):
-    with open(path) as f:
-        splits = json.load(f)
+    require_file(path, "--splits", "the splits.json of 01_preprocess.py")
+    try:
+        with open(path) as f:
+            splits = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--splits {path}: cannot read it as JSON ({e})") from e
     for k in ("train", "val", "test"):
-        if k not in splits:
-            raise ValueError(f"{path} has no '{k}' split; was it written by 01_preprocess.py?")
+        if not isinstance(splits, dict) or k not in splits:
+            raise InputError(f"{path} has no '{k}' split; was it written by 01_preprocess.py?")
     if meta is not None:
         unknown = [c for k in ("train", "val", "test") for c in splits[k] if c not in meta["case_index"]]
         if unknown:
-            raise ValueError(f"{path} names cases not in the slice file (e.g. {unknown[:3]}); "
+            raise InputError(f"{path} names cases not in the slice file (e.g. {unknown[:3]}); "
                              "splits.json and slices.h5 come from different preprocessing runs")
     return splits
 
@@ -187,21 +238,21 @@ class SliceDataset(Dataset):
     and reads contiguous runs with one h5py call each.
     """
 
-    def __init__(self, path, case_ids, cache=None, cache_bytes=4 << 30):
+    def __init__(self, path, case_ids, cache=None, cache_bytes=4 << 30, meta=None):
         self.path = path
-        meta = read_meta(path)
+        meta = meta or read_meta(path)
         missing = [c for c in case_ids if c not in meta["case_index"]]
         if missing:
-            raise ValueError(f"cases {missing[:3]} are not in {path}")
+            raise InputError(f"cases {missing[:3]} are not in {path}")
         if not case_ids:
-            raise ValueError(f"no cases selected from {path}: the split is empty")
+            raise InputError(f"no cases selected from {path}: the split is empty")
         cases = meta["cases"]
         runs = []
         for c in case_ids:
             i = meta["case_index"][c]
             runs.append((int(cases["first_slice"][i]), int(cases["n_slices"][i])))
         self.index = np.concatenate([np.arange(a, a + n) for a, n in runs]).astype(np.int64)
-        N, C, H, W = meta["shape"]
+        _, C, H, W = meta["shape"]
         nbytes = len(self.index) * (C * H * W * 4 + H * W)
         self.cache = nbytes <= cache_bytes if cache is None else cache
         self._file = None
@@ -254,11 +305,12 @@ class SliceDataset(Dataset):
         return state
 
 
-def iter_cases(path, case_ids):
-    """Yield (case_id, images (Z,C,H,W) float32, labels (Z,H,W) uint8), one case at a time."""
-    meta = read_meta(path)
+def iter_cases(path, case_ids, meta=None, desc=None):
+    """Yield (case_id, images (Z,C,H,W) float32, labels (Z,H,W) uint8), one case at a time (a progress
+    bar named `desc` when given)."""
+    meta = meta or read_meta(path)
     with h5py.File(path, "r") as f:
-        for c in case_ids:
+        for c in tqdm(case_ids, desc=desc, leave=False, unit="case", disable=None if desc else True):
             i = meta["case_index"][c]
             a, n = int(meta["cases"]["first_slice"][i]), int(meta["cases"]["n_slices"][i])
             yield c, f["images"][a:a + n], f["labels"][a:a + n]

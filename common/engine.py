@@ -1,4 +1,5 @@
-"""Training and case-level evaluation loops shared by 02_pretrain.py, 03_search.py and 04_finetune.py."""
+"""Loop plumbing shared by the training stages: run setup, loaders, one training epoch, patient-level
+validation, the stage I / III epoch loop (`fit`) and ETAs. Checkpoint files: common/checkpoints.py."""
 import math
 import os
 import time
@@ -8,16 +9,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from common.backbones import build_unet
+from common.checkpoints import save_checkpoint, training_checkpoint
 from common.data import collate, iter_cases, load_splits, read_meta
-from common.iac import NODES, IACSkips
-from common.skips import build_skips
 from common.metrics import CaseDice, mean_foreground
-from common.utils import autocast, load_checkpoint, pick_device, seed_everything
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+from common.utils import InputError, JsonlLog, NonFiniteLoss, autocast, epoch_generator, pick_device, seed_everything
 
 
 def setup_run(args, what):
@@ -25,15 +20,17 @@ def setup_run(args, what):
 
     Returns device, amp, channels_last, meta, splits and RUN/ckpt_last.pt; refuses to start over a
     run folder that already holds `what` unless --resume or --overwrite."""
+    meta = read_meta(args.data)                                    # bad paths fail before anything else
+    splits = load_splits(args.splits, meta)
     device = pick_device(args.device)
     seed_everything(args.seed, args.deterministic)
     amp, channels_last = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
-    meta = read_meta(args.data)
-    splits = load_splits(args.splits, meta)
-    os.makedirs(args.out, exist_ok=True)
     last = os.path.join(args.out, "ckpt_last.pt")
     if os.path.exists(last) and not (args.resume or args.overwrite):
-        raise SystemExit(f"error: {args.out} already holds a {what}; pass --resume to continue or --overwrite")
+        raise InputError(f"{args.out} already holds a {what}; pass --resume to continue or --overwrite")
+    if args.resume and not os.path.exists(last):
+        raise InputError(f"--resume: {args.out} holds no ckpt_last.pt to continue from; drop --resume to start")
+    os.makedirs(args.out, exist_ok=True)
     return device, amp, channels_last, meta, splits, last
 
 
@@ -89,10 +86,11 @@ def predict_stack(model, images, device, amp, channels_last, batch_size=64):
     return np.concatenate(out)
 
 
-def evaluate_cases(model, h5_path, case_ids, num_classes, device, amp=False, channels_last=False, keep_pred=False):
+def evaluate_cases(model, h5_path, case_ids, num_classes, device, amp=False, channels_last=False, keep_pred=False,
+                   meta=None, desc="validate"):
     """Patient-level Dice for each case -> ({case: dice (K-1,)}, mean foreground Dice, predictions)."""
     per_case, preds = {}, {}
-    for case, images, labels in iter_cases(h5_path, case_ids):
+    for case, images, labels in iter_cases(h5_path, case_ids, meta, desc):
         pred = predict_stack(model, images, device, amp, channels_last)
         acc = CaseDice(num_classes)
         acc.update(pred, labels)
@@ -105,42 +103,54 @@ def evaluate_cases(model, h5_path, case_ids, num_classes, device, amp=False, cha
 
 
 class EpochTimer:
-    """ETA from the mean epoch time so far."""
+    """ETA from the mean epoch time so far, to the last epoch (`end`: the expected one when it is known
+    to come before the cap, as in an LTH search)."""
 
     def __init__(self, total_epochs, start_epoch):
         self.total, self.start, self.t0 = total_epochs, start_epoch, time.time()
 
-    def eta(self, epoch):
+    def eta(self, epoch, end=None):
         done = epoch - self.start + 1
         per = (time.time() - self.t0) / max(done, 1)
-        left = per * (self.total - epoch - 1)
+        left = per * ((end or self.total) - epoch - 1)
         return f"{int(left // 60)}m{int(left % 60):02d}s"
 
 
-def load_frozen_backbone(path, meta):
-    """A stage I checkpoint -> its U-Net with the backbone frozen (on CPU) and the checkpoint;
-    refuses a backbone trained on another data set."""
-    ckpt = load_checkpoint(path, "pretrain", map_location="cpu")
-    if ckpt["data"]["dataset"] != meta["dataset"] or ckpt["data"]["class_names"] != meta["class_names"]:
-        raise SystemExit(f"error: {path} was trained on {ckpt['data']['dataset']} {ckpt['data']['class_names']}, "
-                         f"the data is {meta['dataset']} {meta['class_names']}")
-    model = build_unet(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
-    model.freeze_backbone()
-    return model, ckpt
+def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, channels_last, kind, start_epoch, best):
+    """Stages I and III: train `args.epochs` epochs; after each, patient-level mean foreground Dice on the val
+    cases, RUN/ckpt_last.pt, RUN/ckpt_best.pt (best Dice so far) and a line of RUN/log.jsonl. Returns False
+    when --stop_after ended it early."""
+    last, best_path = os.path.join(args.out, "ckpt_last.pt"), os.path.join(args.out, "ckpt_best.pt")
+    log = JsonlLog(os.path.join(args.out, "log.jsonl"), resume_epoch=start_epoch - 1 if args.resume else None)
+    timer = EpochTimer(args.epochs, start_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        torch.manual_seed(args.seed * 1000 + epoch)          # per-epoch seeding: exact resume
+        loader = make_loader(train_set, args.batch_size, True, epoch_generator(args.seed, epoch), args.workers, device)
+        train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch)
+        _, val_dice, _ = evaluate_cases(model, args.data, splits["val"], model.config["num_classes"], device, amp,
+                                        channels_last, meta=meta)
+        improved = val_dice > best[0] or (best[1] < 0)
+        if improved:
+            best = (val_dice, epoch)
+        state = training_checkpoint(kind, model, optimizer, epoch, args, best, meta)
+        save_checkpoint(state, last)
+        if improved:
+            save_checkpoint(state, best_path)
+        seconds = time.time() - t0
+        log.write({"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "best_dice": best[0],
+                   "best_epoch": best[1], "seconds": seconds})
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val Dice {val_dice:.4f}  "
+              f"(best {best[0]:.4f} @ {best[1] + 1})  {seconds:.1f}s  ETA {timer.eta(epoch)}", flush=True)
+        if stop_early(args, epoch, start_epoch):
+            return False
+    print(f"done: best validation Dice {best[0]:.4f} at epoch {best[1] + 1}; {best_path}")
+    return True
 
 
-def model_from_checkpoint(ckpt):
-    """Rebuild a trained model from a stage I (pretrain) or stage III (finetune) checkpoint."""
-    cfg = ckpt["config"]
-    if ckpt["kind"] == "pretrain":
-        model = build_unet(cfg)
-    else:
-        model = build_unet({**cfg, "skip": "ref"})
-        if cfg["skip"] == "iac":
-            genotype = {"edges": cfg["genotype"], "concat": list(NODES)}
-            model.set_skips(IACSkips(genotype, model.skip_channels, model.up_channels, cfg.get("cell_channels")))
-        else:
-            model.set_skips(build_skips(cfg["skip"], model.skip_channels, model.up_channels, None))
-    model.load_state_dict(ckpt["model"])
-    return model
+def stop_early(args, epoch, start_epoch):
+    """--stop_after N: leave after N epochs of this invocation (a job time limit); --resume continues."""
+    if args.stop_after and epoch + 1 - start_epoch >= args.stop_after and epoch + 1 < args.epochs:
+        print(f"stopping after {args.stop_after} epochs as asked; continue with --resume")
+        return True
+    return False

@@ -304,30 +304,34 @@ def init_from_theta0(skips, theta0, strict_shapes=False):
 
 
 # --------------------------------------------------------------------------- genotype files
+class GenotypeError(ValueError):
+    """A genotype file that cannot be used: the message names the file and what is wrong."""
+
+
 def validate_genotype(g, source="genotype"):
-    """Raise ValueError naming what is wrong: unknown ops, bad node indices, nodes without 2 inputs."""
+    """Raise GenotypeError naming what is wrong: unknown ops, bad node indices, nodes without 2 inputs."""
     if not isinstance(g, dict) or "edges" not in g:
-        raise ValueError(f"{source}: not a genotype (no 'edges' list)")
+        raise GenotypeError(f"{source}: not a genotype (no 'edges' list)")
     counts = {j: 0 for j in NODES}
     seen = set()
     for item in g["edges"]:
         if not (isinstance(item, (list, tuple)) and len(item) == 3):
-            raise ValueError(f"{source}: edge {item!r} is not [op, src, dst]")
+            raise GenotypeError(f"{source}: edge {item!r} is not [op, src, dst]")
         op, src, dst = item
         if op not in OPS:
-            raise ValueError(f"{source}: unknown operation {op!r} on edge {src}->{dst}; known: {', '.join(OPS)}")
+            raise GenotypeError(f"{source}: unknown operation {op!r} on edge {src}->{dst}; known: {', '.join(OPS)}")
         if not (isinstance(src, int) and isinstance(dst, int)) or dst not in NODES or not 0 <= src < dst:
-            raise ValueError(f"{source}: bad node indices {src}->{dst}; nodes are 0-1 (inputs) and 2-5, src < dst")
+            raise GenotypeError(f"{source}: bad node indices {src}->{dst}; nodes are 0-1 (inputs) and 2-5, src < dst")
         if (src, dst) in seen:
-            raise ValueError(f"{source}: edge {src}->{dst} appears twice")
+            raise GenotypeError(f"{source}: edge {src}->{dst} appears twice")
         seen.add((src, dst))
         counts[dst] += 1
     bad = {j: n for j, n in counts.items() if n != 2}
     if bad:
-        raise ValueError(f"{source}: every node needs exactly 2 inputs; "
-                         + ", ".join(f"node {j} has {n}" for j, n in bad.items()))
+        raise GenotypeError(f"{source}: every node needs exactly 2 inputs; "
+                            + ", ".join(f"node {j} has {n}" for j, n in bad.items()))
     if list(g.get("concat", NODES)) != list(NODES):
-        raise ValueError(f"{source}: concat must be {list(NODES)}")
+        raise GenotypeError(f"{source}: concat must be {list(NODES)}")
 
 
 def write_genotype(path, genotype, search_info):
@@ -344,6 +348,6 @@ def read_genotype(path):
         with open(path) as f:
             g = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read genotype ({e})") from e
+        raise GenotypeError(f"{path}: cannot read genotype ({e})") from e
     validate_genotype(g, source=path)
     return g

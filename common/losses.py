@@ -32,27 +32,3 @@ class SegLoss(nn.Module):
 
     def forward(self, logits, target):
         return F.cross_entropy(logits.float(), target.long()) + soft_dice_loss(logits, target, self.smooth)
-
-
-class DeepSupervisionLoss(nn.Module):
-    """nnU-Net deep supervision: weights 1, 1/2, 1/4, ... (lowest resolution weight 0), normalised.
-
-    `outputs` is a list from full resolution down; targets are nearest-downsampled."""
-
-    def __init__(self, loss, n_outputs):
-        super().__init__()
-        w = torch.tensor([1 / 2 ** i for i in range(n_outputs)])
-        if n_outputs > 1:
-            w[-1] = 0
-        self.loss = loss
-        self.register_buffer("weights", w / w.sum())
-
-    def forward(self, outputs, target):
-        total = 0.0
-        for w, out in zip(self.weights, outputs):
-            if w == 0:
-                continue
-            t = target if out.shape[-2:] == target.shape[-2:] else \
-                F.interpolate(target[:, None].float(), size=out.shape[-2:], mode="nearest")[:, 0].long()
-            total = total + w * self.loss(out, t)
-        return total

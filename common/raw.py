@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
+from common.utils import InputError
+
 RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 
-class DataError(Exception):
+class DataError(InputError):
     """Bad raw input: the message names the case, the file and what to do."""
 
 

@@ -169,6 +169,18 @@ def end_of_epoch(skips, lth, mode, epoch, warmup):
     return {"importance": I, "js": js, "tau": tau, "pruned": pruned, "stopped": stopped}
 
 
+def expected_stop(active_ops, epochs):
+    """IAC-LTH's expected number of epochs, for the ETA: from the ops pruned per epoch since pruning began,
+    how long until one op per edge is left (capped at `epochs`); `epochs` while nothing is pruned yet.
+    `active_ops`: active op count after each epoch so far."""
+    full, last = len(EDGES) * len(OPS), len(EDGES)
+    first = next((i for i, n in enumerate(active_ops) if n < full), None)
+    if first is None:
+        return epochs
+    rate = (full - active_ops[-1]) / (len(active_ops) - first)          # ops per epoch since the first prune
+    return min(epochs, len(active_ops) + math.ceil((active_ops[-1] - last) / rate))
+
+
 def _list(t):
     return None if t is None else t.tolist()
 

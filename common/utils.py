@@ -1,7 +1,6 @@
-"""Run-folder plumbing shared by the stages: devices, seeding, atomic files, checkpoints, logs.
+"""Run-folder plumbing shared by the stages: errors, devices, seeding, atomic files, logs.
 
-No global state: every function takes what it needs. `rank` arguments default to 0 so
-the same calls work under torchrun later (only rank 0 writes).
+No global state: every function takes what it needs. Checkpoints live in common/checkpoints.py.
 """
 import argparse
 import json
@@ -14,14 +13,49 @@ import time
 import numpy as np
 import torch
 
+from common.iac import GenotypeError
+
+
+class InputError(ValueError):
+    """Bad input from the user (a path, a file, a flag, a value): the message names it and says what
+    to do; a stage run from the command line prints it as one line `error: ...` and exits 1."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite: the stage stops and keeps its last good checkpoints."""
+
+
+def cli(main, get_args, argv=None):
+    """Run a stage's main(get_args(argv)); bad input (InputError, GenotypeError) or a diverged loss ends it
+    with one line `error: ...` on stderr and exit code 1, not a traceback."""
+    try:
+        main(get_args(argv))
+    except (InputError, GenotypeError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def require_file(path, flag, hint):
+    """Refuse a missing input file with one line naming the flag, the path and where it comes from."""
+    if not path or not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: no such file ({hint})")
+    return path
+
+
+def add_device_flags(p):
+    """--device and the precision switches (--amp/--no-amp, --channels-last/--no-channels-last; the
+    underscore spellings --channels_last/--no-channels_last keep working)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--channels-last", "--channels_last", dest="channels_last", action=argparse.BooleanOptionalAction,
+                   default=True, help="channels_last memory format on CUDA")
+
 
 def add_run_flags(p):
     """The flags every training stage (02, 03, 04) shares: seed, device, precision, run folder, resume."""
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="channels_last on CUDA")
+    add_device_flags(p)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
@@ -30,12 +64,35 @@ def add_run_flags(p):
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
 
 
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} asked for but CUDA is not available")
-    return torch.device(name)
+def why_no_cuda():
+    if torch.version.cuda is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "no CUDA GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else
+                                       " (no driver, or no GPU on this machine)")
+
+
+def pick_device(name, say=print):
+    """--device -> torch.device. `auto` takes CUDA when a GPU is usable, else the CPU, and says which and
+    why; `cuda` / `cuda:N` without that GPU is an InputError, never a silent fall-back to the CPU."""
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              "cpu" if name == "auto" else name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: {why_no_cuda()}; use --device cpu or auto")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+        if name == "auto":
+            say(f"device: cuda ({torch.cuda.get_device_name(index)}), chosen by --device auto")
+    elif name == "auto":
+        say(f"device: cpu, chosen by --device auto because {why_no_cuda()}")
+    elif device.type != "cpu":
+        raise InputError(f"--device {name}: this project runs on cpu or cuda")
+    return device
 
 
 def seed_everything(seed, deterministic=False):
@@ -61,60 +118,31 @@ def run_metadata(args):
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def atomic_write_json(path, obj, rank=0):
-    if rank != 0:
-        return
+def atomic_write_json(path, obj):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
 
 
-def atomic_torch_save(obj, path, rank=0):
-    if rank != 0:
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, kind, map_location="cpu"):
-    """torch.load(weights_only=True) with a clear message for missing, corrupt or foreign files.
-
-    `kind` is the stage that wrote it ("pretrain", "search", "finetune", "theta0") or a tuple of them."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle error, foreign format: all mean "not ours"
-        raise SystemExit(f"error: cannot read checkpoint {path} ({type(e).__name__}: {e}); "
-                         "it is corrupt or was not written by this project") from e
-    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in kinds:
-        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise SystemExit(f"error: {path} is not a {' or '.join(kinds)} checkpoint of this project (found {found!r})")
-    return ckpt
-
-
 class JsonlLog:
     """Append-only JSON-lines log; on resume it drops lines past the resumed epoch."""
 
-    def __init__(self, path, resume_epoch=None, rank=0):
-        self.path, self.rank = path, rank
-        if rank != 0:
-            return
+    def __init__(self, path, resume_epoch=None):
+        self.path = path
         if resume_epoch is None:
             open(path, "w").close()
         elif os.path.exists(path):
             with open(path) as f:
                 keep = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) <= resume_epoch]
-            with open(path, "w") as f:
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
                 f.writelines(keep)
+            os.replace(tmp, path)
 
     def write(self, record):
-        if self.rank == 0:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def read_jsonl(path):

@@ -36,7 +36,6 @@ as stage II does; α, β step on val_search batches (nnU-Net's validation loader
 In `lth` mode the search trains on all of the fold's training cases.
 """
 import os
-import sys
 import time
 
 import numpy as np
@@ -45,12 +44,15 @@ import torch.nn as nn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.iac import (IACSearchSkips, IACSkips, init_from_theta0, make_theta0,  # noqa: E402
-                        read_genotype, write_genotype)
-from common.utils import JsonlLog, atomic_torch_save, load_checkpoint  # noqa: E402
-from common.search import (arch_optimizer, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state,  # noqa: E402
-                           search_step, search_summary, settings_from_env, trajectory_record, weight_optimizer)
+try:
+    from common.checkpoints import load_theta0_into, save_theta0
+except ImportError as e:
+    raise ImportError("the IAC-LTH project is not installed in this environment: run `pip install -e "
+                      "/path/to/iac-lth` (the folder above nnunet_iac/) and try again") from e
+from common.iac import IACSearchSkips, IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
+from common.search import (arch_optimizer, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state, search_step,
+                           search_summary, settings_from_env, trajectory_record, weight_optimizer)
+from common.utils import JsonlLog
 
 
 def _env(name, default=None, cast=str):
@@ -212,8 +214,7 @@ class nnUNetTrainerIAC(nnUNetTrainerIACRef):
             init = "theta0" if self.theta0_init else "fresh"
             if self.theta0_init:                          # IAC-LTH: reset the found cell to θ0
                 t_path = _env("IAC_THETA0", os.path.join(os.path.dirname(g_path), "theta0.pt"))
-                theta0 = load_checkpoint(t_path, "theta0")
-                init_from_theta0(unwrap(self.network).skips, theta0["state"], strict_shapes=True)
+                load_theta0_into(unwrap(self.network).skips, t_path, flag="IAC_THETA0")
             self.print_to_log_file(f"IAC cell: {g_path}, init {init}")
 
 
@@ -275,8 +276,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         theta0 = make_theta0(**geometry)
         init_from_theta0(skips, theta0)
         out = self.output_folder
-        atomic_torch_save({"kind": "theta0", "state": theta0, "geometry": geometry,
-                           "backbone": "nnU-Net PlainConvUNet"}, os.path.join(out, "theta0.pt"))
+        save_theta0(os.path.join(out, "theta0.pt"), theta0, geometry, "nnU-Net PlainConvUNet")
         w_opt = weight_optimizer(skips, s.lr_w)
         a_opt = arch_optimizer(skips, s.lr_arch, s.arch_betas, s.arch_weight_decay)
         lth = lth_state(s)

@@ -11,14 +11,13 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.raw import DataError, list_cases, load_case  # noqa: E402
+from common.raw import list_cases, load_case
+from common.utils import InputError, cli
 
 
 def get_args(argv=None):
@@ -32,7 +31,7 @@ def get_args(argv=None):
 
 def main(args):
     if os.path.exists(args.out):
-        raise SystemExit(f"error: {args.out} exists; remove it first")
+        raise InputError(f"{args.out} exists; remove it first")
     info = list_cases(args.dataset, args.raw, args.modality)
     mods = {c.modality for c in info.cases}
     tmp = args.out.rstrip("/") + ".tmp"
@@ -60,8 +59,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main, get_args)

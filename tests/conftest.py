@@ -1,13 +1,11 @@
 """Shared fixtures: one tiny ACDC phantom, preprocessed once, and a 2-epoch backbone."""
 import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # common/ is installed: `pip install -e .`
 torch.set_num_threads(2)
 
 

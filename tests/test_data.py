@@ -21,7 +21,7 @@ EXPECTED = {"acdc": (1, 3), "brats2021": (4, 3), "brats2023": (4, 3), "kits": (1
 
 def preprocess(scripts, dataset, raw, out, *extra):
     m = scripts["01_preprocess"]
-    m.main(m.get_args(["--dataset", dataset, "--raw", raw, "--out", out, "--crop", "48", "48", "--workers", "1",
+    m.main(m.get_args(["--dataset", dataset, "--raw", raw, "--out", out, "--crop", "64", "64", "--workers", "1",
                        *extra]))
     return os.path.join(out, "slices.h5"), os.path.join(out, "splits.json")
 
@@ -33,11 +33,11 @@ def test_every_layout(tmp_path, scripts, layout):
     h5, sp = preprocess(scripts, LAYOUT_TO_DATASET[layout], raw, str(tmp_path / "out"))
     meta = read_meta(h5)
     n_ch, n_cls = EXPECTED[layout]
-    assert meta["shape"][1:] == (n_ch, 48, 48)
+    assert meta["shape"][1:] == (n_ch, 64, 64)
     assert len(meta["class_names"]) == n_cls
     with h5py.File(h5) as f:
         assert f["images"].dtype == np.float32 and f["labels"].dtype == np.uint8
-        assert f["images"].chunks == (1, n_ch, 48, 48)
+        assert f["images"].chunks == (1, n_ch, 64, 64)
         labels = f["labels"][:]
         assert labels.max() <= n_cls and np.isfinite(f["images"][:]).all()
     splits = json.load(open(sp))

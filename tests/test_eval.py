@@ -13,6 +13,7 @@ from common.analysis import (arch_epochs, cosine_matrix, fisher_combined, first_
                              hamming_similarity_matrix, paired_comparison, topk_masks)
 from common.iac import EDGES, OPS, edge_weights, op_weights, write_genotype
 from common.data import read_meta
+from common.utils import InputError
 from conftest import data_args
 from test_iac import GENO
 
@@ -92,14 +93,14 @@ def test_evaluate_rejects_bad_inputs(tmp_path, scripts, acdc, backbone):
     splits = json.load(open(os.path.join(acdc[1], "splits.json")))
     empty = str(tmp_path / "splits.json")
     json.dump({**splits, "test": []}, open(empty, "w"))
-    with pytest.raises(SystemExit, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         e.main(e.get_args(["--data", data_args(acdc)[1], "--splits", empty, "--run", f"r={backbone}",
                            "--out", str(tmp_path / "o")]))
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     write_genotype(str(lonely / "genotype.json"), GENO, {"mode": "lth", "epochs_run": 1, "seconds": 1.0,
                                                          "encoder": "base", "dataset": "acdc"})
-    with pytest.raises(SystemExit, match="no trajectory"):
+    with pytest.raises(InputError, match="no trajectory"):
         e.main(e.get_args([*data_args(acdc), "--search", f"x={lonely}", "--out", str(tmp_path / "o")]))
 
 

@@ -12,6 +12,7 @@ from common.iac import (EDGES, OPS, IACSearchSkips, IACSkips, cap_edge_weights, 
 from common.search import TAU0_REL, settings_from_env
 from common.lth import LTHState, all_edges_single, importance_distribution, js_divergence, ops_to_prune
 from common.data import load_splits, read_meta
+from common.utils import InputError
 from conftest import data_args
 
 GENO = {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["dil_conv_5x5", 0, 3], ["max_pool_3x3", 2, 3],
@@ -301,7 +302,7 @@ def test_backbone_bit_identical_after_search_epochs(scripts, acdc, backbone, mod
     s = scripts["03_search"]
     args = s.get_args(search_args(acdc, backbone, "unused", mode, "--warmup", "0"))
     meta = read_meta(args.data)
-    from common.engine import load_frozen_backbone
+    from common.checkpoints import load_frozen_backbone
     model, ck = load_frozen_backbone(args.backbone, meta)
     skips = IACSearchSkips(model.skip_channels, model.up_channels)
     model.set_skips(skips)
@@ -352,5 +353,5 @@ def test_lth_resume_after_pruning(tmp_path, scripts, acdc, backbone):
         f = [x for x in flags if x not in ("--gamma", "1.5", "--tau0", "0.05")] + \
             (["--gamma", "1.5"] if "--gamma" not in changed else []) + \
             (["--tau0", "0.05"] if "--tau0_rel" not in changed else []) + changed
-        with pytest.raises(SystemExit, match="other settings.*" + changed[0].lstrip("-")):
+        with pytest.raises(InputError, match="other settings.*" + changed[0].lstrip("-")):
             s.main(s.get_args(search_args(acdc, backbone, c, "lth", "--epochs", "5", "--resume", *f)))

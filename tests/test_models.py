@@ -10,6 +10,7 @@ from common.backbones import ENCODERS, UNet
 from common.losses import SegLoss, soft_dice_loss
 from common.metrics import dice_from_counts, mean_foreground, patient_dice
 from common.skips import SKIP_TYPES
+from common.utils import InputError
 from conftest import data_args
 
 
@@ -88,7 +89,7 @@ def test_pretrain_resume_equals_unbroken(tmp_path, scripts, acdc):
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
     assert len(open(os.path.join(b, "log.jsonl")).readlines()) == 3
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(InputError, match="already holds a run"):
         m.main(m.get_args(common + ["--epochs", "3", "--out", a]))
 
 
@@ -99,7 +100,7 @@ def test_bad_checkpoints_refused(tmp_path, scripts, acdc, backbone):
     foreign = str(tmp_path / "foreign.pt")
     torch.save({"state_dict": {}}, foreign)
     for path, msg in ((str(bad), "corrupt"), (foreign, "not a pretrain checkpoint")):
-        with pytest.raises(SystemExit, match=msg):
+        with pytest.raises(InputError, match=msg):
             s.main(s.get_args(["--backbone", path, *data_args(acdc), "--out", str(tmp_path / "o")]))
 
 
@@ -109,20 +110,9 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, scripts, acdc, monkeypat
     common = data_args(acdc) + ["--width", "8", "--batch_size", "16", "--out", out]
     m.main(m.get_args(common + ["--epochs", "1"]))
     before = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
-    from common.engine import NonFiniteLoss
+    from common.utils import NonFiniteLoss
     monkeypatch.setattr(m, "SegLoss", lambda: (lambda logits, target: logits.mean() * float("nan")))
     with pytest.raises(NonFiniteLoss, match="last good"):
         m.main(m.get_args(common + ["--epochs", "2", "--resume"]))
     after = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
     assert after["epoch"] == before["epoch"] == 0
-
-
-def test_deep_supervision_weights():
-    from common.losses import DeepSupervisionLoss
-    target = torch.randint(0, 3, (2, 16, 16))
-    outs = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
-    ds = DeepSupervisionLoss(SegLoss(), 3)
-    torch.testing.assert_close(ds.weights, torch.tensor([2 / 3, 1 / 3, 0.0]))   # nnU-Net: 1, 1/2, lowest 0
-    t8 = F.interpolate(target[:, None].float(), size=(8, 8), mode="nearest")[:, 0].long()
-    expected = 2 / 3 * SegLoss()(outs[0], target) + 1 / 3 * SegLoss()(outs[1], t8)
-    torch.testing.assert_close(ds(outs, target), expected)

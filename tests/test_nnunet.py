@@ -11,7 +11,6 @@ import torch
 nnunetv2 = pytest.importorskip("nnunetv2", reason="requirements-nnunet.txt is not installed")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "nnunet_iac"))
 BIN = os.path.dirname(sys.executable)
 GENO = {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["dil_conv_5x5", 0, 3], ["max_pool_3x3", 2, 3],
                   ["avg_pool_3x3", 1, 4], ["sep_conv_5x5", 3, 4], ["dil_conv_3x3", 2, 5], ["skip_connect", 4, 5]],
@@ -28,7 +27,7 @@ def plain_unet(deep_supervision):
 @pytest.mark.parametrize("deep_supervision", [True, False])
 @pytest.mark.parametrize("search", [True, False])
 def test_iac_unet_keeps_skip_shapes(deep_supervision, search):
-    from iac_trainers import IACUNet
+    from nnunet_iac.iac_trainers import IACUNet
     from common.iac import IACSearchSkips, IACSkips
     net = plain_unet(deep_supervision)
     ch = list(net.encoder.output_channels[:-1])
@@ -80,7 +79,7 @@ def test_nnunet_pipeline(tmp_path):
          env)
     _train("nnUNetTrainerIACRef", env)
     ref_ckpt = _fold(tmp_path, "nnUNetTrainerIACRef") / "checkpoint_final.pth"
-    from iac_trainers import load_nnunet_checkpoint
+    from nnunet_iac.iac_trainers import load_nnunet_checkpoint
     ref = load_nnunet_checkpoint(ref_ckpt)["network_weights"]
 
     search_env = dict(env, IAC_EPOCHS="9", IAC_WARMUP="1", IAC_TAU0="10", IAC_GAMMA="1.1")
@@ -138,7 +137,7 @@ class _CM:
 
 
 def test_clear_errors(tmp_path, monkeypatch):
-    from iac_trainers import nnUNetTrainerIAC, load_reference
+    from nnunet_iac.iac_trainers import nnUNetTrainerIAC, load_reference
     monkeypatch.delenv("IAC_GENOTYPE", raising=False)
     with pytest.raises(RuntimeError, match="IAC_GENOTYPE is not set"):
         nnUNetTrainerIAC.build_network_architecture(None, _CM(), 1, 3, True)
@@ -157,7 +156,7 @@ def test_clear_errors(tmp_path, monkeypatch):
 
 
 def test_search_halves():
-    from iac_trainers import search_halves
+    from nnunet_iac.iac_trainers import search_halves
     tr, va = search_halves([f"c{i}" for i in range(7)])
     assert len(tr) == 4 and len(va) == 3 and not set(tr) & set(va) and sorted(tr + va) == [f"c{i}" for i in range(7)]
     assert (tr, va) == search_halves([f"c{i}" for i in reversed(range(7))])     # seeded, order-free
@@ -166,7 +165,7 @@ def test_search_halves():
 
 
 def test_noda_variants_and_missing_nnunet_variables(monkeypatch):
-    import iac_trainers
+    from nnunet_iac import iac_trainers
     from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
     for name in ("nnUNetTrainerIACRef", "nnUNetTrainerIACSearchLTH", "nnUNetTrainerIACSearchFull", "nnUNetTrainerIAC",
                  "nnUNetTrainerIACLTH"):
