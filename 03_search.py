@@ -147,9 +147,9 @@ def main(args):
         save_checkpoint(search_checkpoint(skips, a_opt, lth, epoch, seconds, args, geometry), last)
         active_ops.append(active)
         end = expected_stop(active_ops, args.epochs) if args.mode == "lth" else args.epochs
-        eta = f"ETA {timer.eta(epoch, end)}" + ("" if args.mode == "full" else
-                                                 f" (expected stop at epoch {end}, from the pruning rate)"
-                                                 if end < args.epochs else " (at most: nothing pruned yet)")
+        note = "" if args.mode == "full" else (" (at most: nothing pruned yet)" if active == len(EDGES) * len(OPS)
+                                               else f" (expected stop at epoch {end}, from the pruning rate)")
+        eta = f"ETA {timer.eta(epoch, end)}{note}"
         print(f"epoch {epoch + 1}/{args.epochs} [{args.mode}]  loss {losses['train_loss']:.4f}  active ops "
               f"{active}/{len(EDGES) * len(OPS)}  pruned {len(pruned)}  {epoch_s:.1f}s  {eta}"
               + ("  (warm-up)" if epoch < args.warmup else ""), flush=True)
