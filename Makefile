@@ -18,11 +18,16 @@ $(VENV)/.installed-nnunet: $(VENV)/.installed requirements-nnunet.txt
 	$(VENV)/bin/pip install -r requirements-nnunet.txt
 	touch $@
 
+# test-only libraries (an independent HD95 / NSD implementation to check ours against)
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(VENV)/bin/pip install -r requirements-test.txt
+	touch $@
+
 demo: $(VENV)/.installed
 	PYTHON=$(PYTHON) DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself
-test: $(VENV)/.installed $(VENV)/.installed-nnunet
+test: $(VENV)/.installed $(VENV)/.installed-nnunet $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 bench: $(VENV)/.installed

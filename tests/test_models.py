@@ -116,3 +116,51 @@ def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, scripts, acdc, monkeypat
         m.main(m.get_args(common + ["--epochs", "2", "--resume"]))
     after = torch.load(os.path.join(out, "ckpt_last.pt"), weights_only=True)
     assert after["epoch"] == before["epoch"] == 0
+
+
+# --------------------------------------------------------------------------- surface metrics
+def _blob(rng, shape):
+    """A random smooth 3-D shape (thresholded noise), never empty."""
+    from scipy import ndimage
+    m = ndimage.gaussian_filter(rng.normal(size=shape), 2.0) > 0.05
+    m[tuple(s // 2 for s in shape)] = True
+    return m
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hd95_and_nsd_equal_monai(seed):
+    monai_metrics = pytest.importorskip("monai.metrics", reason="requirements-test.txt is not installed")
+    from common.metrics import region_metrics
+    rng = np.random.default_rng(seed)
+    shape = (24, 20, 12)
+    spacing = [(1.0, 1.0, 1.0), (0.7, 0.9, 3.0), (1.5, 0.6, 5.0), (0.8, 0.8, 1.2)][seed]
+    pred, gt = _blob(rng, shape), _blob(rng, shape)
+    ours = region_metrics(pred, gt, spacing, tolerance=2.0)
+    p, g = (torch.from_numpy(m[None, None].astype(np.float32)) for m in (pred, gt))
+    hd = monai_metrics.compute_hausdorff_distance(p, g, include_background=True, percentile=95,
+                                                  spacing=list(spacing)).item()
+    nsd = monai_metrics.compute_surface_dice(p, g, class_thresholds=[2.0], include_background=True,
+                                             spacing=list(spacing)).item()
+    assert ours["hd95"] == pytest.approx(hd, rel=1e-5) and ours["nsd"] == pytest.approx(nsd, rel=1e-6)
+    assert ours["dice"] == pytest.approx(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
+
+
+def test_surface_metric_conventions():
+    from common.metrics import case_metrics, region_metrics
+    empty, full = np.zeros((4, 5, 6), bool), np.zeros((4, 5, 6), bool)
+    full[1:3, 1:3, 1:3] = True
+    r = region_metrics(empty, empty, (1, 1, 1), 1.0)
+    assert all(np.isnan(r[m]) for m in ("dice", "hd95", "nsd"))               # left out of means
+    assert region_metrics(empty, empty, (1, 1, 1), 1.0, both_empty=1.0) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0}
+    r = region_metrics(full, empty, (1, 2, 3), 1.0)
+    assert r["dice"] == 0 and r["nsd"] == 0 and r["hd95"] == pytest.approx(np.sqrt(4 ** 2 + 10 ** 2 + 18 ** 2))
+    assert region_metrics(full, full, (1, 2, 3), 0.0) == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0}
+    shifted = np.roll(full, 1, axis=2)                                         # one 3-mm voxel along z
+    r = region_metrics(shifted, full, (1, 2, 3), 2.9)
+    assert r["hd95"] == pytest.approx(3.0) and r["nsd"] < 1
+    lab = np.zeros((4, 5, 6), np.uint8)
+    lab[full] = 2
+    rows = dict(((reg, m), v) for reg, m, v in case_metrics(lab, lab, (1, 1, 1), {"a": [1], "ab": [1, 2]}, 1.0))
+    assert np.isnan(rows["a", "dice"]) and rows["ab", "dice"] == 1.0
+    with pytest.raises(ValueError, match="do not match"):
+        region_metrics(full, full[:3], (1, 1, 1), 1.0)
