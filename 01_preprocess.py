@@ -4,7 +4,8 @@ In:  a raw folder in the layout of ACDC, BraTS 2021/2023, KiTS 21/23, AMOS22 or 
 Out: OUT/slices.h5 (normalised, centre-cropped axial slices of every case, with the
      geometry to put predictions back into the original NIfTI space), OUT/splits.json
      (patient-wise 60/20/20 train/val/test and the train_search/val_search halves),
-     OUT/args.json.
+     OUT/crop_report.json (foreground voxels the crop drops, per case and in total; a warning
+     above 0.5%), OUT/args.json.
 
     python 01_preprocess.py --dataset acdc --raw /data/ACDC/database --out runs/acdc/data
     python 01_preprocess.py --make_phantom runs/phantom_raw --layout acdc --patients 20
@@ -19,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from common.data import ct_statistics, foreground_sample_job, process_case_job, write_slices
+from common.data import ct_statistics, foreground_sample_job, process_case_job, read_meta, write_slices
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, list_cases
 from common.utils import InputError, atomic_write_json, cli, run_metadata
@@ -70,6 +71,24 @@ def split_patients(patient_ids, fractions, seed):
     return {k: sorted(v) for k, v in parts.items()}
 
 
+def crop_report(args, meta_path, warn_above=0.005):
+    """Foreground the crop drops, per case and in total: printed, warned above 0.5%, kept in OUT/crop_report.json."""
+    meta = read_meta(meta_path)
+    c = meta["cases"]
+    lost = {cid: (int(lo), int(n)) for cid, lo, n in zip(c["case_id"], c["fg_lost"], c["fg_voxels"])}
+    total_lost, total = sum(lo for lo, _ in lost.values()), sum(n for _, n in lost.values())
+    bad = {cid: lo / n for cid, (lo, n) in lost.items() if n and lo / n > warn_above}
+    for cid, frac in sorted(bad.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"warning: case {cid}: the crop drops {frac:.1%} of its foreground voxels")
+    share = total_lost / max(total, 1)
+    print(f"crop {args.crop[0]}x{args.crop[1]}: {share:.2%} of all foreground voxels fall outside it"
+          + (f" ({len(bad)} cases above {warn_above:.1%}; see the README on --crop / --spacing)" if bad else ""))
+    atomic_write_json(os.path.join(args.out, "crop_report.json"),
+                      {"crop": list(args.crop), "spacing": args.spacing, "foreground_lost_fraction": share,
+                       "cases_above_warning": len(bad), "warning_above": warn_above,
+                       "per_case": {cid: {"foreground_voxels": n, "lost": lo} for cid, (lo, n) in lost.items()}})
+
+
 def main(args):
     if args.make_phantom:
         write_phantom(args.make_phantom, args.layout, args.patients, seed=args.seed, size=args.phantom_size)
@@ -101,7 +120,8 @@ def main(args):
         attrs = {"dataset": info.dataset, "modalities": info.modalities, "class_names": info.class_names,
                  "normalisation": {"mri": "z-score over non-zero voxels per volume and channel",
                                    "ct": ct_stats},
-                 "crop": list(args.crop), "spacing": args.spacing}
+                 "crop": list(args.crop), "spacing": args.spacing,
+                 "label_values": [v for v, _ in sorted(info.label_map.items(), key=lambda kv: kv[1])]}
         tmp = out_h5 + f".tmp{os.getpid()}"
         try:
             jobs = [(c, info, list(args.crop), args.spacing, ct_stats) for c in info.cases]
@@ -111,6 +131,7 @@ def main(args):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    crop_report(args, meta_path=out_h5)
     case_parts = {k: [c.case_id for c in info.cases if c.patient_id in set(v)] for k, v in parts.items()}
     atomic_write_json(out_splits, {"dataset": info.dataset, "seed": args.seed, "fractions": args.fractions,
                                    "unit": "case", "patients": parts, **case_parts})

@@ -3,13 +3,16 @@
 In:  slices.h5, splits.json, runs of 02_pretrain.py / 04_finetune.py (`--run NAME=DIR`,
      repeatable; the same NAME for several backbones or seeds), searches of 03_search.py
      (`--search NAME=DIR`) for the search-cost table and the dynamics analysis.
-Out: OUT/per_patient.csv (method, backbone, seed, patient, class, dice),
-     OUT/summary.csv|md (per-class and mean foreground Dice, mean ± std over seeds),
-     OUT/paired.csv|md (ΔDice vs the reference: mean, 95% bootstrap CI, Wilcoxon p,
+Out: OUT/per_patient.csv (method, backbone, seed, patient, region, metric, value): Dice, HD95 (mm)
+     and NSD of every region the data set is scored on (BraTS WT/TC/ET, KiTS kidney+masses /
+     masses / tumour, ACDC RV/MYO/LV, else per class), on whole volumes in each case's original
+     geometry against its original label file (common/metrics.py states the conventions),
+     OUT/summary.csv|md (per region and the mean over regions, mean ± std over seeds, per metric),
+     OUT/paired.csv|md (ΔDice of the case's mean Dice vs the reference: mean, 95% bootstrap CI, Wilcoxon p,
      Fisher-combined p across backbones; Tables 1-3), OUT/search_cost.csv|md (Tables 4-5),
      OUT/dynamics/ (cosine / top-k Hamming similarity, first-entry epochs; CSV and PNG,
      like Figs 3-7), OUT/overlay.png, and with --save_nifti DIR predictions as NIfTI in
-     each case's original geometry.
+     each case's original geometry with the data set's own label values.
 
     python 05_evaluate.py --data D/slices.h5 --splits D/splits.json --run ref=runs/ref \
         --run iac=runs/iac --run iac_lth=runs/iac_lth --search full=runs/search_full \
@@ -28,10 +31,11 @@ from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, cosine_matrix, fi
                              genotype_masks, hamming_similarity_matrix, importance_tensor, paired_comparison,
                              topk_masks)
 from common.checkpoints import check_same_data, load_checkpoint, model_from_checkpoint
-from common.data import iter_cases, load_splits, read_meta, slices_to_nifti
+from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
 from common.engine import evaluate_cases
 from common.iac import read_genotype
-from common.metrics import patient_dice
+from common.metrics import case_metrics
+from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
 from common.utils import InputError, add_device_flags, atomic_write_json, cli, pick_device, read_jsonl, run_metadata
 
 
@@ -48,6 +52,8 @@ def get_args(argv=None):
     p.add_argument("--split", default="test", choices=["test", "val"], help="cases to evaluate")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save_nifti", default=None, metavar="DIR", help="write predictions as NIfTI under DIR/NAME/")
+    p.add_argument("--nsd_tolerance", type=float, default=None,
+                   help="NSD tolerance in mm (default: the data set's, common/raw.py NSD_TOLERANCE_MM)")
     p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples")
     add_device_flags(p)
     return p.parse_args(argv)
@@ -71,8 +77,22 @@ def to_markdown(df, floatfmt=".4f"):
     return "\n".join(lines) + "\n"
 
 
+def scoring(args, dataset, class_names):
+    """Regions, NSD tolerance (mm) and the both-empty rule of a data set."""
+    tol = args.nsd_tolerance if args.nsd_tolerance is not None else NSD_TOLERANCE_MM.get(dataset, 1.0)
+    return regions_of(dataset, class_names), tol, BOTH_EMPTY.get(dataset, np.nan)
+
+
+def metric_rows(key, patient, pred, gt, spacing, score):
+    regions, tol, both_empty = score
+    return [{"method": key[0], "backbone": key[1], "seed": key[2], "patient": patient, "region": region,
+             "metric": metric, "value": float(v)} for region, metric, v in case_metrics(pred, gt, spacing, regions, tol,
+                                                                                          both_empty)]
+
+
 def evaluate_runs(args, meta, cases, device):
-    rows, preds, info = [], {}, []
+    """Predict the cases with every run, then score each case once its original label is read (once)."""
+    preds, info = {}, []
     K = len(meta["class_names"]) + 1
     for name, d in parse_pairs(args.run, "--run"):
         path = os.path.join(d, "ckpt_best.pt")
@@ -81,27 +101,34 @@ def evaluate_runs(args, meta, cases, device):
         model = model_from_checkpoint(ckpt).to(device)
         backbone, seed = ckpt["config"]["encoder"], ckpt["args"]["seed"]
         cl = args.channels_last and device.type == "cuda"
-        per_case, score, pr = evaluate_cases(model, args.data, cases, K, device, args.amp and device.type == "cuda",
-                                             cl, keep_pred=True, meta=meta, desc=f"predict {name}")
-        preds[name, backbone, seed] = pr
+        _, _, preds[name, backbone, seed] = evaluate_cases(model, args.data, cases, K, device,
+                                                           args.amp and device.type == "cuda", cl, keep_pred=True,
+                                                           meta=meta, desc=f"predict {name}")
         info.append((name, d, backbone, seed))
-        print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean foreground Dice {score:.4f} on {len(cases)} cases")
-        for case, dice in per_case.items():
-            for cname, v in zip(meta["class_names"], dice):
-                rows.append({"method": name, "backbone": backbone, "seed": seed, "patient": case, "class": cname,
-                             "dice": float(v)})
-    return pd.DataFrame(rows), preds, info
+    score = scoring(args, meta["dataset"], meta["class_names"])
+    rows = []
+    for case in cases:                                       # whole volumes, original geometry and label file
+        gt, spacing = original_label(meta, case)
+        for key, pr in preds.items():
+            rows += metric_rows(key, case, slices_to_volume(pr[case], meta, case), gt, spacing, score)
+    df = pd.DataFrame(rows)
+    for name, _, backbone, seed in info:
+        sel = df[(df["method"] == name) & (df["backbone"] == backbone) & (df["seed"] == seed) & (df["metric"] == "dice")]
+        print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean Dice {case_means(sel)['value'].mean():.4f} "
+              f"over {', '.join(score[0])} on {len(cases)} cases")
+    return df, preds, info
 
 
 def evaluate_nnunet(args):
-    """Per-case Dice of nnU-Net prediction folders against the raw labels (whole volumes)."""
+    """Every metric of nnU-Net prediction folders against the raw labels (whole volumes)."""
     if not args.nnunet_gt:
         raise InputError("--nnunet_pred needs --nnunet_gt (the labelsTr folder of the raw data set)")
     ds_json = os.path.join(os.path.dirname(os.path.abspath(args.nnunet_gt)), "dataset.json")
     if not os.path.isfile(ds_json):
         raise InputError(f"--nnunet_gt {args.nnunet_gt}: no dataset.json beside it ({ds_json})")
-    labels = json.load(open(ds_json))["labels"]
-    names = [n for n, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0]
+    ds = json.load(open(ds_json))
+    names = [n for n, v in sorted(ds["labels"].items(), key=lambda kv: kv[1]) if v != 0]
+    score = scoring(args, ds.get("source", "nnunet"), names)          # the converter records the data set
     rows = []
     for name, d in parse_pairs(args.nnunet_pred, "--nnunet_pred"):
         name, _, seed = name.partition("@")
@@ -112,33 +139,42 @@ def evaluate_nnunet(args):
             gt_path = os.path.join(args.nnunet_gt, fn)
             if not os.path.isfile(gt_path):
                 raise InputError(f"prediction {fn} in {d} has no label {gt_path}")
-            pred, gt = np.asarray(nib.load(os.path.join(d, fn)).dataobj), np.asarray(nib.load(gt_path).dataobj)
+            gt_img = nib.load(gt_path)
+            pred, gt = np.asarray(nib.load(os.path.join(d, fn)).dataobj), np.asarray(gt_img.dataobj)
             if pred.shape != gt.shape:
                 raise InputError(f"{fn}: prediction {pred.shape} and label {gt.shape} differ in shape")
-            for cname, v in zip(names, patient_dice(pred, gt, len(names) + 1)):
-                rows.append({"method": name, "backbone": "nnunet_2d", "seed": int(seed or 0),
-                             "patient": fn[:-len(".nii.gz")], "class": cname, "dice": float(v)})
+            rows += metric_rows((name, "nnunet_2d", int(seed or 0)), fn[:-len(".nii.gz")], pred, gt,
+                                tuple(float(z) for z in gt_img.header.get_zooms()[:3]), score)
         print(f"{name:>12s}  nnU-Net 2d seed {seed or 0}: {len(files)} cases")
     return pd.DataFrame(rows), names
 
 
+def case_means(df):
+    """One value per case and run: the mean over the regions (NaN regions left out)."""
+    return df.groupby(["method", "backbone", "seed", "patient"], sort=False)["value"].mean().reset_index()
+
+
 def summarise(df):
-    case_mean = df.groupby(["method", "backbone", "seed", "patient"], sort=False)["dice"].mean().reset_index()
-    per_class = df.groupby(["method", "backbone", "seed", "class"], sort=False)["dice"].mean().unstack("class")
-    per_class["mean_fg"] = case_mean.groupby(["method", "backbone", "seed"], sort=False)["dice"].mean()
-    agg = per_class.groupby(["method", "backbone"], sort=False).agg(["mean", "std"])
-    table = pd.DataFrame(index=agg.index)
-    n_seeds = per_class.groupby(["method", "backbone"], sort=False).size()
-    for col in per_class.columns:                     # mean ± std over seeds; the mean alone for one seed
-        m, s = agg[(col, "mean")], agg[(col, "std")]
-        table[col] = [f"{a:.4f} ± {b:.4f}" if n > 1 else f"{a:.4f}" for a, b, n in zip(m, s, n_seeds)]
-    table["seeds"] = n_seeds
-    return table.reset_index(), case_mean
+    """Per metric: mean over cases of every region and of the case mean over regions, mean ± std over seeds."""
+    tables = []
+    for metric, dm in df.groupby("metric", sort=False):
+        per_region = dm.groupby(["method", "backbone", "seed", "region"], sort=False)["value"].mean().unstack("region")
+        per_region = per_region[list(dict.fromkeys(dm["region"]))]
+        per_region["mean"] = case_means(dm).groupby(["method", "backbone", "seed"], sort=False)["value"].mean()
+        agg = per_region.groupby(["method", "backbone"], sort=False).agg(["mean", "std"])
+        n_seeds = per_region.groupby(["method", "backbone"], sort=False).size()
+        table = pd.DataFrame(index=agg.index)
+        for col in per_region.columns:                 # mean ± std over seeds; the mean alone for one seed
+            m, sd = agg[(col, "mean")], agg[(col, "std")]
+            table[col] = [f"{a:.4f} ± {b:.4f}" if n > 1 else f"{a:.4f}" for a, b, n in zip(m, sd, n_seeds)]
+        table["seeds"] = n_seeds
+        tables.append(table.reset_index().assign(metric=metric))
+    return pd.concat(tables, ignore_index=True), case_means(df[df["metric"] == "dice"])
 
 
 def paired_table(case_mean, reference, n_boot):
     """ΔDice of each method vs the reference per backbone (case Dice averaged over seeds), Fisher across backbones."""
-    per = case_mean.groupby(["method", "backbone", "patient"], sort=False)["dice"].mean().unstack("patient")
+    per = case_mean.groupby(["method", "backbone", "patient"], sort=False)["value"].mean().unstack("patient")
     rows = []
     for (method, backbone), vals in per.iterrows():
         if method == reference or (reference, backbone) not in per.index:
@@ -298,11 +334,14 @@ def main(args):
         reference = args.reference or names[0]
         paired = paired_table(case_mean, reference, args.n_boot)
         paired.to_csv(os.path.join(args.out, "paired.csv"), index=False)
+        titles = {"dice": "Dice", "hd95": "HD95 (mm, lower is better)", "nsd": "NSD (normalised surface Dice)"}
         with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write(f"## Patient-level Dice on {n_cases} {args.split} cases ({dataset})\n\n")
-            f.write(to_markdown(summary))
+            for metric, t in summary.groupby("metric", sort=False):
+                f.write(f"## Patient-level {titles[metric]} on {n_cases} {args.split} cases ({dataset}), whole "
+                        "volumes\n\n" + to_markdown(t.drop(columns="metric").dropna(axis=1, how="all")) + "\n")
         with open(os.path.join(args.out, "paired.md"), "w") as f:
-            f.write(f"## ΔDice vs {reference} (mean, 95% bootstrap CI, Wilcoxon p, Fisher p across backbones)\n\n")
+            f.write(f"## ΔDice (case mean over regions) vs {reference} (mean, 95% bootstrap CI, Wilcoxon p, "
+                    "Fisher p across backbones)\n\n")
             f.write(to_markdown(paired) if not paired.empty else "no paired comparison\n")
         print("\n" + open(os.path.join(args.out, "summary.md")).read())
         print(open(os.path.join(args.out, "paired.md")).read())

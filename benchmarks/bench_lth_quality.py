@@ -55,7 +55,8 @@ def main():
         run(["05_evaluate.py", *data[:4], "--run", f"iac={d}/cell_full", "--run", f"iac_lth={d}/cell_lth",
              "--reference", "iac", "--n_boot", "999", "--out", f"{d}/eval"], threads=a.threads)
         df = pd.read_csv(f"{d}/eval/per_patient.csv")
-        dice = df.groupby(["method", "patient"])["dice"].mean().groupby("method").mean()
+        df = df[df["metric"] == "dice"]
+        dice = df.groupby(["method", "patient"])["value"].mean().groupby("method").mean()
         s = {m: json.load(open(f"{d}/{m}/genotype.json"))["search"] for m in ("full", "lth")}
         rows.append({"seed": seed, "Dice IAC (full)": dice["iac"], "Dice IAC-LTH": dice["iac_lth"],
                      "ΔDice": dice["iac_lth"] - dice["iac"], "LTH ops in full top-3": top3_share(f"{d}/lth", f"{d}/full"),

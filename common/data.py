@@ -9,8 +9,10 @@ PyTorch Dataset, and the way back to NIfTI.
     cases/        CASE_STRINGS: case_id, patient_id, modality, source (JSON list of the raw files);
                   CASE_TABLES: first_slice, n_slices, orig_shape (3), orig_affine (4x4),
                   canonical_shape (3), work_shape (2: in-plane shape after optional resampling),
-                  crop_start (2, negative = padding)
-    attrs         FILE_ATTRS, each JSON: dataset, modalities, class_names, normalisation, crop, spacing
+                  crop_start (2, negative = padding), fg_voxels / fg_lost (foreground voxels of the
+                  resampled volume / of those, outside the crop; older files lack both)
+    attrs         FILE_ATTRS, each JSON: dataset, modalities, class_names, normalisation, crop, spacing,
+                  label_values (the data set's own label value of each index 0..K; older files lack it)
 The slices of a case are contiguous; `meta` (from read_meta) is read once per stage and passed on.
 """
 import json
@@ -28,9 +30,10 @@ from torch.utils.data import Dataset, default_collate
 from common.raw import from_canonical, load_case
 from common.utils import InputError, require_file
 
-FILE_ATTRS = ("dataset", "modalities", "class_names", "normalisation", "crop", "spacing")
+FILE_ATTRS = ("dataset", "modalities", "class_names", "normalisation", "crop", "spacing", "label_values")
 CASE_STRINGS = ("case_id", "patient_id", "modality", "source")
-CASE_TABLES = ("first_slice", "n_slices", "orig_shape", "orig_affine", "canonical_shape", "work_shape", "crop_start")
+CASE_TABLES = ("first_slice", "n_slices", "orig_shape", "orig_affine", "canonical_shape", "work_shape", "crop_start",
+               "fg_voxels", "fg_lost")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -117,8 +120,10 @@ def process_case(case, info, crop, spacing, ct_stats):
         img = resample_inplane(img, work, order=1)
         lab = resample_inplane(lab, work, order=0)
     start = crop_start(work, crop)
+    fg_voxels = int((lab > 0).sum())
     img = crop_or_pad(img, start, crop, fill=float(img.min()))
     lab = crop_or_pad(lab, start, crop, fill=0)
+    fg_lost = fg_voxels - int((lab > 0).sum())                     # foreground the crop leaves outside
     anis = c["spacing"]
     warn = None
     if anis[2] < 0.8 * max(anis[:2]):
@@ -127,7 +132,8 @@ def process_case(case, info, crop, spacing, ct_stats):
     return {"images": np.ascontiguousarray(np.transpose(img, (2, 3, 0, 1)), dtype=np.float32),
             "labels": np.ascontiguousarray(np.transpose(lab, (2, 0, 1)), dtype=np.uint8),
             "orig_shape": c["orig_shape"], "orig_affine": c["orig_affine"], "canonical_shape": np.array(can_shape),
-            "work_shape": np.array(work), "crop_start": np.array(start), "warn": warn}
+            "work_shape": np.array(work), "crop_start": np.array(start), "fg_voxels": fg_voxels, "fg_lost": fg_lost,
+            "warn": warn}
 
 
 def foreground_sample_job(args_tuple):
@@ -186,7 +192,9 @@ def read_meta(path):
             for key in ("images", "labels", "slice_case", "slice_index", "cases/case_id"):
                 if key not in f:
                     raise InputError(f"{path} lacks '{key}'; it was not written by 01_preprocess.py")
-            meta = {k: json.loads(f.attrs[k]) for k in FILE_ATTRS}
+            meta = {k: json.loads(f.attrs[k]) for k in FILE_ATTRS if k in f.attrs}
+            if "label_values" not in meta:                      # files of older versions: identity
+                meta["label_values"] = list(range(len(meta["class_names"]) + 1))
             cases = {k: f["cases"][k][()] for k in f["cases"]}
             meta["shape"] = f["images"].shape
     except OSError as e:
@@ -316,8 +324,8 @@ def iter_cases(path, case_ids, meta=None, desc=None):
             yield c, f["images"][a:a + n], f["labels"][a:a + n]
 
 
-def slices_to_nifti(stack, meta, case_id):
-    """A (Z, H, W) label stack of `case_id` -> Nifti1Image in the case's original geometry."""
+def slices_to_volume(stack, meta, case_id):
+    """A (Z, H, W) label stack of `case_id` -> array in the case's original voxel grid (our indices 0..K)."""
     cases = meta["cases"]
     i = meta["case_index"][case_id]
     can_shape = tuple(int(s) for s in cases["canonical_shape"][i])
@@ -328,9 +336,48 @@ def slices_to_nifti(stack, meta, case_id):
     vol = uncrop(vol, [int(s) for s in cases["crop_start"][i]], work_shape)
     if work_shape != can_shape[:2]:
         vol = resample_inplane(vol, can_shape[:2], order=0)
-    affine = np.asarray(cases["orig_affine"][i], dtype=np.float64)
-    vol = from_canonical(vol, affine)
+    return from_canonical(vol, np.asarray(cases["orig_affine"][i], dtype=np.float64))
+
+
+def raw_label_values(vol, meta):
+    """Our label indices -> the data set's own label values (e.g. BraTS 2021 ET back to 4)."""
+    values = np.asarray(meta["label_values"])
+    return values.astype(np.uint8 if values.max() < 256 else np.uint16)[vol]
+
+
+def slices_to_nifti(stack, meta, case_id):
+    """A (Z, H, W) label stack of `case_id` -> Nifti1Image in the case's original geometry, with the
+    data set's own label values."""
+    affine = np.asarray(meta["cases"]["orig_affine"][meta["case_index"][case_id]], dtype=np.float64)
+    vol = raw_label_values(slices_to_volume(stack, meta, case_id), meta)
     img = nib.Nifti1Image(np.ascontiguousarray(vol), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     return img
+
+
+def original_label(meta, case_id):
+    """The case's label file as 01_preprocess.py read it -> (our indices 0..K in the original grid, spacing mm).
+    Refuses a file that is gone or no longer matches the geometry recorded at preprocessing."""
+    i = meta["case_index"][case_id]
+    if "source" not in meta["cases"]:
+        raise InputError(f"case {case_id}: this slices.h5 predates the record of source files; run 01_preprocess.py "
+                         "again to score in the original geometry")
+    path = json.loads(meta["cases"]["source"][i])[-1]
+    try:
+        img = nib.load(path)
+        raw = np.asarray(img.dataobj)
+    except Exception as e:  # missing, truncated, not NIfTI
+        raise InputError(f"case {case_id}: cannot read its label file {path} ({type(e).__name__}); the whole-volume "
+                         "scores need the raw data where 01_preprocess.py found it") from e
+    shape, affine = tuple(int(s) for s in meta["cases"]["orig_shape"][i]), meta["cases"]["orig_affine"][i]
+    if raw.shape != shape or not np.allclose(img.affine, affine, rtol=1e-4, atol=1e-3):
+        raise InputError(f"case {case_id}: {path} no longer has the shape / affine recorded at preprocessing "
+                         f"({raw.shape} vs {shape}); preprocess again")
+    values = np.asarray(meta["label_values"])
+    lut = np.full(int(max(values.max(), raw.max())) + 1, -1, dtype=np.int64)
+    lut[values] = np.arange(len(values))
+    index = lut[raw.astype(np.int64)]
+    if (index < 0).any():
+        raise InputError(f"case {case_id}: {path} has label values outside {values.tolist()}")
+    return index.astype(np.uint8), tuple(float(z) for z in nib.affines.voxel_sizes(img.affine))

@@ -20,6 +20,29 @@ from common.utils import InputError
 RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
 
+# --------------------------------------------------------------------------- how each data set is scored
+# Regions by the class names of DatasetInfo (our consecutive indices 1..K), the rule for a region empty in
+# both prediction and truth (NaN: left out of means, nnU-Net's rule; 1: BraTS's rule), and the NSD
+# tolerance in mm (our default; set --nsd_tolerance to match a given leaderboard). A data set without an
+# entry (nnunet, amos) is scored per class.
+REGIONS = {
+    "acdc": {"RV": ["RV"], "MYO": ["MYO"], "LV": ["LV"]},
+    "brats": {"WT": ["NCR", "ED", "ET"], "TC": ["NCR", "ET"], "ET": ["ET"]},         # 2021 and 2023 labels alike
+    "kits": {"kidney+masses": ["kidney", "tumor", "cyst"], "masses": ["tumor", "cyst"], "tumor": ["tumor"]},
+}
+BOTH_EMPTY = {"brats": 1.0}
+NSD_TOLERANCE_MM = {"acdc": 1.0, "brats": 1.0, "kits": 1.0, "amos": 1.0, "nnunet": 1.0}
+
+
+def regions_of(dataset, class_names):
+    """{region: [label indices]} a data set is scored on; one region per class where none are defined."""
+    table = REGIONS.get(dataset) or {c: [c] for c in class_names}
+    missing = sorted({c for names in table.values() for c in names} - set(class_names))
+    if missing:
+        raise InputError(f"{dataset}: classes {missing} of its scoring regions are not among {class_names}")
+    return {r: [class_names.index(c) + 1 for c in names] for r, names in table.items()}
+
+
 class DataError(InputError):
     """Bad raw input: the message names the case, the file and what to do."""
 

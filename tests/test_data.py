@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import SliceDataset, read_meta, slices_to_nifti, zscore_nonzero
+from common.data import SliceDataset, original_label, read_meta, slices_to_nifti, zscore_nonzero
 from common.phantom import write_phantom
 from common.raw import DataError
 
@@ -45,7 +45,19 @@ def test_every_layout(tmp_path, scripts, layout):
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     assert set(splits["patients"]["train_search"]) | set(splits["patients"]["val_search"]) <= parts[0]
     if layout == "brats2021":       # label 4 (ET) is remapped to 3
-        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+        assert set(np.unique(labels)) <= {0, 1, 2, 3} and meta["label_values"] == [0, 1, 2, 4]
+    assert json.load(open(os.path.join(tmp_path, "out", "crop_report.json")))["foreground_lost_fraction"] == 0
+    # the crop holds each whole slice here, so the way back is exact: NIfTI out = the original label file
+    # with its own values, and original_label() = that file in our indices
+    for case in meta["cases"]["case_id"][:2]:
+        i = meta["case_index"][case]
+        a, n = int(meta["cases"]["first_slice"][i]), int(meta["cases"]["n_slices"][i])
+        src = nib.load(json.loads(meta["cases"]["source"][i])[-1])
+        out = slices_to_nifti(labels[a:a + n], meta, case)
+        assert np.array_equal(np.asarray(out.dataobj), np.asarray(src.dataobj)), case
+        index, spacing = original_label(meta, case)
+        assert np.array_equal(np.asarray(meta["label_values"])[index], np.asarray(src.dataobj))
+        assert np.allclose(spacing, nib.affines.voxel_sizes(src.affine))
 
 
 def test_acdc_frames_stay_together(acdc):
@@ -205,3 +217,17 @@ def test_cli_error_exit_code(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "01_preprocess.py"), "--dataset", "acdc", "--raw",
                         str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=root)
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_crop_report_counts_what_the_crop_drops(tmp_path, scripts, capsys):
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "kits", 3, seed=4, size=64)
+    m = scripts["01_preprocess"]
+    m.main(m.get_args(["--dataset", "kits", "--raw", raw, "--out", str(tmp_path / "o"), "--crop", "32", "32",
+                       "--workers", "1"]))
+    report = json.load(open(tmp_path / "o" / "crop_report.json"))
+    per_case = report["per_case"]
+    assert 0 < report["foreground_lost_fraction"] < 1 and len(per_case) == 3
+    lost = sum(c["lost"] for c in per_case.values()) / sum(c["foreground_voxels"] for c in per_case.values())
+    assert lost == pytest.approx(report["foreground_lost_fraction"])
+    assert "warning: case" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from common.analysis import (arch_epochs, cosine_matrix, fisher_combined, first_
                              hamming_similarity_matrix, paired_comparison, topk_masks)
 from common.iac import EDGES, OPS, edge_weights, op_weights, write_genotype
 from common.data import read_meta
+from common.metrics import region_metrics
 from common.utils import InputError
 from conftest import data_args
 from test_iac import GENO
@@ -72,7 +73,8 @@ def test_evaluate_end_to_end(tmp_path, scripts, acdc, backbone, lth_search):
     e.main(e.get_args([*data_args(acdc), "--run", f"ref={backbone}", "--run", f"iac_lth={iac}", "--run", f"att={att}",
                        "--search", f"lth={lth_search}", "--out", out, "--save_nifti", nii, "--n_boot", "199"]))
     df = pd.read_csv(os.path.join(out, "per_patient.csv"))
-    assert list(df.columns) == ["method", "backbone", "seed", "patient", "class", "dice"]
+    assert list(df.columns) == ["method", "backbone", "seed", "patient", "region", "metric", "value"]
+    assert set(df["region"]) == {"RV", "MYO", "LV"} and set(df["metric"]) == {"dice", "hd95", "nsd"}
     splits = json.load(open(os.path.join(acdc[1], "splits.json")))
     assert set(df["patient"]) == set(splits["test"]) and set(df["method"]) == {"ref", "iac_lth", "att"}
     paired = pd.read_csv(os.path.join(out, "paired.csv"))
@@ -86,6 +88,16 @@ def test_evaluate_end_to_end(tmp_path, scripts, acdc, backbone, lth_search):
     pid = case.split("_frame")[0]
     src = nib.load([os.path.join(r, fn) for r, _, fs in os.walk(acdc[0]) for fn in fs if fn == f"{case}_gt.nii.gz"][0])
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine) and pid in case
+    # the scores are those of the whole volume in its original geometry against the original label file
+    spacing = nib.affines.voxel_sizes(src.affine)
+    p, g = np.asarray(pred.dataobj), np.asarray(src.dataobj)
+    for region, label in (("RV", 1), ("MYO", 2), ("LV", 3)):
+        want = region_metrics(p == label, g == label, spacing, tolerance=1.0)
+        got = df[(df["method"] == "ref") & (df["patient"] == case) & (df["region"] == region)]
+        for metric, v in want.items():
+            assert got[got["metric"] == metric]["value"].item() == pytest.approx(v, nan_ok=True), (region, metric)
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "Dice" in summary and "HD95" in summary and "NSD" in summary
 
 
 def test_evaluate_rejects_bad_inputs(tmp_path, scripts, acdc, backbone):

@@ -121,7 +121,8 @@ def test_nnunet_pipeline(tmp_path):
     import pandas as pd
     df = pd.read_csv(ev / "per_patient.csv")
     assert set(df["method"]) == {"ref", "iac_lth"} and df["patient"].nunique() == 6
-    assert np.isfinite(df["dice"].dropna()).all()
+    dice = df[df["metric"] == "dice"]["value"].dropna()
+    assert len(dice) and np.isfinite(dice).all() and set(df["metric"]) == {"dice", "hd95", "nsd"}
 
 
 class _CM:
