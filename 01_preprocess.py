@@ -3,7 +3,8 @@
 In:  a raw folder in the layout of ACDC, BraTS 2021/2023, KiTS 21/23, AMOS22 or nnU-Net v2.
 Out: OUT/slices.h5 (normalised, centre-cropped axial slices of every case, with the
      geometry to put predictions back into the original NIfTI space), OUT/splits.json
-     (patient-wise 60/20/20 train/val/test and the train_search/val_search halves),
+     (patient-wise train/val/test: 60/20/20 at random, ACDC's own test patients with
+     --split official, or yours with --split_file; and the train_search/val_search halves),
      OUT/crop_report.json (foreground voxels the crop drops, per case and in total; a warning
      above 0.5%), OUT/args.json.
 
@@ -14,6 +15,7 @@ Both writes go to a temporary name and are renamed at the end, so an interrupted
 failed run leaves nothing half-written. Bad input stops with a message naming the case.
 """
 import argparse
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -39,6 +41,11 @@ def get_args(argv=None):
                    help="resample in-plane to this spacing (mm) before cropping; off by default")
     p.add_argument("--modality", choices=["ct", "mri", "all"], default="ct", help="AMOS: which scans to use")
     p.add_argument("--fractions", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="train/val/test fractions")
+    p.add_argument("--split", choices=["random", "official"], default="random",
+                   help="random: patient-wise by --fractions; official: the data set's own test patients (ACDC "
+                        "testing/), train/val from the rest")
+    p.add_argument("--split_file", default=None,
+                   help="JSON with lists train / val / test of patient ids (every patient once); overrides --split")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))), help="parallel volumes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing slices.h5 / splits.json")
@@ -49,26 +56,69 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def split_patients(patient_ids, fractions, seed):
-    """Patient-wise train/val/test split plus the train_search/val_search halves."""
+def split_patients(patient_ids, fractions, seed, test=None):
+    """Patient-wise train/val/test split plus the train_search/val_search halves. `test`: patients that
+    are the test set already (an official split); the others go to train/val in the ratio of the first
+    two fractions."""
     rng = np.random.default_rng(seed)
-    pids = sorted(set(patient_ids))
+    pids = sorted(set(patient_ids) - set(test or ()))
     rng.shuffle(pids)
     n = len(pids)
-    if n < 3:
+    if n < 3 - (1 if test else 0):
         raise DataError(f"only {n} patient(s); at least 3 are needed for a train/val/test split")
-    n_val = max(1, int(round(fractions[1] * n)))
-    n_test = max(1, int(round(fractions[2] * n)))
+    if test:
+        n_val, n_test = max(1, int(round(fractions[1] / (fractions[0] + fractions[1]) * n))), 0
+    else:
+        n_val, n_test = max(1, int(round(fractions[1] * n))), max(1, int(round(fractions[2] * n)))
     n_train = n - n_val - n_test
     if n_train < 1:
         raise DataError(f"{n} patients leave no training patient with fractions {fractions}")
-    parts = {"train": pids[:n_train], "val": pids[n_train:n_train + n_val], "test": pids[n_train + n_val:]}
-    half = sorted(parts["train"])
+    parts = {"train": pids[:n_train], "val": pids[n_train:n_train + n_val],
+             "test": sorted(test) if test else pids[n_train + n_val:]}
+    return {k: sorted(v) for k, v in {**parts, **search_halves(parts["train"], rng)}.items()}
+
+
+def search_halves(train, rng):
+    """train_search / val_search: the training patients in two halves (Sec. 2.1, the full search)."""
+    half = sorted(train)
     rng.shuffle(half)
     k = max(1, len(half) // 2) if len(half) > 1 else 1
-    parts["train_search"] = sorted(half[:k])
-    parts["val_search"] = sorted(half[k:]) or sorted(half[:k])
-    return {k: sorted(v) for k, v in parts.items()}
+    return {"train_search": sorted(half[:k]), "val_search": sorted(half[k:]) or sorted(half[:k])}
+
+
+def given_split(path, patient_ids, seed):
+    """--split_file: JSON {"train": [...], "val": [...], "test": [...]} of patient ids, every patient found
+    exactly once; the train_search/val_search halves are drawn from its training patients."""
+    try:
+        with open(path) as f:
+            given = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--split_file {path}: cannot read it as JSON ({e})") from e
+    if not isinstance(given, dict) or any(not isinstance(given.get(k), list) for k in ("train", "val", "test")):
+        raise InputError(f"--split_file {path}: needs lists 'train', 'val' and 'test' of patient ids")
+    listed = [str(p) for k in ("train", "val", "test") for p in given[k]]
+    found = set(patient_ids)
+    dup = sorted({p for p in listed if listed.count(p) > 1})
+    unknown, unlisted = sorted(set(listed) - found), sorted(found - set(listed))
+    for what, ids in (("names patients more than once", dup), ("names patients not found in --raw", unknown),
+                      ("leaves out patients found in --raw", unlisted)):
+        if ids:
+            raise InputError(f"--split_file {path} {what}: {ids[:5]}{' ...' if len(ids) > 5 else ''}")
+    if not (given["train"] and given["val"] and given["test"]):
+        raise InputError(f"--split_file {path}: train, val and test each need at least one patient")
+    parts = {k: sorted(str(p) for p in given[k]) for k in ("train", "val", "test")}
+    return {**parts, **search_halves(parts["train"], np.random.default_rng(seed))}
+
+
+def official_test_patients(info):
+    """--split official: the data set's own test patients (ACDC: the testing/ folder of the release)."""
+    if info.dataset != "acdc":
+        raise InputError(f"--split official is defined for ACDC only (its testing/ folder), not {info.dataset}; "
+                         "give --split_file instead")
+    test = sorted({c.patient_id for c in info.cases if f"{os.sep}testing{os.sep}" in os.path.abspath(c.label)})
+    if not test:
+        raise InputError("--split official: no ACDC patients under a testing/ folder in --raw")
+    return test
 
 
 def crop_report(args, meta_path, warn_above=0.005):
@@ -106,7 +156,12 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
 
     info = list_cases(args.dataset, args.raw, args.modality)
-    parts = split_patients([c.patient_id for c in info.cases], args.fractions, args.seed)
+    pids = [c.patient_id for c in info.cases]
+    if args.split_file:
+        parts = given_split(args.split_file, pids, args.seed)
+    else:
+        test = official_test_patients(info) if args.split == "official" else None
+        parts = split_patients(pids, args.fractions, args.seed, test)
     print(f"{info.dataset}: {len(info.cases)} cases of {len(set(c.patient_id for c in info.cases))} patients; "
           + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " patients")
     train_p = set(parts["train"])
@@ -134,6 +189,7 @@ def main(args):
     crop_report(args, meta_path=out_h5)
     case_parts = {k: [c.case_id for c in info.cases if c.patient_id in set(v)] for k, v in parts.items()}
     atomic_write_json(out_splits, {"dataset": info.dataset, "seed": args.seed, "fractions": args.fractions,
+                                   "split": args.split_file or args.split,
                                    "unit": "case", "patients": parts, **case_parts})
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     print(f"wrote {out_h5} and {out_splits}")

@@ -6,6 +6,13 @@
 Every case is read and validated exactly as 01_preprocess.py does (clear errors naming the
 case); images are copied as CASE_000C.nii.gz, labels remapped to consecutive integers, and
 dataset.json written with the class names. Files go to a temporary folder renamed at the end.
+
+With `--splits D/splits.json` (01_preprocess.py's), the nnU-Net track uses exactly the slice
+track's patients: the test patients go to imagesTs/labelsTs, and splits_final.json (fold 0 =
+our train / val division) is written beside dataset.json and, when $nnUNet_preprocessed is set,
+into $nnUNet_preprocessed/NAME/ where nnU-Net reads it (run plan_and_preprocess first or after:
+it keeps the file). Train fold 0 (`nnUNetv2_train D 2d 0`), predict imagesTs, and give
+05_evaluate.py `--nnunet_gt .../labelsTs` beside `--run`: both tracks land in one table.
 """
 import argparse
 import json
@@ -16,8 +23,9 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from common.data import load_splits
 from common.raw import list_cases, load_case
-from common.utils import InputError, cli
+from common.utils import InputError, atomic_write_json, cli
 
 
 def get_args(argv=None):
@@ -26,6 +34,8 @@ def get_args(argv=None):
     p.add_argument("--raw", required=True, help="raw data folder")
     p.add_argument("--out", required=True, help="nnU-Net raw dataset folder, e.g. $nnUNet_raw/Dataset501_ACDC")
     p.add_argument("--modality", choices=["ct", "mri"], default="ct", help="AMOS: which scans (nnU-Net needs one)")
+    p.add_argument("--splits", default=None, help="splits.json of 01_preprocess.py: its test patients go to imagesTs/"
+                                                  "labelsTs and its train/val division to splits_final.json (fold 0)")
     return p.parse_args(argv)
 
 
@@ -34,28 +44,65 @@ def main(args):
         raise InputError(f"{args.out} exists; remove it first")
     info = list_cases(args.dataset, args.raw, args.modality)
     mods = {c.modality for c in info.cases}
+    part = our_split(args.splits, info) if args.splits else {c.case_id: "train" for c in info.cases}
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "imagesTr"))
-    os.makedirs(os.path.join(tmp, "labelsTr"))
+    for d in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if args.splits else ()):
+        os.makedirs(os.path.join(tmp, d))
     lut = np.zeros(max(info.label_map) + 1, dtype=np.uint8)
     for raw_value, idx in info.label_map.items():
         lut[raw_value] = idx
     for case in tqdm(info.cases, desc="converting", unit="case"):
         load_case(case, info)                                        # the same validation as stage 01
+        tr = "Ts" if part[case.case_id] == "test" else "Tr"
         for c, path in enumerate(case.images):
-            shutil.copyfile(path, os.path.join(tmp, "imagesTr", f"{case.case_id}_{c:04d}.nii.gz"))
+            shutil.copyfile(path, os.path.join(tmp, f"images{tr}", f"{case.case_id}_{c:04d}.nii.gz"))
         lab = nib.load(case.label)
         data = lut[np.asarray(lab.dataobj).astype(np.int64)]
-        nib.save(nib.Nifti1Image(data, lab.affine, lab.header), os.path.join(tmp, "labelsTr", f"{case.case_id}.nii.gz"))
+        nib.save(nib.Nifti1Image(data, lab.affine, lab.header),
+                 os.path.join(tmp, f"labels{tr}", f"{case.case_id}.nii.gz"))
     channel = "CT" if mods == {"ct"} else None
     meta = {"channel_names": {str(i): channel or m for i, m in enumerate(info.modalities)},
             "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(info.class_names)}},
-            "numTraining": len(info.cases), "file_ending": ".nii.gz", "source": info.dataset}
+            "numTraining": sum(v != "test" for v in part.values()), "file_ending": ".nii.gz", "source": info.dataset}
     with open(os.path.join(tmp, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
+    if args.splits:                                                  # fold 0 = our train / val division
+        folds = [{k: sorted(c for c, v in part.items() if v == k) for k in ("train", "val")}]
+        atomic_write_json(os.path.join(tmp, "splits_final.json"), folds)
     os.replace(tmp, args.out)
-    print(f"{len(info.cases)} cases written to {args.out}")
+    print(f"{len(info.cases)} cases written to {args.out}"
+          + (f" ({sum(v == 'test' for v in part.values())} test cases in imagesTs/labelsTs)" if args.splits else ""))
+    pre = os.environ.get("nnUNet_preprocessed")
+    if args.splits and pre:
+        dest = os.path.join(pre, os.path.basename(args.out.rstrip("/")))
+        os.makedirs(dest, exist_ok=True)
+        atomic_write_json(os.path.join(dest, "splits_final.json"), folds)
+        print(f"fold 0 of {dest}/splits_final.json is our train / val division")
+    elif args.splits:
+        print("set nnUNet_preprocessed, or copy splits_final.json into $nnUNet_preprocessed/"
+              f"{os.path.basename(args.out.rstrip('/'))}/, so that nnU-Net's fold 0 is our train / val division")
+
+
+def our_split(path, info):
+    """case id -> train / val / test from 01_preprocess.py's splits.json, checked against the cases found."""
+    splits = load_splits(path)
+    if splits.get("dataset") not in (None, info.dataset):
+        raise InputError(f"--splits {path} is for {splits['dataset']}, these raw files are {info.dataset}")
+    part = {}
+    for k in ("train", "val", "test"):
+        for c in splits[k]:
+            if c in part:
+                raise InputError(f"--splits {path} puts case {c} in both {part[c]} and {k}")
+            part[c] = k
+    found = {c.case_id for c in info.cases}
+    unknown, unlisted = sorted(set(part) - found), sorted(found - set(part))
+    if unknown or unlisted:
+        raise InputError(f"--splits {path} and --raw {info.dataset} differ: "
+                         + (f"cases not in --raw {unknown[:5]} " if unknown else "")
+                         + (f"cases found but not split {unlisted[:5]}" if unlisted else "")
+                         + "; give the splits.json made from these raw files")
+    return part
 
 
 if __name__ == "__main__":

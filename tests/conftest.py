@@ -10,8 +10,8 @@ torch.set_num_threads(2)
 
 
 def load_script(name):
-    """Import a numbered stage script (e.g. '02_pretrain') as a module."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", os.path.join(ROOT, f"{name}.py"))
+    """Import a script by its path from the project root without .py (e.g. '02_pretrain') as a module."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name.replace('/', '_')}", os.path.join(ROOT, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

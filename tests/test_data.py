@@ -13,6 +13,8 @@ import torch
 from common.data import SliceDataset, original_label, read_meta, slices_to_nifti, zscore_nonzero
 from common.phantom import write_phantom
 from common.raw import DataError
+from common.utils import InputError
+from conftest import load_script
 
 LAYOUT_TO_DATASET = {"acdc": "acdc", "brats2021": "brats", "brats2023": "brats", "kits": "kits", "amos": "amos",
                      "nnunet": "nnunet"}
@@ -231,3 +233,42 @@ def test_crop_report_counts_what_the_crop_drops(tmp_path, scripts, capsys):
     lost = sum(c["lost"] for c in per_case.values()) / sum(c["foreground_voxels"] for c in per_case.values())
     assert lost == pytest.approx(report["foreground_lost_fraction"])
     assert "warning: case" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- splits you can give
+def test_split_file_official_split_and_nnunet_converter(tmp_path, scripts, acdc, monkeypatch):
+    raw, m = acdc[0], scripts["01_preprocess"]
+    pids = sorted({os.path.basename(d) for d in glob.glob(os.path.join(raw, "*", "patient*"))})
+    given = {"train": pids[:4], "val": pids[4:6], "test": pids[6:]}
+    sf = tmp_path / "split.json"
+    json.dump(given, open(sf, "w"))
+    out = str(tmp_path / "given")
+    m.main(m.get_args(["--dataset", "acdc", "--raw", raw, "--out", out, "--crop", "64", "64",
+                       "--split_file", str(sf)]))
+    splits = json.load(open(os.path.join(out, "splits.json")))
+    assert {k: splits["patients"][k] for k in given} == given
+    assert set(splits["patients"]["train_search"]) | set(splits["patients"]["val_search"]) == set(given["train"])
+    for bad, msg in (({**given, "val": given["val"] + pids[:1]}, "more than once"),
+                     ({**given, "test": given["test"] + ["patient999"]}, "not found in --raw.*patient999"),
+                     ({**given, "test": given["test"][:-1]}, "leaves out patients")):
+        json.dump(bad, open(sf, "w"))
+        with pytest.raises(InputError, match=msg):
+            m.main(m.get_args(["--dataset", "acdc", "--raw", raw, "--out", str(tmp_path / "x"), "--crop", "64", "64",
+                               "--split_file", str(sf)]))
+    off = str(tmp_path / "official")
+    m.main(m.get_args(["--dataset", "acdc", "--raw", raw, "--out", off, "--crop", "64", "64", "--split", "official"]))
+    testing = sorted(os.path.basename(d) for d in glob.glob(os.path.join(raw, "testing", "patient*")))
+    assert testing and json.load(open(os.path.join(off, "splits.json")))["patients"]["test"] == testing
+
+    conv = load_script("scripts/convert_to_nnunet")
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    nn = str(tmp_path / "Dataset501_ACDC")
+    conv.main(conv.get_args(["--dataset", "acdc", "--raw", raw, "--out", nn, "--splits",
+                             os.path.join(out, "splits.json")]))
+    names = {d: sorted(f[:-len(".nii.gz")] for f in os.listdir(os.path.join(nn, d)))
+             for d in ("labelsTr", "labelsTs")}
+    assert names["labelsTs"] == sorted(splits["test"]) and names["labelsTr"] == sorted(splits["train"] + splits["val"])
+    folds = json.load(open(os.path.join(tmp_path, "pre", "Dataset501_ACDC", "splits_final.json")))
+    assert folds == [{"train": sorted(splits["train"]), "val": sorted(splits["val"])}]
+    assert json.load(open(os.path.join(nn, "dataset.json")))["numTraining"] == len(names["labelsTr"])
+    assert len(os.listdir(os.path.join(nn, "imagesTs"))) == len(splits["test"])
