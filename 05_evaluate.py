@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, cosine_matrix, fisher_combined, first_entry_epochs,
-                             genotype_masks, hamming_similarity_matrix, importance_tensor, paired_comparison,
-                             topk_masks)
+from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, backbone_mean, cosine_matrix, fisher_combined,
+                             first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix, importance_tensor,
+                             paired_comparison, topk_masks)
 from common.checkpoints import check_same_data, load_checkpoint, model_from_checkpoint
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
 from common.engine import evaluate_cases
@@ -48,6 +48,10 @@ def get_args(argv=None):
                    help="a folder of nnUNetv2_predict outputs (repeatable)")
     p.add_argument("--nnunet_gt", default=None, help="labelsTr of the nnU-Net raw data set (dataset.json one up)")
     p.add_argument("--reference", default=None, help="method the others are compared with (default: first --run)")
+    p.add_argument("--compare", action="append", default=[], metavar="A:B",
+                   help="also compare method B against A (repeatable); iac:iac_lth gives Tables 2-3's IAC -> IAC-LTH")
+    p.add_argument("--alternative", choices=["two-sided", "greater"], default="two-sided",
+                   help="Wilcoxon (and so Fisher) alternative; greater: the claim is a gain over the other method")
     p.add_argument("--search", action="append", default=[], metavar="NAME=DIR", help="a search run (repeatable)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="cases to evaluate")
     p.add_argument("--out", required=True, help="output folder")
@@ -73,7 +77,9 @@ def to_markdown(df, floatfmt=".4f"):
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(f"{v:{floatfmt}}" if isinstance(v, float) else str(v) for v in r) + " |")
+        lines.append("| " + " | ".join(format_p(v) if c.endswith("_p") and isinstance(v, float) else
+                                       f"{v:{floatfmt}}" if isinstance(v, float) else str(v)
+                                       for c, v in zip(cols, r)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +119,8 @@ def evaluate_runs(args, meta, cases, device):
             rows += metric_rows(key, case, slices_to_volume(pr[case], meta, case), gt, spacing, score)
     df = pd.DataFrame(rows)
     for name, _, backbone, seed in info:
-        sel = df[(df["method"] == name) & (df["backbone"] == backbone) & (df["seed"] == seed) & (df["metric"] == "dice")]
+        sel = df[(df["method"] == name) & (df["backbone"] == backbone) & (df["seed"] == seed)
+                 & (df["metric"] == "dice")]
         print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean Dice {case_means(sel)['value'].mean():.4f} "
               f"over {', '.join(score[0])} on {len(cases)} cases")
     return df, preds, info
@@ -172,20 +179,31 @@ def summarise(df):
     return pd.concat(tables, ignore_index=True), case_means(df[df["metric"] == "dice"])
 
 
-def paired_table(case_mean, reference, n_boot):
-    """ΔDice of each method vs the reference per backbone (case Dice averaged over seeds), Fisher across backbones."""
+def paired_table(case_mean, pairs, n_boot, alternative="two-sided"):
+    """ΔDice of `method` vs `vs` for every (vs, method) pair and backbone (case Dice averaged over seeds);
+    Fisher's combination of the Wilcoxon p across backbones; with several backbones, their mean ΔDice
+    (Table 1) with a paired bootstrap CI over patients."""
     per = case_mean.groupby(["method", "backbone", "patient"], sort=False)["value"].mean().unstack("patient")
     rows = []
-    for (method, backbone), vals in per.iterrows():
-        if method == reference or (reference, backbone) not in per.index:
-            continue
-        ref = per.loc[(reference, backbone)]
-        r = paired_comparison(ref.values, vals[ref.index].values, n_resamples=n_boot)
-        rows.append({"method": method, "backbone": backbone, **r})
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df["fisher_p"] = df.groupby("method")["wilcoxon_p"].transform(lambda p: fisher_combined(list(p)))
-    return df
+    for vs, method in pairs:
+        deltas = []
+        for backbone in dict.fromkeys(b for m, b in per.index if m == method):
+            if (vs, backbone) not in per.index:
+                continue
+            ref, vals = per.loc[(vs, backbone)], per.loc[(method, backbone)]
+            r = paired_comparison(ref.values, vals[ref.index].values, n_resamples=n_boot, alternative=alternative)
+            rows.append({"method": method, "vs": vs, "backbone": backbone, **r})
+            deltas.append(vals[ref.index].values - ref.values)
+        if rows and rows[-1]["method"] == method:
+            fisher = fisher_combined([r["wilcoxon_p"] for r in rows if (r["method"], r["vs"]) == (method, vs)])
+            for r in rows:
+                if (r["method"], r["vs"]) == (method, vs):
+                    r["fisher_p"] = fisher
+            if len(deltas) > 1 and len({len(d) for d in deltas}) == 1:
+                rows.append({"method": method, "vs": vs, "backbone": f"mean over {len(deltas)} backbones",
+                             **backbone_mean(np.stack(deltas), n_resamples=n_boot), "wilcoxon_p": float("nan"),
+                             "fisher_p": fisher})
+    return pd.DataFrame(rows)
 
 
 def search_tables(searches, out_dir):
@@ -332,7 +350,14 @@ def main(args):
         summary, case_mean = summarise(df)
         summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
         reference = args.reference or names[0]
-        paired = paired_table(case_mean, reference, args.n_boot)
+        pairs = [(reference, m) for m in dict.fromkeys(case_mean["method"]) if m != reference]
+        for item in args.compare:
+            a, sep, b = item.partition(":")
+            if not sep or not {a, b} <= set(case_mean["method"]):
+                raise InputError(f"--compare {item}: give A:B with two evaluated methods "
+                                 f"({', '.join(dict.fromkeys(case_mean['method']))})")
+            pairs.append((a, b))
+        paired = paired_table(case_mean, pairs, args.n_boot, args.alternative)
         paired.to_csv(os.path.join(args.out, "paired.csv"), index=False)
         titles = {"dice": "Dice", "hd95": "HD95 (mm, lower is better)", "nsd": "NSD (normalised surface Dice)"}
         with open(os.path.join(args.out, "summary.md"), "w") as f:
@@ -340,8 +365,9 @@ def main(args):
                 f.write(f"## Patient-level {titles[metric]} on {n_cases} {args.split} cases ({dataset}), whole "
                         "volumes\n\n" + to_markdown(t.drop(columns="metric").dropna(axis=1, how="all")) + "\n")
         with open(os.path.join(args.out, "paired.md"), "w") as f:
-            f.write(f"## ΔDice (case mean over regions) vs {reference} (mean, 95% bootstrap CI, Wilcoxon p, "
-                    "Fisher p across backbones)\n\n")
+            f.write(f"## ΔDice (case mean over regions) of method vs `vs` (reference {reference}): mean, 95% paired "
+                    f"bootstrap CI, Wilcoxon p ({args.alternative}), Fisher p across backbones; the mean over "
+                    "backbones has a bootstrap CI over patients\n\n")
             f.write(to_markdown(paired) if not paired.empty else "no paired comparison\n")
         print("\n" + open(os.path.join(args.out, "summary.md")).read())
         print(open(os.path.join(args.out, "paired.md")).read())

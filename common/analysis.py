@@ -11,8 +11,9 @@ from common.iac import EDGES, NODES, OPS, edge_scores, op_weights, top2_incoming
 
 
 # --------------------------------------------------------------------------- statistics
-def paired_comparison(ref, other, n_resamples=9999, seed=0):
-    """ΔDice = other − ref per case: mean, 95% paired bootstrap CI, Wilcoxon signed-rank p."""
+def paired_comparison(ref, other, n_resamples=9999, seed=0, alternative="two-sided"):
+    """ΔDice = other − ref per case: mean, 95% paired bootstrap CI, Wilcoxon signed-rank p (`alternative`:
+    two-sided, or greater when the claim is a gain of `other`)."""
     ref, other = np.asarray(ref, float), np.asarray(other, float)
     ok = ~(np.isnan(ref) | np.isnan(other))
     d = other[ok] - ref[ok]
@@ -24,17 +25,39 @@ def paired_comparison(ref, other, n_resamples=9999, seed=0):
                              rng=np.random.default_rng(seed)).confidence_interval
         out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
     if d.size >= 1 and np.any(d != 0):
-        out["wilcoxon_p"] = float(stats.wilcoxon(other[ok], ref[ok]).pvalue)
+        out["wilcoxon_p"] = float(stats.wilcoxon(other[ok], ref[ok], alternative=alternative).pvalue)
     elif d.size >= 1:
         out["wilcoxon_p"] = 1.0
     return out
 
 
+def backbone_mean(deltas, n_resamples=9999, seed=0):
+    """Table 1's mean ΔDice over backbones. `deltas` (n_backbones, n_cases): per backbone, the same test
+    cases. 95% CI by a paired bootstrap over patients (a resampled case keeps its ΔDice on every backbone,
+    so the dependence between backbones on one patient is kept)."""
+    d = np.asarray(deltas, float)
+    d = d[:, ~np.isnan(d).any(0)]
+    out = {"n": int(d.shape[1]), "mean_delta": float(d.mean()) if d.size else float("nan"),
+           "ci_low": float("nan"), "ci_high": float("nan")}
+    if d.shape[1] >= 2 and np.ptp(d) > 0:
+        ci = stats.bootstrap((d,), lambda x, axis: x.mean(axis=axis).mean(axis=0), axis=-1, n_resamples=n_resamples,
+                             confidence_level=0.95, method="percentile",
+                             rng=np.random.default_rng(seed)).confidence_interval
+        out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
+    return out
+
+
 def fisher_combined(pvalues):
+    """Fisher's combination of per-backbone p-values (one-sided ones when the claim is a gain)."""
     p = [x for x in pvalues if np.isfinite(x)]
     if not p:
         return float("nan")
     return float(stats.combine_pvalues(p, method="fisher").pvalue)
+
+
+def format_p(p):
+    """p-values as tables print them: `< 1e-4` below that, never 0.0000."""
+    return "" if not np.isfinite(p) else "< 1e-4" if p < 1e-4 else f"{p:.4f}"
 
 
 # --------------------------------------------------------------------------- dynamics

@@ -57,7 +57,8 @@ def ct_normalise(x, stats):
 def ct_statistics(samples):
     v = np.concatenate(samples).astype(np.float64)
     if v.size == 0:
-        raise InputError("no foreground voxels in the training CT cases; cannot compute CT statistics (are the labels empty?)")
+        raise InputError("no foreground voxels in the training CT cases; cannot compute CT statistics "
+                         "(are the labels empty?)")
     lo, hi = np.percentile(v, [0.5, 99.5])
     v = np.clip(v, lo, hi)
     return {"p00_5": float(lo), "p99_5": float(hi), "mean": float(v.mean()), "std": float(v.std())}

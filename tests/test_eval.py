@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from common.analysis import (arch_epochs, cosine_matrix, fisher_combined, first_entry_epochs, genotype_masks,
-                             hamming_similarity_matrix, paired_comparison, topk_masks)
+from common.analysis import (arch_epochs, backbone_mean, cosine_matrix, fisher_combined, first_entry_epochs, format_p,
+                             genotype_masks, hamming_similarity_matrix, paired_comparison, topk_masks)
 from common.iac import EDGES, OPS, edge_weights, op_weights, write_genotype
 from common.data import read_meta
 from common.metrics import region_metrics
@@ -127,6 +127,28 @@ def test_statistics_equal_scipy():
                          method="percentile", rng=np.random.default_rng(0)).confidence_interval
     assert (r["ci_low"], r["ci_high"]) == (ci.low, ci.high)
     assert abs(fisher_combined([0.01, 0.2, 0.5]) - stats.combine_pvalues([0.01, 0.2, 0.5], method="fisher").pvalue) < 1e-12
+    one_sided = paired_comparison(ref, other, n_resamples=99, alternative="greater")["wilcoxon_p"]
+    assert one_sided == pytest.approx(stats.wilcoxon(other, ref, alternative="greater").pvalue)
+    assert format_p(3e-7) == "< 1e-4" and format_p(0.01234) == "0.0123" and format_p(float("nan")) == ""
+
+
+def test_mean_over_backbones_and_extra_pairs(scripts):
+    rng = np.random.default_rng(2)
+    deltas = rng.normal(0.01, 0.02, (3, 12))
+    r = backbone_mean(deltas, n_resamples=999, seed=0)
+    assert r["mean_delta"] == pytest.approx(deltas.mean()) and r["ci_low"] < deltas.mean() < r["ci_high"]
+    # the same patient resampled on every backbone: a bootstrap over the per-patient mean over backbones
+    ci = stats.bootstrap((deltas.mean(0),), np.mean, n_resamples=999, method="percentile",
+                         rng=np.random.default_rng(0)).confidence_interval
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high))
+    rows = [{"method": m, "backbone": b, "seed": 0, "patient": f"p{i}", "value": 0.8 + 0.01 * k + 0.001 * i}
+            for k, m in enumerate(("ref", "iac", "iac_lth")) for b in ("base", "vgg16") for i in range(6)]
+    table = scripts["05_evaluate"].paired_table(pd.DataFrame(rows), [("ref", "iac"), ("ref", "iac_lth"),
+                                                                     ("iac", "iac_lth")], 99)
+    mean_rows = table[table["backbone"] == "mean over 2 backbones"]
+    assert len(table) == 9 and len(mean_rows) == 3
+    got = table[(table["vs"] == "iac") & (table["backbone"] == "base")]["mean_delta"].item()
+    assert got == pytest.approx(0.01)
 
 
 def _record(epoch, alpha, beta):
