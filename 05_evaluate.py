@@ -10,6 +10,7 @@ Out: OUT/per_patient.csv (method, backbone, seed, patient, region, metric, value
      OUT/summary.csv|md (per region and the mean over regions, mean ± std over seeds, per metric),
      OUT/paired.csv|md (ΔDice of the case's mean Dice vs the reference: mean, 95% bootstrap CI, Wilcoxon p,
      Fisher-combined p across backbones; Tables 1-3), OUT/search_cost.csv|md (Tables 4-5),
+     OUT/inference_cost.csv|md (parameters, MACs per slice, seconds per case of every run),
      OUT/dynamics/ (cosine / top-k Hamming similarity, first-entry epochs; CSV and PNG,
      like Figs 3-7), OUT/overlay.png, and with --save_nifti DIR predictions as NIfTI in
      each case's original geometry with the data set's own label values.
@@ -21,11 +22,14 @@ Out: OUT/per_patient.csv (method, backbone, seed, patient, region, metric, value
 import argparse
 import json
 import os
+import time
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
+from torch.utils.flop_counter import FlopCounterMode
 
 from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, backbone_mean, cosine_matrix, fisher_combined,
                              first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix, importance_tensor,
@@ -97,8 +101,9 @@ def metric_rows(key, patient, pred, gt, spacing, score):
 
 
 def evaluate_runs(args, meta, cases, device):
-    """Predict the cases with every run, then score each case once its original label is read (once)."""
-    preds, info = {}, []
+    """Predict the cases with every run, then score each case once its original label is read (once).
+    Returns the metric rows, the predictions, the runs and their inference cost."""
+    preds, info, cost = {}, [], []
     K = len(meta["class_names"]) + 1
     for name, d in parse_pairs(args.run, "--run"):
         path = os.path.join(d, "ckpt_best.pt")
@@ -107,10 +112,14 @@ def evaluate_runs(args, meta, cases, device):
         model = model_from_checkpoint(ckpt).to(device)
         backbone, seed = ckpt["config"]["encoder"], ckpt["args"]["seed"]
         cl = args.channels_last and device.type == "cuda"
+        t0 = time.perf_counter()
         _, _, preds[name, backbone, seed] = evaluate_cases(model, args.data, cases, K, device,
                                                            args.amp and device.type == "cuda", cl, keep_pred=True,
                                                            meta=meta, desc=f"predict {name}")
+        seconds = time.perf_counter() - t0
         info.append((name, d, backbone, seed))
+        cost.append({"method": name, "backbone": backbone, "seed": seed, **inference_cost(model, meta, device),
+                     "seconds_per_case": seconds / len(cases), "device": str(device)})
     score = scoring(args, meta["dataset"], meta["class_names"])
     rows = []
     for case in cases:                                       # whole volumes, original geometry and label file
@@ -123,7 +132,20 @@ def evaluate_runs(args, meta, cases, device):
                  & (df["metric"] == "dice")]
         print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean Dice {case_means(sel)['value'].mean():.4f} "
               f"over {', '.join(score[0])} on {len(cases)} cases")
-    return df, preds, info
+    return df, preds, info, pd.DataFrame(cost)
+
+
+@torch.no_grad()
+def inference_cost(model, meta, device):
+    """What a model costs at inference (the paper's open point): parameters (all, and of the skip modules)
+    and multiply-accumulates per slice (torch's FlopCounterMode: FLOPs / 2, convolutions and matmuls)."""
+    _, C, H, W = meta["shape"]
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, C, H, W, device=device))
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "skip_parameters": sum(p.numel() for p in model.skips.parameters()),
+            "GMACs_per_slice": counter.get_total_flops() / 2e9}
 
 
 def evaluate_nnunet(args):
@@ -335,9 +357,13 @@ def main(args):
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     frames, preds, names = [], {}, []
     if args.run:
-        df, preds, info = evaluate_runs(args, meta, cases, device)
+        df, preds, info, cost = evaluate_runs(args, meta, cases, device)
         frames.append(df)
         names.append(info[0][0])
+        cost.to_csv(os.path.join(args.out, "inference_cost.csv"), index=False)
+        with open(os.path.join(args.out, "inference_cost.md"), "w") as f:
+            f.write(f"## Inference cost ({len(cases)} {args.split} cases, {device}; MACs per {meta['shape'][2]}x"
+                    f"{meta['shape'][3]} slice)\n\n" + to_markdown(cost))
     if args.nnunet_pred:
         df, _ = evaluate_nnunet(args)
         frames.append(df)

@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= demo_runs
 
-.PHONY: demo test bench bench-lth clean
+.PHONY: demo test test-floors bench bench-lth clean
 
 # the requirements, then this project itself (common/, nnunet_iac/) in editable mode
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -29,6 +29,14 @@ demo: $(VENV)/.installed
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself
 test: $(VENV)/.installed $(VENV)/.installed-nnunet $(VENV)/.installed-test
 	$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+
+# the lowest versions requirements.txt allows (every `>=` taken as `==`), in .venv-floors, then the tests
+test-floors:
+	$(PY) -m venv .venv-floors
+	sed -E 's/>=([0-9.]+)(,<[0-9.]+)?/==\1/' requirements.txt > .venv-floors/requirements-floors.txt
+	.venv-floors/bin/pip install -r .venv-floors/requirements-floors.txt
+	.venv-floors/bin/pip install --no-deps -e .
+	.venv-floors/bin/python -m pytest -q tests
 
 bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_data.py

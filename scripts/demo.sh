@@ -44,9 +44,9 @@ $PY 04_finetune.py --backbone "$D/base_ref/ckpt_best.pt" --genotype "$D/search_l
 step "5/6 evaluation on the test patients"
 $PY 05_evaluate.py $DATA --run ref="$D/base_ref" --run att="$D/base_att" --run nested="$D/base_nested" \
     --run resatt="$D/base_resatt" --run iac="$D/base_iac" --run iac_lth="$D/base_iac_lth" \
-    --run ref_mobilenet="$D/mobilenet_ref" --reference ref \
+    --run ref_mobilenet="$D/mobilenet_ref" --reference ref --compare iac:iac_lth \
     --search full="$D/search_full" --search lth="$D/search_lth" --out "$D/eval" --save_nifti "$D/eval/nifti"
 
 step "6/6 done in $(( $(date +%s) - t0 ))s"
-echo "tables: $D/eval/summary.md, $D/eval/paired.md, $D/eval/search_cost.md"
+echo "tables: $D/eval/summary.md, $D/eval/paired.md, $D/eval/inference_cost.md, $D/eval/search_cost.md"
 echo "figures: $D/eval/overlay.png and $D/eval/dynamics/"

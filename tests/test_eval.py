@@ -96,6 +96,10 @@ def test_evaluate_end_to_end(tmp_path, scripts, acdc, backbone, lth_search):
         got = df[(df["method"] == "ref") & (df["patient"] == case) & (df["region"] == region)]
         for metric, v in want.items():
             assert got[got["metric"] == metric]["value"].item() == pytest.approx(v, nan_ok=True), (region, metric)
+    cost = pd.read_csv(os.path.join(out, "inference_cost.csv")).set_index("method")
+    assert cost.loc["ref", "skip_parameters"] == 0 < cost.loc["iac_lth", "skip_parameters"]
+    assert cost.loc["iac_lth", "GMACs_per_slice"] > cost.loc["ref", "GMACs_per_slice"] > 0
+    assert (cost["seconds_per_case"] > 0).all()
     summary = open(os.path.join(out, "summary.md")).read()
     assert "Dice" in summary and "HD95" in summary and "NSD" in summary
 
