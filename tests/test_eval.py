@@ -191,3 +191,28 @@ def test_analysis_on_hand_made_trajectory():
     assert np.allclose(np.diag(C), 1) and C[1, 4] < 1
     H = hamming_similarity_matrix(topk_masks(I[1:], 1))
     assert H[0, 0] == 1 and H[0, 3] == 1 - 2 / (14 * 7)        # the top-1 of edge 0 moved: 2 entries differ
+
+
+def test_both_tracks_score_the_same_patients_alike(tmp_path, scripts, acdc, backbone):
+    """The nnU-Net track's test set (convert_to_nnunet.py --splits) is the slice track's, and 05 scores a
+    prediction folder exactly as it scores a run: the slice run's own NIfTI output, given as an nnU-Net
+    prediction folder, gets the same rows in the same table."""
+    from conftest import load_script
+    conv, e = load_script("scripts/convert_to_nnunet"), scripts["05_evaluate"]
+    nn = str(tmp_path / "Dataset501_ACDC")
+    conv.main(conv.get_args(["--dataset", "acdc", "--raw", acdc[0], "--out", nn, "--splits",
+                             os.path.join(acdc[1], "splits.json")]))
+    first, nii = str(tmp_path / "e1"), str(tmp_path / "nii")
+    e.main(e.get_args([*data_args(acdc), "--run", f"ref={backbone}", "--out", first, "--save_nifti", nii,
+                       "--n_boot", "99"]))
+    both = str(tmp_path / "e2")
+    e.main(e.get_args([*data_args(acdc), "--run", f"ref={backbone}", "--nnunet_pred",
+                       f"same={os.path.join(nii, 'ref_base_seed0')}", "--nnunet_gt", os.path.join(nn, "labelsTs"),
+                       "--out", both, "--n_boot", "99"]))
+    df = pd.read_csv(os.path.join(both, "per_patient.csv"))
+    a, b = (df[df["method"] == m].drop(columns=["method", "backbone"]).sort_values(["patient", "region", "metric"])
+            .reset_index(drop=True) for m in ("ref", "same"))
+    pd.testing.assert_frame_equal(a, b)
+    assert set(df["method"]) == {"ref", "same"}
+    summary = pd.read_csv(os.path.join(both, "summary.csv"))
+    assert set(summary["method"]) == {"ref", "same"} and set(summary["backbone"]) == {"base", "nnunet_2d"}
