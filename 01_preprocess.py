@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from common.data import ct_statistics, foreground_sample_job, process_case_job, read_meta, write_slices
+from common.data import check_partition, ct_statistics, foreground_sample_job, process_case_job, write_slices
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, list_cases
 from common.utils import InputError, atomic_write_json, cli, run_metadata
@@ -96,14 +96,7 @@ def given_split(path, patient_ids, seed):
         raise InputError(f"--split_file {path}: cannot read it as JSON ({e})") from e
     if not isinstance(given, dict) or any(not isinstance(given.get(k), list) for k in ("train", "val", "test")):
         raise InputError(f"--split_file {path}: needs lists 'train', 'val' and 'test' of patient ids")
-    listed = [str(p) for k in ("train", "val", "test") for p in given[k]]
-    found = set(patient_ids)
-    dup = sorted({p for p in listed if listed.count(p) > 1})
-    unknown, unlisted = sorted(set(listed) - found), sorted(found - set(listed))
-    for what, ids in (("names patients more than once", dup), ("names patients not found in --raw", unknown),
-                      ("leaves out patients found in --raw", unlisted)):
-        if ids:
-            raise InputError(f"--split_file {path} {what}: {ids[:5]}{' ...' if len(ids) > 5 else ''}")
+    check_partition("--split_file", path, {k: given[k] for k in ("train", "val", "test")}, patient_ids, "patients")
     if not (given["train"] and given["val"] and given["test"]):
         raise InputError(f"--split_file {path}: train, val and test each need at least one patient")
     parts = {k: sorted(str(p) for p in given[k]) for k in ("train", "val", "test")}
@@ -121,11 +114,10 @@ def official_test_patients(info):
     return test
 
 
-def crop_report(args, meta_path, warn_above=0.005):
-    """Foreground the crop drops, per case and in total: printed, warned above 0.5%, kept in OUT/crop_report.json."""
-    meta = read_meta(meta_path)
-    c = meta["cases"]
-    lost = {cid: (int(lo), int(n)) for cid, lo, n in zip(c["case_id"], c["fg_lost"], c["fg_voxels"])}
+def crop_report(args, case_ids, tables, warn_above=0.005):
+    """Foreground the crop drops, per case and in total: printed, warned above 0.5%, kept in OUT/crop_report.json.
+    `tables`: the case tables write_slices wrote."""
+    lost = {cid: (int(lo), int(n)) for cid, lo, n in zip(case_ids, tables["fg_lost"], tables["fg_voxels"])}
     total_lost, total = sum(lo for lo, _ in lost.values()), sum(n for _, n in lost.values())
     bad = {cid: lo / n for cid, (lo, n) in lost.items() if n and lo / n > warn_above}
     for cid, frac in sorted(bad.items(), key=lambda kv: -kv[1])[:10]:
@@ -181,12 +173,12 @@ def main(args):
         try:
             jobs = [(c, info, list(args.crop), args.spacing, ct_stats) for c in info.cases]
             results = tqdm(pool.map(process_case_job, jobs), total=len(jobs), desc="slicing", unit="vol")
-            write_slices(tmp, info.cases, results, attrs, n_channels=len(info.cases[0].images))
+            tables = write_slices(tmp, info.cases, results, attrs, n_channels=len(info.cases[0].images))
             os.replace(tmp, out_h5)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    crop_report(args, meta_path=out_h5)
+    crop_report(args, [c.case_id for c in info.cases], tables)
     case_parts = {k: [c.case_id for c in info.cases if c.patient_id in set(v)] for k, v in parts.items()}
     atomic_write_json(out_splits, {"dataset": info.dataset, "seed": args.seed, "fractions": args.fractions,
                                    "split": args.split_file or args.split,

@@ -36,7 +36,7 @@ from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, backbone_mean, co
                              paired_comparison, topk_masks)
 from common.checkpoints import check_same_data, load_checkpoint, model_from_checkpoint
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
-from common.engine import evaluate_cases
+from common.engine import predict_stack
 from common.iac import read_genotype
 from common.metrics import case_metrics
 from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
@@ -104,18 +104,16 @@ def evaluate_runs(args, meta, cases, device):
     """Predict the cases with every run, then score each case once its original label is read (once).
     Returns the metric rows, the predictions, the runs and their inference cost."""
     preds, info, cost = {}, [], []
-    K = len(meta["class_names"]) + 1
     for name, d in parse_pairs(args.run, "--run"):
         path = os.path.join(d, "ckpt_best.pt")
         ckpt = load_checkpoint(path, ("pretrain", "finetune"), flag=f"--run {name}={d}:")
         check_same_data(ckpt, meta, path)
         model = model_from_checkpoint(ckpt).to(device)
         backbone, seed = ckpt["config"]["encoder"], ckpt["args"]["seed"]
-        cl = args.channels_last and device.type == "cuda"
+        amp, cl = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
         t0 = time.perf_counter()
-        _, _, preds[name, backbone, seed] = evaluate_cases(model, args.data, cases, K, device,
-                                                           args.amp and device.type == "cuda", cl, keep_pred=True,
-                                                           meta=meta, desc=f"predict {name}")
+        preds[name, backbone, seed] = {case: predict_stack(model, images, device, amp, cl)
+                                       for case, images, _ in iter_cases(args.data, cases, meta, f"predict {name}")}
         seconds = time.perf_counter() - t0
         info.append((name, d, backbone, seed))
         cost.append({"method": name, "backbone": backbone, "seed": seed, **inference_cost(model, meta, device),
@@ -127,10 +125,9 @@ def evaluate_runs(args, meta, cases, device):
         for key, pr in preds.items():
             rows += metric_rows(key, case, slices_to_volume(pr[case], meta, case), gt, spacing, score)
     df = pd.DataFrame(rows)
+    dice = case_means(df[df["metric"] == "dice"]).groupby(["method", "backbone", "seed"])["value"].mean()
     for name, _, backbone, seed in info:
-        sel = df[(df["method"] == name) & (df["backbone"] == backbone) & (df["seed"] == seed)
-                 & (df["metric"] == "dice")]
-        print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean Dice {case_means(sel)['value'].mean():.4f} "
+        print(f"{name:>12s}  {backbone:<20s} seed {seed}: mean Dice {dice[name, backbone, seed]:.4f} "
               f"over {', '.join(score[0])} on {len(cases)} cases")
     return df, preds, info, pd.DataFrame(cost)
 
@@ -208,23 +205,20 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided"):
     per = case_mean.groupby(["method", "backbone", "patient"], sort=False)["value"].mean().unstack("patient")
     rows = []
     for vs, method in pairs:
-        deltas = []
+        pair, deltas = [], []
         for backbone in dict.fromkeys(b for m, b in per.index if m == method):
             if (vs, backbone) not in per.index:
                 continue
             ref, vals = per.loc[(vs, backbone)], per.loc[(method, backbone)]
             r = paired_comparison(ref.values, vals[ref.index].values, n_resamples=n_boot, alternative=alternative)
-            rows.append({"method": method, "vs": vs, "backbone": backbone, **r})
+            pair.append({"method": method, "vs": vs, "backbone": backbone, **r})
             deltas.append(vals[ref.index].values - ref.values)
-        if rows and rows[-1]["method"] == method:
-            fisher = fisher_combined([r["wilcoxon_p"] for r in rows if (r["method"], r["vs"]) == (method, vs)])
-            for r in rows:
-                if (r["method"], r["vs"]) == (method, vs):
-                    r["fisher_p"] = fisher
-            if len(deltas) > 1 and len({len(d) for d in deltas}) == 1:
-                rows.append({"method": method, "vs": vs, "backbone": f"mean over {len(deltas)} backbones",
-                             **backbone_mean(np.stack(deltas), n_resamples=n_boot), "wilcoxon_p": float("nan"),
-                             "fisher_p": fisher})
+        fisher = fisher_combined([r["wilcoxon_p"] for r in pair])
+        rows += [{**r, "fisher_p": fisher} for r in pair]
+        if len(deltas) > 1 and len({len(d) for d in deltas}) == 1:
+            rows.append({"method": method, "vs": vs, "backbone": f"mean over {len(deltas)} backbones",
+                         **backbone_mean(np.stack(deltas), n_resamples=n_boot), "wilcoxon_p": float("nan"),
+                         "fisher_p": fisher})
     return pd.DataFrame(rows)
 
 

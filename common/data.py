@@ -17,6 +17,7 @@ The slices of a case are contiguous; `meta` (from read_meta) is read once per st
 """
 import json
 import os
+from collections import Counter
 
 from tqdm import tqdm
 
@@ -148,7 +149,8 @@ def process_case_job(args_tuple):
 
 # --------------------------------------------------------------------------- the file
 def write_slices(path, cases, results, attrs, n_channels):
-    """Stream processed cases (`results`: process_case outputs, in the order of `cases`) into `path`."""
+    """Stream processed cases (`results`: process_case outputs, in the order of `cases`) into `path`;
+    returns the CASE_TABLES as written."""
     if set(attrs) != set(FILE_ATTRS):
         raise ValueError(f"slices.h5 attributes must be {FILE_ATTRS}, got {sorted(attrs)}")
     H, W = attrs["crop"]
@@ -183,6 +185,7 @@ def write_slices(path, cases, results, attrs, n_channels):
             g.create_dataset(k, data=np.array(v))
         for k, v in attrs.items():
             f.attrs[k] = json.dumps(v)
+    return tables
 
 
 def read_meta(path):
@@ -224,6 +227,18 @@ def load_splits(path, meta=None):
             raise InputError(f"{path} names cases not in the slice file (e.g. {unknown[:3]}); "
                              "splits.json and slices.h5 come from different preprocessing runs")
     return splits
+
+
+def check_partition(flag, path, parts, found, what):
+    """Every id of `found` in exactly one list of `parts` ({name: ids}); else an InputError naming the file,
+    the ids and the problem."""
+    listed = [str(i) for ids in parts.values() for i in ids]
+    dup = sorted(i for i, n in Counter(listed).items() if n > 1)
+    unknown, unlisted = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
+    for problem, ids in ((f"names {what} more than once", dup), (f"names {what} not found in --raw", unknown),
+                         (f"leaves out {what} found in --raw", unlisted)):
+        if ids:
+            raise InputError(f"{flag} {path} {problem}: {ids[:5]}{' ...' if len(ids) > 5 else ''}")
 
 
 class SliceBatch(tuple):

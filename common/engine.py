@@ -86,20 +86,17 @@ def predict_stack(model, images, device, amp, channels_last, batch_size=64):
     return np.concatenate(out)
 
 
-def evaluate_cases(model, h5_path, case_ids, num_classes, device, amp=False, channels_last=False, keep_pred=False,
-                   meta=None, desc="validate"):
-    """Patient-level Dice for each case -> ({case: dice (K-1,)}, mean foreground Dice, predictions)."""
-    per_case, preds = {}, {}
+def evaluate_cases(model, h5_path, case_ids, num_classes, device, amp=False, channels_last=False, meta=None,
+                   desc="validate"):
+    """Patient-level Dice for each case on its slice stack -> ({case: dice (K-1,)}, mean foreground Dice)."""
+    per_case = {}
     for case, images, labels in iter_cases(h5_path, case_ids, meta, desc):
-        pred = predict_stack(model, images, device, amp, channels_last)
         acc = CaseDice(num_classes)
-        acc.update(pred, labels)
+        acc.update(predict_stack(model, images, device, amp, channels_last), labels)
         per_case[case] = acc.dice()
-        if keep_pred:
-            preds[case] = pred
     means = [mean_foreground(d) for d in per_case.values()]
     score = float(np.nanmean(means)) if np.any(~np.isnan(means)) else float("nan")
-    return per_case, score, preds
+    return per_case, score
 
 
 class EpochTimer:
@@ -128,8 +125,8 @@ def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, c
         torch.manual_seed(args.seed * 1000 + epoch)          # per-epoch seeding: exact resume
         loader = make_loader(train_set, args.batch_size, True, epoch_generator(args.seed, epoch), args.workers, device)
         train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch)
-        _, val_dice, _ = evaluate_cases(model, args.data, splits["val"], model.config["num_classes"], device, amp,
-                                        channels_last, meta=meta)
+        _, val_dice = evaluate_cases(model, args.data, splits["val"], model.config["num_classes"], device, amp,
+                                     channels_last, meta=meta)
         improved = val_dice > best[0] or (best[1] < 0)
         if improved:
             best = (val_dice, epoch)

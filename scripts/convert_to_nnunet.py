@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from common.data import load_splits
+from common.data import check_partition, load_splits
 from common.raw import list_cases, load_case
 from common.utils import InputError, atomic_write_json, cli
 
@@ -89,20 +89,9 @@ def our_split(path, info):
     splits = load_splits(path)
     if splits.get("dataset") not in (None, info.dataset):
         raise InputError(f"--splits {path} is for {splits['dataset']}, these raw files are {info.dataset}")
-    part = {}
-    for k in ("train", "val", "test"):
-        for c in splits[k]:
-            if c in part:
-                raise InputError(f"--splits {path} puts case {c} in both {part[c]} and {k}")
-            part[c] = k
-    found = {c.case_id for c in info.cases}
-    unknown, unlisted = sorted(set(part) - found), sorted(found - set(part))
-    if unknown or unlisted:
-        raise InputError(f"--splits {path} and --raw {info.dataset} differ: "
-                         + (f"cases not in --raw {unknown[:5]} " if unknown else "")
-                         + (f"cases found but not split {unlisted[:5]}" if unlisted else "")
-                         + "; give the splits.json made from these raw files")
-    return part
+    parts = {k: splits[k] for k in ("train", "val", "test")}
+    check_partition("--splits", path, parts, [c.case_id for c in info.cases], "cases")
+    return {c: k for k, ids in parts.items() for c in ids}
 
 
 if __name__ == "__main__":
