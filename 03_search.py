@@ -35,8 +35,8 @@ from common.losses import SegLoss
 from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch, expected_stop,
                            keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
-from common.utils import (JsonlLog, add_run_flags, atomic_write_json, autocast, cli, epoch_generator, read_jsonl,
-                          run_metadata)
+from common.utils import (JsonlLog, add_run_flags, atomic_write_json, autocast, cli, epoch_generator, peak_gpu_mib,
+                          read_jsonl, run_metadata)
 
 
 def get_args(argv=None):
@@ -94,7 +94,8 @@ def main(args):
     geometry = {"skip_channels": model.skip_channels, "up_channels": model.up_channels,
                 "cell_channels": args.cell_channels}
     theta0 = make_theta0(**geometry)                                   # θ0 before any update
-    skips = IACSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn)
+    skips = IACSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn,
+                           checkpoint_edges=args.checkpoint_edges == "on")
     init_from_theta0(skips, theta0)                                    # partial-channel ops = slices of θ0
     model.set_skips(skips.to(device))
     if cl:
@@ -143,7 +144,7 @@ def main(args):
         traj.write(trajectory_record(skips, info, epoch, losses, lr, epoch_s, lth if args.mode == "lth" else None))
         active = int(skips.op_mask.sum())
         log.write({"epoch": epoch, **losses, "active_ops": active, "n_pruned": len(pruned), "lr_w": lr,
-                   "seconds": epoch_s})
+                   "seconds": epoch_s, "peak_gpu_mib": peak_gpu_mib(device)})
         save_checkpoint(search_checkpoint(skips, a_opt, lth, epoch, seconds, args, geometry), last)
         active_ops.append(active)
         end = expected_stop(active_ops, args.epochs) if args.mode == "lth" else args.epochs

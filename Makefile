@@ -38,10 +38,13 @@ test-floors:
 	.venv-floors/bin/pip install --no-deps -e .
 	.venv-floors/bin/python -m pytest -q tests
 
+# bench_gpu.py (precision, memory format, peak GPU memory at the paper's scale) only where a GPU is visible
 bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_data.py
 	$(PYTHON) benchmarks/bench_backbones.py
 	$(PYTHON) benchmarks/bench_search.py
+	if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PYTHON) benchmarks/bench_gpu.py; else echo "no CUDA GPU: bench_gpu.py skipped"; fi
 
 # the JS test's defaults: stop epoch across steps per epoch, and LTH vs full on three seeds (~1 h on 2 cores)
 bench-lth: $(VENV)/.installed

@@ -12,7 +12,8 @@ from tqdm import tqdm
 from common.checkpoints import save_checkpoint, training_checkpoint
 from common.data import collate, iter_cases, load_splits, read_meta
 from common.metrics import CaseDice, mean_foreground
-from common.utils import InputError, JsonlLog, NonFiniteLoss, autocast, epoch_generator, pick_device, seed_everything
+from common.utils import (InputError, JsonlLog, NonFiniteLoss, autocast, epoch_generator, peak_gpu_mib, pick_device,
+                          seed_everything)
 
 
 def setup_run(args, what):
@@ -136,7 +137,7 @@ def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, c
             save_checkpoint(state, best_path)
         seconds = time.time() - t0
         log.write({"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "best_dice": best[0],
-                   "best_epoch": best[1], "seconds": seconds})
+                   "best_epoch": best[1], "seconds": seconds, "peak_gpu_mib": peak_gpu_mib(device)})
         print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val Dice {val_dice:.4f}  "
               f"(best {best[0]:.4f} @ {best[1] + 1})  {seconds:.1f}s  ETA {timer.eta(epoch)}", flush=True)
         if stop_early(args, epoch, start_epoch):

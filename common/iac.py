@@ -20,12 +20,15 @@ Drop it into your own U-Net (the decoder calls `skips(level, skip, up)`):
     genotype = skips.derive_genotype()                      # Eq. (12) + top-2 edges per node
     final = IACSkips(genotype, [64, 128, 256, 512], [64, 128, 256, 512])   # full width, affine BN
 """
+import contextlib
+import functools
 import json
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 OPS = ("skip_connect", "max_pool_3x3", "avg_pool_3x3", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
        "dil_conv_5x5")
@@ -147,12 +150,12 @@ class Edge(nn.Module):
 class Cell(nn.Module):
     """One IAC at one skip level. `edges` maps edge index -> op names on that edge."""
 
-    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4):
+    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4, checkpoint_edges=False):
         super().__init__()
         if search and C % pc_k:
             raise ValueError(f"cell width {C} is not divisible by the partial-channel K={pc_k}")
         affine = not search
-        self.search = search
+        self.search, self.checkpoint_edges = search, checkpoint_edges
         self.pre0 = nn.Sequential(nn.ReLU(), nn.Conv2d(c_skip, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
         self.pre1 = nn.Sequential(nn.ReLU(), nn.Conv2d(c_up, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
         self.edges = nn.ModuleDict({str(e): Edge(C, ops, search, pc_k) for e, ops in sorted(edges.items())})
@@ -166,12 +169,39 @@ class Cell(nn.Module):
                 if str(e) not in self.edges:
                     continue
                 i = EDGES[e][0]
-                if self.search:
-                    terms.append(edge_w[e] * self.edges[str(e)](states[i], op_w[e]))   # Eq. (9)
+                edge = self.edges[str(e)]
+                if self.search and self.checkpoint_edges and torch.is_grad_enabled():   # recomputed in backward
+                    terms.append(checkpoint(_weighted_edge, edge, states[i], op_w[e], edge_w[e], use_reentrant=False,
+                                            context_fn=functools.partial(_recompute_without_bn_update, edge)))
+                elif self.search:
+                    terms.append(_weighted_edge(edge, states[i], op_w[e], edge_w[e]))          # Eq. (9)
                 else:
-                    terms.append(self.edges[str(e)](states[i]))
+                    terms.append(edge(states[i]))
             states.append(sum(terms))
         return self.out(torch.cat(states[N_INPUTS:], dim=1))               # Eq. (1): (B, C_skip, H, W)
+
+
+def _weighted_edge(edge, x, op_w, edge_w):
+    return edge_w * edge(x, op_w)                                            # Eq. (9): w'_e · mixed op
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module):
+    """While an edge is recomputed in the backward pass, its BatchNorms must not update their running
+    statistics a second time: momentum 0 leaves them as the forward pass left them."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+
+
+def _recompute_without_bn_update(module):
+    return contextlib.nullcontext(), _bn_stats_frozen(module)
 
 
 def _widths(skip_channels, cell_channels):
@@ -185,17 +215,20 @@ def _widths(skip_channels, cell_channels):
 class IACSearchSkips(nn.Module):
     """The supernet: one search cell per skip level, α and β shared by all levels.
 
-    Called as `skips(level, skip, up)`; `prepare(features)` is the identity."""
+    Called as `skips(level, skip, up)`; `prepare(features)` is the identity. `checkpoint_edges`: keep only each
+    edge's input and recompute its ops in the backward pass (torch.utils.checkpoint): the same gradients and
+    BatchNorm statistics for several times less activation memory, at the cost of a second forward of the ops."""
 
-    def __init__(self, skip_channels, up_channels, cell_channels=None, pc_k=4, beta_fn="tanh"):
+    def __init__(self, skip_channels, up_channels, cell_channels=None, pc_k=4, beta_fn="tanh",
+                 checkpoint_edges=False):
         super().__init__()
         self.pc_k, self.beta_fn = pc_k, beta_fn
         self.alpha = nn.Parameter(torch.zeros(len(EDGES), len(OPS)))     # constant init (paper)
         self.beta = nn.Parameter(torch.zeros(len(EDGES)))
         self.register_buffer("op_mask", torch.ones(len(EDGES), len(OPS), dtype=torch.bool))
         self.register_buffer("edge_mask", torch.ones(len(EDGES), dtype=torch.bool))
-        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k) for cs, cu, C in
-                                    zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
+        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, checkpoint_edges)
+                                    for cs, cu, C in zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
 
     def arch_parameters(self):
         return [self.alpha, self.beta]

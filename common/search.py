@@ -45,11 +45,16 @@ SEARCH_SETTINGS = (
     Setting("js_eps", float, 1e-8, "ε of Eq. (19)-(20)"),
     Setting("js_support", str, "common", "JS over the ops active in both epochs (common) or all 7 (all)",
             JS_SUPPORTS),
+    Setting("checkpoint_edges", str, "on", "recompute each edge's ops in the backward pass instead of storing "
+            "them (activation checkpointing): same result, far less GPU memory, ~1/3 more compute; at the paper's "
+            "batch 128 and 256x256 the supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md)",
+            ("on", "off")),
     Setting("edge_rule", str, "w", "rank a node's incoming edges by w' (paper Sec. 3.4) or by "
             "max_o softmax(α)·w' (max_importance, PC-DARTS)", EDGE_RULES),
 )
 # what changes a search's result besides SEARCH_SETTINGS: --resume refuses to change these
-RESULT_FLAGS = tuple(s.name for s in SEARCH_SETTINGS) + ("mode", "batch_size", "seed", "cell_channels")
+RESULT_FLAGS = tuple(s.name for s in SEARCH_SETTINGS if s.name != "checkpoint_edges") + (
+    "mode", "batch_size", "seed", "cell_channels")
 
 
 def add_search_flags(p):
@@ -127,10 +132,13 @@ def arch_optimizer(skips, lr, betas, weight_decay):
 
 
 def arch_step(loss, skips, a_opt):
-    """One Adam step on α, β; autograd.grad computes no cell-weight gradient it would throw away."""
+    """One Adam step on α, β; autograd.grad computes no cell-weight gradient it would throw away. Returns the
+    loss value: the caller keeps no reference to `loss`, so its graph (whose op-internal activations
+    autograd.grad never reached, ~20 GB at batch 128, 256x256) is freed before the weight step's forward."""
     for prm, g in zip(skips.arch_parameters(), torch.autograd.grad(loss, skips.arch_parameters())):
         prm.grad = g
     a_opt.step()
+    return loss.item()
 
 
 def search_step(mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_batch=None):
@@ -142,9 +150,7 @@ def search_step(mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_bat
     (α, β only after warm-up). Returns the (train, val or None) loss values."""
     val = None
     if mode == "full" and arch_on:                                     # (i) α, β on val_search
-        lv = loss_of(next_val_batch())
-        arch_step(lv, skips, a_opt)
-        val = lv.item()
+        val = arch_step(loss_of(next_val_batch()), skips, a_opt)
     w_opt.zero_grad(set_to_none=True)                                  # (ii) w on train_search / train
     a_opt.zero_grad(set_to_none=True)
     loss = loss_of(batch)

@@ -95,6 +95,15 @@ def pick_device(name, say=print):
     return device
 
 
+def peak_gpu_mib(device):
+    """Peak GPU memory allocated since the last call (MiB, resets the counter); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    mib = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return round(mib)
+
+
 def seed_everything(seed, deterministic=False):
     """The one seeding block (CleanRL style)."""
     random.seed(seed)

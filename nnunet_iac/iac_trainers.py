@@ -257,7 +257,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
                                                        num_output_channels, enable_deep_supervision)
         skip_ch = list(net.encoder.output_channels[:-1])
         s = search_settings()
-        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn))
+        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn, s.checkpoint_edges == "on"))
 
     def _do_i_compile(self):
         return False                          # pruning changes the graph; no torch.compile for the search

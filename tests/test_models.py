@@ -78,7 +78,8 @@ def test_patient_dice_differs_from_slice_mean_and_nan_convention():
 
 def test_pretrain_resume_equals_unbroken(tmp_path, scripts, acdc):
     m = scripts["02_pretrain"]
-    common = data_args(acdc) + ["--width", "8", "--batch_size", "16", "--seed", "3"]
+    # bit-equality is the CPU promise: on CUDA the convolution backward is not deterministic (seen on an H200)
+    common = data_args(acdc) + ["--width", "8", "--batch_size", "16", "--seed", "3", "--device", "cpu"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     m.main(m.get_args(common + ["--epochs", "3", "--out", a]))
     m.main(m.get_args(common + ["--epochs", "3", "--out", b, "--stop_after", "2"]))

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: the test suite on CUDA (stage scripts pick the GPU through --device auto,
+# with bf16 autocast and channels_last), then bench_gpu.py. Written for a machine that cannot install
+# packages: it uses the python3 there, plus wheels in .whl/ when present (nibabel, monai:
+# `pip download --no-deps -d .whl nibabel monai`). Logs, junit.xml and RESULTS.md go to $OUT.
+#   OUT=gpu_out TEST_S=180 BENCH_S=240 bash benchmarks/gpu_check.sh
+# (TESTS: pytest targets, default tests; BENCH_ARGS: e.g. "--skip precision pruning")
+set -u
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi -L
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'torchvision',
+torchvision.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/versions.txt"
+
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
+timeout "${TEST_S:-180}" python3 -m pytest -q $workers -p no:cacheprovider --durations=8 \
+    --junitxml="$OUT/junit.xml" ${TESTS:-tests} > "$OUT/tests.log" 2>&1
+echo "pytest exit $?"; tail -40 "$OUT/tests.log"
+
+timeout "${BENCH_S:-240}" python3 benchmarks/bench_gpu.py ${BENCH_ARGS:-} > "$OUT/bench_gpu.log" 2>&1
+echo "bench_gpu exit $?"; tail -60 "$OUT/bench_gpu.log"
+cp benchmarks/RESULTS.md "$OUT/"
