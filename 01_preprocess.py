@@ -22,9 +22,10 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from common.data import check_partition, ct_statistics, foreground_sample_job, process_case_job, write_slices
+from common.data import COMPRESSIONS, check_partition, ct_statistics, foreground_sample_job, process_case_job, write_slices
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, list_cases
+from common.runs import mark_done
 from common.utils import InputError, atomic_write_json, cli, run_metadata
 
 STRIDE = 32                                  # the U-Nets' total down-sampling: crops must be multiples of it
@@ -48,6 +49,8 @@ def get_args(argv=None):
                    help="JSON with lists train / val / test of patient ids (every patient once); overrides --split")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))), help="parallel volumes")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                   help="HDF5 compression of the slices (lzf: fast; gzip: smallest); none reads fastest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing slices.h5 / splits.json")
     p.add_argument("--make_phantom", metavar="DIR", help="write a phantom raw data set to DIR and exit")
     p.add_argument("--layout", choices=LAYOUTS, default="acdc", help="phantom layout")
@@ -173,7 +176,8 @@ def main(args):
         try:
             jobs = [(c, info, list(args.crop), args.spacing, ct_stats) for c in info.cases]
             results = tqdm(pool.map(process_case_job, jobs), total=len(jobs), desc="slicing", unit="vol")
-            tables = write_slices(tmp, info.cases, results, attrs, n_channels=len(info.cases[0].images))
+            tables = write_slices(tmp, info.cases, results, attrs, n_channels=len(info.cases[0].images),
+                                  compression=args.compression)
             os.replace(tmp, out_h5)
         finally:
             if os.path.exists(tmp):
@@ -184,6 +188,7 @@ def main(args):
                                    "split": args.split_file or args.split,
                                    "unit": "case", "patients": parts, **case_parts})
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
+    mark_done(args.out, "01_preprocess", cases=len(info.cases))
     print(f"wrote {out_h5} and {out_splits}")
 
 

@@ -9,7 +9,8 @@ Out: RUN/args.json, RUN/log.jsonl (one line per epoch), RUN/ckpt_last.pt, RUN/ck
 
 Adam lr 1e-3, batch 128, 200 epochs, loss CE + soft Dice (Eq. 22-24), no augmentation.
 `--resume` continues from RUN/ckpt_last.pt; on CPU with the same seed it ends with the
-same weights as a run that was never stopped.
+same weights as a run that was never stopped. `--resume auto` starts when there is no checkpoint;
+RUN/done.json is written last, once the run is finished (common/runs.py).
 """
 import argparse
 import math
@@ -20,9 +21,10 @@ import torch
 from common.backbones import ENCODERS, UNet
 from common.checkpoints import resume_training
 from common.data import SliceDataset
-from common.engine import fit, setup_run
+from common.engine import add_fit_flags, fit, setup_run
 from common.losses import SegLoss
 from common.skips import SKIP_TYPES
+from common.runs import mark_done
 from common.utils import add_run_flags, atomic_write_json, cli, run_metadata
 
 
@@ -38,6 +40,7 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
     add_run_flags(p)
+    add_fit_flags(p)
     return p.parse_args(argv)
 
 
@@ -66,8 +69,9 @@ def main(args):
     train_set = SliceDataset(args.data, splits["train"], meta=meta)
     print(f"{args.encoder} U-Net, {args.skip} skips, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_set)} training slices, device {device}")
-    fit(args, model, optimizer, SegLoss(), train_set, meta, splits, device, amp, channels_last, "pretrain",
-        start_epoch, best)
+    if fit(args, model, optimizer, SegLoss(), train_set, meta, splits, device, amp, channels_last, "pretrain",
+           start_epoch, best):
+        mark_done(args.out, "02_pretrain", epochs=args.epochs)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 In:  RUN_I/ckpt_best.pt from 02_pretrain.py, slices.h5 and splits.json.
 Out: RUN/genotype.json, RUN/theta0.pt (cell weights before any update, full width),
      RUN/trajectory.jsonl (per epoch: α, β, w', importance, active ops, JS and τ per
-     edge, ops pruned, losses, seconds), RUN/log.jsonl, RUN/ckpt_last.pt, RUN/args.json.
+     edge, ops pruned, losses, seconds), RUN/log.jsonl, RUN/ckpt_last.pt, RUN/args.json,
+     RUN/done.json (last, when the genotype is written; the backbone run must have one).
 
     python 03_search.py --backbone runs/ref/ckpt_best.pt --data D/slices.h5 --splits D/splits.json \
         --mode lth --out runs/search_lth
@@ -32,8 +33,9 @@ from common.data import SliceDataset
 from common.engine import EpochTimer, check_finite, make_loader, setup_run, stop_early, to_device
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
-from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch, expected_stop,
-                           keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
+from common.runs import add_unfinished_flag, check_stop, mark_done, require_done
+from common.search import (add_search_flags, arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch,
+                           expected_stop, keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
 from common.utils import (JsonlLog, add_run_flags, atomic_write_json, autocast, cli, epoch_generator, peak_gpu_mib,
                           read_jsonl, run_metadata)
@@ -49,6 +51,7 @@ def get_args(argv=None):
     p.add_argument("--cell_channels", type=int, default=None, help="cell width C; default: the skip's channels")
     add_search_flags(p)                             # every search hyperparameter: common/search.py
     add_run_flags(p)
+    add_unfinished_flag(p)
     return resolve_threshold(p.parse_args(argv))
 
 
@@ -76,6 +79,7 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
 
     bar = tqdm(loaders["train"], desc=f"search {epoch + 1}", leave=False, unit="batch", disable=None)
     for step, batch in enumerate(bar):
+        check_stop()                                           # SIGUSR1 / SIGTERM: leave before this step
         value, val = search_step(args.mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_batch)
         check_finite(value, epoch, step)
         b = len(batch[0])
@@ -90,12 +94,13 @@ def main(args):
     device, amp, cl, meta, splits, last = setup_run(args, "search")
 
     model, bb = load_frozen_backbone(args.backbone, meta)
+    require_done(args.backbone, "--backbone", args.allow_unfinished)
     model = model.to(device)
     geometry = {"skip_channels": model.skip_channels, "up_channels": model.up_channels,
                 "cell_channels": args.cell_channels}
     theta0 = make_theta0(**geometry)                                   # θ0 before any update
     skips = IACSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn,
-                           checkpoint_edges=args.checkpoint_edges == "on")
+                           checkpoint_edges=checkpoint_edges(args.checkpoint_edges, device))
     init_from_theta0(skips, theta0)                                    # partial-channel ops = slices of θ0
     model.set_skips(skips.to(device))
     if cl:
@@ -168,6 +173,7 @@ def main(args):
                                   dataset=meta["dataset"], seed=args.seed, geometry=geometry))
     print(f"genotype after {epoch + 1} epochs ({seconds / 60:.1f} min): "
           + ", ".join(f"{op}({s}->{d})" for op, s, d in genotype["edges"]))
+    mark_done(args.out, "03_search", epochs=args.epochs, epochs_run=epoch + 1, stopped=stopped)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ fresh` (IAC) draws new weights, `--init theta0` (IAC-LTH) resets the cell to the
 it had before the search; the default follows the genotype's search mode (SPEC §5).
 `--skip att|resatt` trains a baseline skip module into the same frozen backbone instead.
 `--resume` continues from RUN/ckpt_last.pt; on CPU with the same seed it ends with the
-same weights as a run that was never stopped.
+same weights as a run that was never stopped. `--resume auto` starts when there is no checkpoint;
+RUN/done.json is written last, once the run is finished (common/runs.py).
 """
 import argparse
 import math
@@ -25,10 +26,11 @@ import torch
 
 from common.checkpoints import cell_config, load_frozen_backbone, load_theta0_into, resume_training
 from common.data import SliceDataset
-from common.engine import fit, setup_run
+from common.engine import add_fit_flags, fit, setup_run
 from common.iac import IACSkips, read_genotype
 from common.losses import SegLoss
 from common.skips import build_skips
+from common.runs import add_unfinished_flag, mark_done, require_done
 from common.utils import InputError, add_run_flags, atomic_write_json, cli, require_file, run_metadata
 
 
@@ -46,6 +48,8 @@ def get_args(argv=None):
     p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
     add_run_flags(p)
+    add_fit_flags(p)
+    add_unfinished_flag(p)
     return p.parse_args(argv)
 
 
@@ -81,6 +85,9 @@ def main(args):
     device, amp, channels_last, meta, splits, last = setup_run(args, "run")
 
     model = build_model(args, meta).to(device)
+    for path, flag in ((args.backbone, "--backbone"), (args.genotype, "--genotype")):
+        if path:
+            require_done(path, flag, args.allow_unfinished)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=args.lr)
@@ -94,8 +101,9 @@ def main(args):
     print(f"frozen {model.config['encoder']} U-Net, training {args.skip} skips ({args.init or 'fresh'} init, "
           f"{sum(p.numel() for p in trainable_parameters(model)):,} parameters), {len(train_set)} training slices, "
           f"device {device}")
-    fit(args, model, optimizer, SegLoss(), train_set, meta, splits, device, amp, channels_last, "finetune",
-        start_epoch, best)
+    if fit(args, model, optimizer, SegLoss(), train_set, meta, splits, device, amp, channels_last, "finetune",
+           start_epoch, best):
+        mark_done(args.out, "04_finetune", epochs=args.epochs)
 
 
 if __name__ == "__main__":

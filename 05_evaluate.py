@@ -40,7 +40,9 @@ from common.engine import predict_stack
 from common.iac import read_genotype
 from common.metrics import case_metrics
 from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
-from common.utils import InputError, add_device_flags, atomic_write_json, cli, pick_device, read_jsonl, run_metadata
+from common.runs import add_unfinished_flag, mark_done, require_done
+from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_write_json, cli, pick_device, read_jsonl,
+                          require_file, run_metadata)
 
 
 def get_args(argv=None):
@@ -57,6 +59,13 @@ def get_args(argv=None):
     p.add_argument("--alternative", choices=["two-sided", "greater"], default="two-sided",
                    help="Wilcoxon (and so Fisher) alternative; greater: the claim is a gain over the other method")
     p.add_argument("--search", action="append", default=[], metavar="NAME=DIR", help="a search run (repeatable)")
+    p.add_argument("--rows", action="append", default=[], metavar="CSV",
+                   help="per_patient.csv of an earlier (e.g. per-run, --rows_only) evaluation: tables without models "
+                        "(repeatable; its inference_cost.csv beside it is taken too)")
+    p.add_argument("--rows_only", action="store_true",
+                   help="score the --run/--nnunet_pred inputs into OUT/per_patient.csv (+ inference_cost.csv), stop: "
+                        "one scoring job per run, tables later from --rows")
+    add_unfinished_flag(p)
     p.add_argument("--split", default="test", choices=["test", "val"], help="cases to evaluate")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save_nifti", default=None, metavar="DIR", help="write predictions as NIfTI under DIR/NAME/")
@@ -335,9 +344,29 @@ def overlay_figure(args, meta, cases, preds, path):
     fig.savefig(path, dpi=90)
 
 
+def read_rows(paths):
+    """Earlier evaluations' per_patient.csv (and the inference_cost.csv beside each, when there)."""
+    frames, costs = [], []
+    for path in paths:
+        require_file(path, "--rows", "the per_patient.csv of an earlier 05_evaluate.py")
+        df = pd.read_csv(path)
+        missing = {"method", "backbone", "seed", "patient", "region", "metric", "value"} - set(df.columns)
+        if missing:
+            raise InputError(f"--rows {path}: not a per_patient.csv of 05_evaluate.py "
+                             f"(no {', '.join(sorted(missing))})")
+        frames.append(df.astype({"patient": str}))
+        cost = os.path.join(os.path.dirname(path), "inference_cost.csv")
+        if os.path.isfile(cost):
+            costs.append(pd.read_csv(cost))
+    return frames, costs
+
+
 def main(args):
-    if not (args.run or args.search or args.nnunet_pred):
-        raise InputError("give at least one --run NAME=DIR, --nnunet_pred NAME=DIR or --search NAME=DIR")
+    if not (args.run or args.search or args.nnunet_pred or args.rows):
+        raise InputError("give at least one --run NAME=DIR, --nnunet_pred NAME=DIR, --rows CSV or --search NAME=DIR")
+    for name, d in parse_pairs(args.run, "--run") + parse_pairs(args.search, "--search"):
+        if os.path.isdir(d):
+            require_done(d, f"--run/--search {name}=", args.allow_unfinished)
     meta, cases = None, []
     if args.run:
         if not (args.data and args.splits):
@@ -349,23 +378,37 @@ def main(args):
     device = pick_device(args.device) if args.run else None
     os.makedirs(args.out, exist_ok=True)
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
-    frames, preds, names = [], {}, []
+    frames, preds, names, costs = [], {}, [], []
     if args.run:
         df, preds, info, cost = evaluate_runs(args, meta, cases, device)
         frames.append(df)
         names.append(info[0][0])
-        cost.to_csv(os.path.join(args.out, "inference_cost.csv"), index=False)
-        with open(os.path.join(args.out, "inference_cost.md"), "w") as f:
-            f.write(f"## Inference cost ({len(cases)} {args.split} cases, {device}; MACs per {meta['shape'][2]}x"
-                    f"{meta['shape'][3]} slice)\n\n" + to_markdown(cost))
+        costs.append(cost)
     if args.nnunet_pred:
         df, _ = evaluate_nnunet(args)
         frames.append(df)
         names.append(df["method"].iloc[0])
+    if args.rows:
+        more, more_costs = read_rows(args.rows)
+        frames += more
+        costs += more_costs
+        names += [m for f in more for m in f["method"].iloc[:1]]
+    if costs:
+        cost = pd.concat(costs, ignore_index=True)
+        cost.to_csv(os.path.join(args.out, "inference_cost.csv"), index=False)
+        with open(os.path.join(args.out, "inference_cost.md"), "w") as f:
+            f.write("## Inference cost (seconds per case on the device named; MACs per slice)\n\n"
+                    + to_markdown(cost))
+    if args.rows_only:
+        if frames:
+            atomic_to_csv(pd.concat(frames, ignore_index=True), os.path.join(args.out, "per_patient.csv"))
+        mark_done(args.out, "05_evaluate", rows_only=True)
+        print(f"per-patient rows in {os.path.join(args.out, 'per_patient.csv')}")
+        return
     if frames:
         df = pd.concat(frames, ignore_index=True)
         n_cases = df["patient"].nunique()
-        dataset = meta["dataset"] if meta else "nnU-Net"
+        dataset = meta["dataset"] if meta else "nnU-Net" if not args.rows else "rows of earlier evaluations"
         df.to_csv(os.path.join(args.out, "per_patient.csv"), index=False)
         summary, case_mean = summarise(df)
         summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
@@ -409,6 +452,7 @@ def main(args):
                                                          to_markdown(cost, ".2f")))
         print(open(os.path.join(args.out, "search_cost.md")).read())
         print(f"search-dynamics figures in {os.path.join(args.out, 'dynamics')}")
+    mark_done(args.out, "05_evaluate")
     print(f"all outputs in {args.out}")
 
 

@@ -23,11 +23,16 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(VENV)/bin/pip install -r requirements-test.txt
 	touch $@
 
+# grid.py's SLURM backend (submitit), kept out of the core requirements
+$(VENV)/.installed-grid: $(VENV)/.installed requirements-grid.txt
+	$(VENV)/bin/pip install -r requirements-grid.txt
+	touch $@
+
 demo: $(VENV)/.installed
 	PYTHON=$(PYTHON) DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself
-test: $(VENV)/.installed $(VENV)/.installed-nnunet $(VENV)/.installed-test
+test: $(VENV)/.installed $(VENV)/.installed-nnunet $(VENV)/.installed-test $(VENV)/.installed-grid
 	$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # the lowest versions requirements.txt allows (every `>=` taken as `==`), in .venv-floors, then the tests

@@ -1,4 +1,5 @@
 """Preprocessing (volumes/s) and loader throughput (slices/s, batch 128, 256x256) as the training loops use it."""
+import os
 import shutil
 import tempfile
 import time
@@ -48,6 +49,18 @@ def main():
         body += (f"| loader, batch 128, 256x256, {workers} workers, {where} ({len(ds)} slices): per epoch incl. worker "
                  f"start / after the first batch | {total:,.0f} / {steady:,.0f} slices/s |\n")
     body += "\nGoal: at least 2,000 slices/s of 256x256 so the loader never starves a GPU.\n"
+    body += ("\nHDF5 compression (`01_preprocess.py --compression`), the same volumes, read from the file "
+             "(no cache), batch 128, 2 workers:\n\n| compression | slices.h5 size (MB) | write (s, whole 01) | "
+             "per epoch / after the first batch (slices/s) |\n|---|---|---|---|\n")
+    for comp in ("none", "lzf", "gzip"):
+        out = f"{tmp}/data_{comp}"
+        t = time.time()
+        run(["01_preprocess.py", "--dataset", "kits", "--raw", f"{tmp}/raw", "--out", out, "--crop", "256", "256",
+             "--workers", "2", "--compression", comp])
+        write_s = time.time() - t
+        size = os.path.getsize(f"{out}/slices.h5") / 1e6
+        total, steady = throughput(SliceDataset(f"{out}/slices.h5", ids, cache=False), 2)
+        body += f"| {comp} | {size:,.0f} | {write_s:.1f} | {total:,.0f} / {steady:,.0f} |\n"
     record("Data (bench_data.py)", body)
     shutil.rmtree(tmp)
 

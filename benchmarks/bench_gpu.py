@@ -162,7 +162,8 @@ def main():
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA GPU")
-    head = f"Machine: {machine()}, CUDA {torch.version.cuda}\n\nBatch 128, 256x256, 1 channel, 4 classes, width 32 (the defaults).\n\n"
+    head = (f"Machine: {machine()}, CUDA {torch.version.cuda}\n\n"
+            "Batch 128, 256x256, 1 channel, 4 classes, width 32 (the defaults).\n\n")
     if "precision" not in a.skip:
         record("GPU: precision and memory format (bench_gpu.py)", head + precision_table(a.encoders))
     if "pruning" not in a.skip:
@@ -174,7 +175,8 @@ def main():
         body, n = epochs_table(a.patients, a.workers)
         record("GPU: stage scripts on a 256x256 phantom (bench_gpu.py)",
                f"Machine: {machine()}\n\nACDC phantom, {a.patients} patients ({n} training slices), 256x256, "
-               f"batch 128, {a.workers} loader workers, the scripts' defaults (bf16 autocast, channels_last).\n\n" + body)
+               f"batch 128, {a.workers} loader workers, the scripts' defaults (bf16 autocast, channels_last, "
+               "checkpointed edges).\n\n" + body)
 
 
 if __name__ == "__main__":

@@ -148,16 +148,22 @@ def process_case_job(args_tuple):
 
 
 # --------------------------------------------------------------------------- the file
-def write_slices(path, cases, results, attrs, n_channels):
+COMPRESSIONS = ("none", "lzf", "gzip")
+
+
+def write_slices(path, cases, results, attrs, n_channels, compression="none"):
     """Stream processed cases (`results`: process_case outputs, in the order of `cases`) into `path`;
-    returns the CASE_TABLES as written."""
+    returns the CASE_TABLES as written. One chunk per slice; `compression` (lzf, gzip) per chunk, for large
+    sets (benchmarks/bench_data.py measures what it costs in read speed)."""
     if set(attrs) != set(FILE_ATTRS):
         raise ValueError(f"slices.h5 attributes must be {FILE_ATTRS}, got {sorted(attrs)}")
     H, W = attrs["crop"]
     with h5py.File(path, "w") as f:
+        packed = {} if compression == "none" else {"compression": compression}
         images = f.create_dataset("images", (0, n_channels, H, W), maxshape=(None, n_channels, H, W),
-                                  dtype="float32", chunks=(1, n_channels, H, W))
-        labels = f.create_dataset("labels", (0, H, W), maxshape=(None, H, W), dtype="uint8", chunks=(1, H, W))
+                                  dtype="float32", chunks=(1, n_channels, H, W), **packed)
+        labels = f.create_dataset("labels", (0, H, W), maxshape=(None, H, W), dtype="uint8", chunks=(1, H, W),
+                                  **packed)
         slice_case, slice_index = [], []
         tables = {k: [] for k in CASE_TABLES}
         for i, r in enumerate(results):

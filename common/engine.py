@@ -12,8 +12,9 @@ from tqdm import tqdm
 from common.checkpoints import save_checkpoint, training_checkpoint
 from common.data import collate, iter_cases, load_splits, read_meta
 from common.metrics import CaseDice, mean_foreground
-from common.utils import (InputError, JsonlLog, NonFiniteLoss, autocast, epoch_generator, peak_gpu_mib, pick_device,
-                          seed_everything)
+from common.runs import check_stop, install_stop_signals, resolve_resume
+from common.utils import (InputError, JsonlLog, NonFiniteLoss, autocast, copy_to_local, default_workers,
+                          epoch_generator, peak_gpu_mib, pick_device, seed_everything)
 
 
 def setup_run(args, what):
@@ -24,9 +25,15 @@ def setup_run(args, what):
     meta = read_meta(args.data)                                    # bad paths fail before anything else
     splits = load_splits(args.splits, meta)
     device = pick_device(args.device)
+    if args.workers is None:
+        args.workers = default_workers(device)
+    if args.local_data:                                            # node-local copy; args.json keeps both paths
+        args.data_original, args.data = args.data, copy_to_local(args.data, args.local_data)
     seed_everything(args.seed, args.deterministic)
     amp, channels_last = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
     last = os.path.join(args.out, "ckpt_last.pt")
+    args.resume = resolve_resume(args, last)
+    install_stop_signals()
     if os.path.exists(last) and not (args.resume or args.overwrite):
         raise InputError(f"{args.out} already holds a {what}; pass --resume to continue or --overwrite")
     if args.resume and not os.path.exists(last):
@@ -59,6 +66,7 @@ def train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, e
     total, n = 0.0, 0
     bar = tqdm(loader, desc=f"{desc} {epoch}", leave=False, unit="batch", disable=None)
     for step, (x, y) in enumerate(bar):
+        check_stop()                                         # SIGUSR1 / SIGTERM: leave before this step
         x, y = to_device(x, y, device, channels_last)
         with autocast(device, amp):
             loss = loss_fn(model(x), y)
@@ -114,6 +122,12 @@ class EpochTimer:
         return f"{int(left // 60)}m{int(left % 60):02d}s"
 
 
+def add_fit_flags(p):
+    """Flags of the epoch loop of stages I and III."""
+    p.add_argument("--val_every", type=int, default=1,
+                   help="validate (and pick the best checkpoint) every N epochs and after the last (default 1)")
+
+
 def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, channels_last, kind, start_epoch, best):
     """Stages I and III: train `args.epochs` epochs; after each, patient-level mean foreground Dice on the val
     cases, RUN/ckpt_last.pt, RUN/ckpt_best.pt (best Dice so far) and a line of RUN/log.jsonl. Returns False
@@ -126,9 +140,12 @@ def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, c
         torch.manual_seed(args.seed * 1000 + epoch)          # per-epoch seeding: exact resume
         loader = make_loader(train_set, args.batch_size, True, epoch_generator(args.seed, epoch), args.workers, device)
         train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch)
-        _, val_dice = evaluate_cases(model, args.data, splits["val"], model.config["num_classes"], device, amp,
-                                     channels_last, meta=meta)
-        improved = val_dice > best[0] or (best[1] < 0)
+        validate = (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs     # --val_every N, and the last
+        val_dice = None
+        if validate:
+            _, val_dice = evaluate_cases(model, args.data, splits["val"], model.config["num_classes"], device, amp,
+                                         channels_last, meta=meta)
+        improved = validate and (val_dice > best[0] or best[1] < 0)
         if improved:
             best = (val_dice, epoch)
         state = training_checkpoint(kind, model, optimizer, epoch, args, best, meta)
@@ -138,7 +155,8 @@ def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, c
         seconds = time.time() - t0
         log.write({"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "best_dice": best[0],
                    "best_epoch": best[1], "seconds": seconds, "peak_gpu_mib": peak_gpu_mib(device)})
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val Dice {val_dice:.4f}  "
+        shown = "  -   " if val_dice is None else f"{val_dice:.4f}"
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  val Dice {shown}  "
               f"(best {best[0]:.4f} @ {best[1] + 1})  {seconds:.1f}s  ETA {timer.eta(epoch)}", flush=True)
         if stop_early(args, epoch, start_epoch):
             return False

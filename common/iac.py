@@ -227,8 +227,9 @@ class IACSearchSkips(nn.Module):
         self.beta = nn.Parameter(torch.zeros(len(EDGES)))
         self.register_buffer("op_mask", torch.ones(len(EDGES), len(OPS), dtype=torch.bool))
         self.register_buffer("edge_mask", torch.ones(len(EDGES), dtype=torch.bool))
+        widths = _widths(skip_channels, cell_channels)
         self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, checkpoint_edges)
-                                    for cs, cu, C in zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
+                                    for cs, cu, C in zip(skip_channels, up_channels, widths)])
 
     def arch_parameters(self):
         return [self.alpha, self.beta]

@@ -45,10 +45,10 @@ SEARCH_SETTINGS = (
     Setting("js_eps", float, 1e-8, "ε of Eq. (19)-(20)"),
     Setting("js_support", str, "common", "JS over the ops active in both epochs (common) or all 7 (all)",
             JS_SUPPORTS),
-    Setting("checkpoint_edges", str, "on", "recompute each edge's ops in the backward pass instead of storing "
+    Setting("checkpoint_edges", str, "auto", "recompute each edge's ops in the backward pass instead of storing "
             "them (activation checkpointing): same result, far less GPU memory, ~1/3 more compute; at the paper's "
-            "batch 128 and 256x256 the supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md)",
-            ("on", "off")),
+            "batch 128 and 256x256 the supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md); "
+            "auto: on CUDA, off on the CPU", ("auto", "on", "off")),
     Setting("edge_rule", str, "w", "rank a node's incoming edges by w' (paper Sec. 3.4) or by "
             "max_o softmax(α)·w' (max_importance, PC-DARTS)", EDGE_RULES),
 )
@@ -64,6 +64,11 @@ def add_search_flags(p):
         target = group if s.name in ("tau0", "tau0_rel") else p
         kw = {"nargs": s.nargs} if s.nargs else {}
         target.add_argument(f"--{s.name}", type=s.type, default=s.default, choices=s.choices, help=s.help, **kw)
+
+
+def checkpoint_edges(setting, device):
+    """--checkpoint_edges auto|on|off -> bool for IACSearchSkips (auto: on CUDA, where memory is the limit)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def resolve_threshold(args):

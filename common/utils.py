@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import random
+import shutil
+import subprocess
 import sys
 import time
 
@@ -28,11 +30,18 @@ class NonFiniteLoss(RuntimeError):
 def cli(main, get_args, argv=None):
     """Run a stage's main(get_args(argv)); bad input (InputError, GenotypeError) or a diverged loss ends it
     with one line `error: ...` on stderr and exit code 1, not a traceback."""
+    from common.runs import REQUEUE_EXIT, AlreadyDone, Preempted      # (common.runs imports this module)
     try:
         main(get_args(argv))
     except (InputError, GenotypeError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except AlreadyDone as e:
+        print(e)
+    except Preempted as e:
+        print(f"stopped by {e}: the last finished epoch is checkpointed; the same command with --resume auto "
+              f"continues from it (exit code {REQUEUE_EXIT}: requeue)", file=sys.stderr)
+        sys.exit(REQUEUE_EXIT)
 
 
 def require_file(path, flag, hint):
@@ -56,12 +65,41 @@ def add_run_flags(p):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
     add_device_flags(p)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: SLURM_CPUS_PER_TASK - 1 under SLURM; else 0 on the CPU, where "
+                        "workers take the cores the training needs, and min(8, CPUs - 1) on CUDA)")
+    p.add_argument("--local_data", nargs="?", const="$TMPDIR", default=None, metavar="DIR",
+                   help="copy slices.h5 to DIR (default $TMPDIR: node-local disk) once and read it from there")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/ckpt_last.pt")
+    p.add_argument("--resume", nargs="?", const="yes", default=None, choices=["yes", "auto"],
+                   help="continue from RUN/ckpt_last.pt; `--resume auto` starts when there is none (the same "
+                        "command for the first start and every requeue); either does nothing on a finished run")
     p.add_argument("--stop_after", type=int, default=None,
                    help="leave after this many epochs of this invocation (job time limits); continue with --resume")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+
+
+def default_workers(device, environ=None):
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(0, int(env["SLURM_CPUS_PER_TASK"]) - 1)
+    return 0 if device.type == "cpu" else min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def copy_to_local(path, folder):
+    """slices.h5 -> FOLDER/<its own name, made unique by its size and mtime>; copied once (to a temporary name,
+    then renamed), reused by later runs on the same node. Returns the local path."""
+    folder = os.path.expandvars(folder)
+    if not folder or "$" in folder or not os.path.isdir(folder):
+        raise InputError(f"--local_data {folder or '$TMPDIR'}: not a folder (set TMPDIR or give a folder)")
+    st = os.stat(path)
+    local = os.path.join(folder, f"{st.st_size}_{int(st.st_mtime)}_{os.path.basename(path)}")
+    if not (os.path.isfile(local) and os.path.getsize(local) == st.st_size):
+        tmp = f"{local}.tmp{os.getpid()}"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, local)
+        print(f"copied {path} to {local}")
+    return local
 
 
 def why_no_cuda():
@@ -120,11 +158,40 @@ def epoch_generator(seed, epoch):
     return torch.Generator().manual_seed(seed * 100003 + epoch)
 
 
+def git_commit():
+    """The commit of this project's checkout (with '+dirty' when it has changes), or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        run = (lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10))
+        head = run("rev-parse", "HEAD")
+        if head.returncode:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION",
+              "SLURM_CPUS_PER_TASK")
+
+
 def run_metadata(args):
+    """args.json: every flag, versions, where and on what it ran (git commit, host, GPU, CUDA, SLURM ids)."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"args": vars(args), "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                                             "numpy": np.__version__, "platform": platform.platform()},
+                                             "numpy": np.__version__, "platform": platform.platform(),
+                                             "cuda": torch.version.cuda, "git_commit": git_commit()},
+            "host": platform.node(), "gpu": gpu, "slurm": {k: os.environ[k] for k in SLURM_VARS if k in os.environ},
             "seed": getattr(args, "seed", None), "command": " ".join(sys.argv),
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def atomic_to_csv(df, path):
+    """A pandas table written to a temporary name, then renamed: never a half-written CSV."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 def atomic_write_json(path, obj):

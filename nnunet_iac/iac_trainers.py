@@ -50,8 +50,8 @@ except ImportError as e:
     raise ImportError("the IAC-LTH project is not installed in this environment: run `pip install -e "
                       "/path/to/iac-lth` (the folder above nnunet_iac/) and try again") from e
 from common.iac import IACSearchSkips, IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
-from common.search import (arch_optimizer, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state, search_step,
-                           search_summary, settings_from_env, trajectory_record, weight_optimizer)
+from common.search import (arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state,
+                           search_step, search_summary, settings_from_env, trajectory_record, weight_optimizer)
 from common.utils import JsonlLog
 
 
@@ -257,7 +257,9 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
                                                        num_output_channels, enable_deep_supervision)
         skip_ch = list(net.encoder.output_channels[:-1])
         s = search_settings()
-        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn, s.checkpoint_edges == "on"))
+        gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")     # (auto: on where nnU-Net takes CUDA)
+        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn,
+                                           checkpoint_edges(s.checkpoint_edges, gpu)))
 
     def _do_i_compile(self):
         return False                          # pruning changes the graph; no torch.compile for the search

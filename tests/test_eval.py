@@ -116,8 +116,11 @@ def test_evaluate_rejects_bad_inputs(tmp_path, scripts, acdc, backbone):
     lonely.mkdir()
     write_genotype(str(lonely / "genotype.json"), GENO, {"mode": "lth", "epochs_run": 1, "seconds": 1.0,
                                                          "encoder": "base", "dataset": "acdc"})
-    with pytest.raises(InputError, match="no trajectory"):
+    with pytest.raises(InputError, match="unfinished"):                 # no done.json: not a finished search
         e.main(e.get_args([*data_args(acdc), "--search", f"x={lonely}", "--out", str(tmp_path / "o")]))
+    with pytest.raises(InputError, match="no trajectory"):
+        e.main(e.get_args([*data_args(acdc), "--search", f"x={lonely}", "--out", str(tmp_path / "o"),
+                           "--allow_unfinished"]))
 
 
 def test_statistics_equal_scipy():

@@ -1,0 +1,75 @@
+"""Requeue-safe runs: done.json, --resume auto, unfinished inputs refused, SIGUSR1 -> exit 75 and an exact
+continuation, run metadata."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common.runs import REQUEUE_EXIT
+from common.utils import InputError, cli, default_workers
+from conftest import ROOT, data_args
+
+TINY = ["--width", "8", "--batch_size", "16", "--seed", "5", "--device", "cpu"]
+
+
+def test_done_json_resume_auto_and_unfinished_inputs(tmp_path, scripts, acdc, capsys):
+    m, s = scripts["02_pretrain"], scripts["03_search"]
+    part, full = str(tmp_path / "part"), str(tmp_path / "full")
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "2", "--stop_after", "1", "--out", part]))
+    assert not os.path.exists(os.path.join(part, "done.json"))        # --stop_after: unfinished
+    search = ["--backbone", os.path.join(part, "ckpt_best.pt"), *data_args(acdc), "--epochs", "2", "--warmup", "1",
+              "--batch_size", "16", "--device", "cpu", "--out", str(tmp_path / "s")]
+    with pytest.raises(InputError, match="unfinished .*--resume auto, or pass --allow_unfinished"):
+        s.main(s.get_args(search))
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "2", "--resume", "auto", "--out", part]))
+    assert json.load(open(os.path.join(part, "done.json")))["stage"] == "02_pretrain"
+    cli(m.main, m.get_args, data_args(acdc) + TINY + ["--epochs", "2", "--resume", "auto", "--out", part])
+    assert "finished (done.json, 2 epochs); nothing to do" in capsys.readouterr().out
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "1", "--resume", "auto", "--out", full]))   # a start
+    meta = json.load(open(os.path.join(full, "args.json")))
+    assert meta["args"]["resume"] is False and meta["host"] and "cuda" in meta["versions"]
+    assert "git_commit" in meta["versions"] and "slurm" in meta
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "2", "--resume", "--out", full]))       # one more epoch
+    assert json.load(open(os.path.join(full, "done.json")))["epochs"] == 2
+    assert len(open(os.path.join(full, "log.jsonl")).readlines()) == 2
+
+
+def test_workers_default():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_workers(cpu, {}) == 0 and default_workers(cpu, {"SLURM_CPUS_PER_TASK": "9"}) == 8
+    assert 0 <= default_workers(gpu, {}) <= 8
+
+
+def test_sigusr1_stops_with_75_and_resume_auto_continues_exactly(tmp_path, acdc):
+    """A stage told to stop (SIGUSR1, SLURM's warning before a time limit) leaves with exit 75, keeps the last
+    finished epoch, and the same command line ends with the weights of an unbroken run."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cmd = [sys.executable, os.path.join(ROOT, "02_pretrain.py"), *data_args(acdc), *TINY, "--epochs", "4",
+           "--resume", "auto"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(cmd + ["--out", a], check=True, capture_output=True, env=env)
+    p = subprocess.Popen(cmd + ["--out", b], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = os.path.join(b, "log.jsonl")
+    t0 = time.time()
+    while not (os.path.exists(log) and open(log).read().count("\n") >= 1) and time.time() - t0 < 120:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the run ended before the signal arrived")
+    assert p.returncode == REQUEUE_EXIT, err
+    assert "stopped by SIGUSR1" in err and "--resume auto" in err
+    assert not os.path.exists(os.path.join(b, "done.json"))
+    r = subprocess.run(cmd + ["--out", b], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "resuming from epoch" in r.stdout
+    sa = torch.load(os.path.join(a, "ckpt_last.pt"), weights_only=True)
+    sb = torch.load(os.path.join(b, "ckpt_last.pt"), weights_only=True)
+    assert sa["epoch"] == sb["epoch"] == 3
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert os.path.exists(os.path.join(b, "done.json"))
