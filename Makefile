@@ -48,6 +48,7 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_data.py
 	$(PYTHON) benchmarks/bench_backbones.py
 	$(PYTHON) benchmarks/bench_search.py
+	$(PYTHON) benchmarks/bench_3d.py
 	if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(PYTHON) benchmarks/bench_gpu.py; else echo "no CUDA GPU: bench_gpu.py skipped"; fi
 

@@ -19,6 +19,9 @@ Drop it into your own U-Net (the decoder calls `skips(level, skip, up)`):
     ...
     genotype = skips.derive_genotype()                      # Eq. (12) + top-2 edges per node
     final = IACSkips(genotype, [64, 128, 256, 512], [64, 128, 256, 512])   # full width, affine BN
+
+Volumetric U-Nets: pass `dims=3` to IACSearchSkips, IACSkips and make_theta0 (3-D ops; the genotype
+JSON and the θ0 layout are the same as in 2-D).
 """
 import contextlib
 import functools
@@ -40,43 +43,56 @@ FULL_GENOTYPE_EDGES = {e: OPS for e in range(len(EDGES))}         # every op on 
 
 
 # --------------------------------------------------------------------------- operations
+# `dims`: 2 (the paper's 2-D U-Nets) or 3 (volumetric U-Nets, e.g. nnU-Net 3d_fullres); the op names keep
+# their 2-D spelling (a "3x3" op is 3x3x3 in 3-D), so a genotype is the same JSON in both.
+def conv_nd(dims):
+    return {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+
+
+def bn_nd(dims):
+    return {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+
+
 class SepConv(nn.Sequential):
     """(ReLU -> depthwise k x k -> 1x1 -> BN) twice (PC-DARTS)."""
 
-    def __init__(self, C, k, affine):
-        p = k // 2
-        super().__init__(nn.ReLU(), nn.Conv2d(C, C, k, padding=p, groups=C, bias=False),
-                         nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine),
-                         nn.ReLU(), nn.Conv2d(C, C, k, padding=p, groups=C, bias=False),
-                         nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+    def __init__(self, C, k, affine, dims=2):
+        p, Conv, BN = k // 2, conv_nd(dims), bn_nd(dims)
+        super().__init__(nn.ReLU(), Conv(C, C, k, padding=p, groups=C, bias=False),
+                         Conv(C, C, 1, bias=False), BN(C, affine=affine),
+                         nn.ReLU(), Conv(C, C, k, padding=p, groups=C, bias=False),
+                         Conv(C, C, 1, bias=False), BN(C, affine=affine))
 
 
 class DilConv(nn.Sequential):
     """ReLU -> depthwise k x k, dilation 2 -> 1x1 -> BN (PC-DARTS)."""
 
-    def __init__(self, C, k, affine):
-        super().__init__(nn.ReLU(), nn.Conv2d(C, C, k, padding=k - 1, dilation=2, groups=C, bias=False),
-                         nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
+    def __init__(self, C, k, affine, dims=2):
+        Conv = conv_nd(dims)
+        super().__init__(nn.ReLU(), Conv(C, C, k, padding=k - 1, dilation=2, groups=C, bias=False),
+                         Conv(C, C, 1, bias=False), bn_nd(dims)(C, affine=affine))
 
 
-def make_op(name, C, search):
+def make_op(name, C, search, dims=2):
     """One candidate op at width C; search ops have non-affine BN, pools get a BN in search."""
     affine = not search
     if name == "skip_connect":
         return nn.Identity()
     if name in ("max_pool_3x3", "avg_pool_3x3"):
-        pool = nn.MaxPool2d(3, 1, 1) if name == "max_pool_3x3" else nn.AvgPool2d(3, 1, 1, count_include_pad=False)
-        return nn.Sequential(pool, nn.BatchNorm2d(C, affine=False)) if search else pool
+        pool = ({2: nn.MaxPool2d, 3: nn.MaxPool3d}[dims](3, 1, 1) if name == "max_pool_3x3" else
+                {2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims](3, 1, 1, count_include_pad=False))
+        return nn.Sequential(pool, bn_nd(dims)(C, affine=False)) if search else pool
     if name in ("sep_conv_3x3", "sep_conv_5x5"):
-        return SepConv(C, int(name[-1]), affine)
+        return SepConv(C, int(name[-1]), affine, dims)
     if name in ("dil_conv_3x3", "dil_conv_5x5"):
-        return DilConv(C, int(name[-1]), affine)
+        return DilConv(C, int(name[-1]), affine, dims)
     raise ValueError(f"unknown operation {name!r}; known: {', '.join(OPS)}")
 
 
 def channel_shuffle(x, groups):
-    B, C, H, W = x.shape
-    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
+    """(B, C, *spatial): interleave the channels of `groups` groups (PC-DARTS), in 2-D and 3-D."""
+    B, C, *spatial = x.shape
+    return x.view(B, groups, C // groups, *spatial).transpose(1, 2).reshape(B, C, *spatial)
 
 
 # --------------------------------------------------------------------------- weights
@@ -133,10 +149,10 @@ def op_weights(alpha, op_mask):
 class Edge(nn.Module):
     """The ops of one edge. In search: the partial-channel mixed op of Eq. (4)."""
 
-    def __init__(self, C, op_names, search, pc_k):
+    def __init__(self, C, op_names, search, pc_k, dims=2):
         super().__init__()
         self.search, self.k = search, (pc_k if search else 1)
-        self.ops = nn.ModuleDict({o: make_op(o, C // self.k, search) for o in op_names})
+        self.ops = nn.ModuleDict({o: make_op(o, C // self.k, search, dims) for o in op_names})
 
     def forward(self, x, weights=None):
         if not self.search:
@@ -150,19 +166,19 @@ class Edge(nn.Module):
 class Cell(nn.Module):
     """One IAC at one skip level. `edges` maps edge index -> op names on that edge."""
 
-    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4, checkpoint_edges=False):
+    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4, checkpoint_edges=False, dims=2):
         super().__init__()
         if search and C % pc_k:
             raise ValueError(f"cell width {C} is not divisible by the partial-channel K={pc_k}")
-        affine = not search
+        affine, Conv, BN = not search, conv_nd(dims), bn_nd(dims)
         self.search, self.checkpoint_edges = search, checkpoint_edges
-        self.pre0 = nn.Sequential(nn.ReLU(), nn.Conv2d(c_skip, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
-        self.pre1 = nn.Sequential(nn.ReLU(), nn.Conv2d(c_up, C, 1, bias=False), nn.BatchNorm2d(C, affine=affine))
-        self.edges = nn.ModuleDict({str(e): Edge(C, ops, search, pc_k) for e, ops in sorted(edges.items())})
-        self.out = nn.Conv2d(len(NODES) * C, c_skip, 1)                      # Eq. (1)
+        self.pre0 = nn.Sequential(nn.ReLU(), Conv(c_skip, C, 1, bias=False), BN(C, affine=affine))
+        self.pre1 = nn.Sequential(nn.ReLU(), Conv(c_up, C, 1, bias=False), BN(C, affine=affine))
+        self.edges = nn.ModuleDict({str(e): Edge(C, ops, search, pc_k, dims) for e, ops in sorted(edges.items())})
+        self.out = Conv(len(NODES) * C, c_skip, 1)                           # Eq. (1)
 
     def forward(self, skip, up, op_w=None, edge_w=None):
-        states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, H, W)
+        states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, *spatial)
         for j in NODES:
             terms = []
             for e in IN_EDGES[j]:
@@ -178,7 +194,7 @@ class Cell(nn.Module):
                 else:
                     terms.append(edge(states[i]))
             states.append(sum(terms))
-        return self.out(torch.cat(states[N_INPUTS:], dim=1))               # Eq. (1): (B, C_skip, H, W)
+        return self.out(torch.cat(states[N_INPUTS:], dim=1))               # Eq. (1): (B, C_skip, *spatial)
 
 
 def _weighted_edge(edge, x, op_w, edge_w):
@@ -217,10 +233,11 @@ class IACSearchSkips(nn.Module):
 
     Called as `skips(level, skip, up)`; `prepare(features)` is the identity. `checkpoint_edges`: keep only each
     edge's input and recompute its ops in the backward pass (torch.utils.checkpoint): the same gradients and
-    BatchNorm statistics for several times less activation memory, at the cost of a second forward of the ops."""
+    BatchNorm statistics for several times less activation memory, at the cost of a second forward of the ops.
+    `dims`: 2 or 3 (volumetric cells: 3-D convolutions and pools, the same α, β, genotype and θ0 layout)."""
 
     def __init__(self, skip_channels, up_channels, cell_channels=None, pc_k=4, beta_fn="tanh",
-                 checkpoint_edges=False):
+                 checkpoint_edges=False, dims=2):
         super().__init__()
         self.pc_k, self.beta_fn = pc_k, beta_fn
         self.alpha = nn.Parameter(torch.zeros(len(EDGES), len(OPS)))     # constant init (paper)
@@ -228,7 +245,7 @@ class IACSearchSkips(nn.Module):
         self.register_buffer("op_mask", torch.ones(len(EDGES), len(OPS), dtype=torch.bool))
         self.register_buffer("edge_mask", torch.ones(len(EDGES), dtype=torch.bool))
         widths = _widths(skip_channels, cell_channels)
-        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, checkpoint_edges)
+        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, checkpoint_edges, dims)
                                     for cs, cu, C in zip(skip_channels, up_channels, widths)])
 
     def arch_parameters(self):
@@ -294,11 +311,11 @@ class IACSearchSkips(nn.Module):
 class IACSkips(nn.Module):
     """The discrete cell of a genotype at full width (affine BN), one per skip level."""
 
-    def __init__(self, genotype, skip_channels, up_channels, cell_channels=None):
+    def __init__(self, genotype, skip_channels, up_channels, cell_channels=None, dims=2):
         super().__init__()
         validate_genotype(genotype)
         edges = {EDGES.index((src, dst)): [op] for op, src, dst in genotype["edges"]}
-        self.cells = nn.ModuleList([Cell(cs, cu, C, edges, False) for cs, cu, C in
+        self.cells = nn.ModuleList([Cell(cs, cu, C, edges, False, dims=dims) for cs, cu, C in
                                     zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
 
     def prepare(self, features):
@@ -311,9 +328,9 @@ class IACSkips(nn.Module):
 # --------------------------------------------------------------------------- θ0
 
 
-def make_theta0(skip_channels, up_channels, cell_channels=None):
+def make_theta0(skip_channels, up_channels, cell_channels=None, dims=2):
     """θ0: every candidate op on every edge at full width, freshly initialised (a state dict)."""
-    full = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, False) for cs, cu, C in
+    full = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, False, dims=dims) for cs, cu, C in
                           zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
     return {f"cells.{k}": v.detach().clone() for k, v in full.state_dict().items()}
 

@@ -1,4 +1,5 @@
-"""IAC and IAC-LTH inside the 2-D nnU-Net (nnU-Net v2 trainer plugin; paper Sec. 6.2, 6.5-6.7).
+"""IAC and IAC-LTH inside nnU-Net (nnU-Net v2 trainer plugin; paper Sec. 6.2, 6.5-6.7): the 2d configuration as
+in the paper, and 3d_fullres / 3d_lowres with 3-D cells (the paper's first stated limitation).
 
 Point nnU-Net at this folder and name a trainer:
 
@@ -21,6 +22,7 @@ Trainers (each also as a `...NoDA` variant without data augmentation, as nnUNetT
 Settings (environment variables, so tests and demos can run tiny):
     IAC_EPOCHS, IAC_ITERS, IAC_VAL_ITERS    epochs (search trainers: 200, the paper's; others: nnU-Net's),
                    training / validation iterations per epoch
+    IAC_FINAL_VALIDATION=0   skip nnU-Net's final validation of the fold (tests, demos)
     IAC_BACKBONE   checkpoint of the finished reference; default: checkpoint_final.pth of the same fold
                    of nnUNetTrainerIACRef (or ...RefNoDA for the NoDA trainers), same plans and configuration
     IAC_GENOTYPE   genotype.json (nnUNetTrainerIAC / IACLTH, training and nnUNetv2_predict)
@@ -28,6 +30,9 @@ Settings (environment variables, so tests and demos can run tiny):
     IAC_<SETTING>  every search setting of 03_search.py, from the one table in common/search.py:
                    IAC_WARMUP, IAC_TAU0_REL (κ) or IAC_TAU0 (absolute), IAC_GAMMA, IAC_K_STD, IAC_JS_SUPPORT,
                    IAC_EDGE_RULE, IAC_PC_K, IAC_LR_W, IAC_LR_ARCH, IAC_ARCH_BETAS=0.5,0.999, ...
+
+Every trainer works in 2d, 3d_fullres and 3d_lowres: the cells take the encoder's dimensionality (3-D cells are
+checkpointed per edge on CUDA, IAC_CHECKPOINT_EDGES; benchmarks/bench_3d.py measures their memory per level).
 
 The cell sits where the decoder joins the transposed-conv output `up` with the encoder skip:
 cat(up, cell(skip, up)); its output keeps the skip's channel count, so the frozen decoder is unchanged.
@@ -131,6 +136,11 @@ class IACUNet(nn.Module):
         return outs if dec.deep_supervision else outs[0]
 
 
+def net_dims(net):
+    """2 for nnU-Net's 2d configuration, 3 for 3d_fullres / 3d_lowres: the cells take the encoder's dimensionality."""
+    return 3 if net.encoder.conv_op is nn.Conv3d else 2
+
+
 def load_nnunet_checkpoint(path):
     """torch.load(weights_only=True) of an nnU-Net checkpoint: its logs hold numpy scalars, allow just those."""
     import numpy as np
@@ -155,7 +165,8 @@ def load_reference(trainer, path):
     init = ck.get("init_args", {}) if isinstance(ck, dict) else {}
     if "network_weights" not in ck or init.get("configuration") != trainer.configuration_name:
         raise RuntimeError(f"IAC_BACKBONE={path} is not a {trainer.configuration_name} nnU-Net checkpoint "
-                           f"(found configuration {init.get('configuration')!r}); train the 2-D reference first")
+                           f"(found configuration {init.get('configuration')!r}); train this configuration's "
+                           "reference first")
     plans_name = init.get("plans", {}).get("plans_name")
     if plans_name != trainer.plans_manager.plans_name:
         raise RuntimeError(f"IAC_BACKBONE={path} was trained with plans {plans_name!r}, this run uses "
@@ -180,6 +191,12 @@ class nnUNetTrainerIACRef(nnUNetTrainer):
         self.num_iterations_per_epoch = _env("IAC_ITERS", self.num_iterations_per_epoch, int)
         self.num_val_iterations_per_epoch = _env("IAC_VAL_ITERS", self.num_val_iterations_per_epoch, int)
 
+    def perform_actual_validation(self, save_probabilities=False):
+        if _env("IAC_FINAL_VALIDATION", "1") == "0":           # tests and demos: skip the sliding-window pass
+            self.print_to_log_file("final validation skipped (IAC_FINAL_VALIDATION=0)")
+            return
+        super().perform_actual_validation(save_probabilities)
+
 
 class nnUNetTrainerIAC(nnUNetTrainerIACRef):
     """Stage III in nnU-Net: the discrete cell of IAC_GENOTYPE on every skip of the frozen reference."""
@@ -197,7 +214,7 @@ class nnUNetTrainerIAC(nnUNetTrainerIACRef):
         if geo and list(geo.get("skip_channels", skip_ch)) != skip_ch:
             raise RuntimeError(f"IAC_GENOTYPE={path} was searched on skips with channels {geo['skip_channels']}; "
                                f"these plans give {skip_ch}. Search again on this configuration.")
-        return IACUNet(net, IACSkips(g, skip_ch, skip_ch, geo.get("cell_channels")))
+        return IACUNet(net, IACSkips(g, skip_ch, skip_ch, geo.get("cell_channels"), dims=net_dims(net)))
 
     def configure_optimizers(self):
         params = unwrap(self.network).skips.parameters()  # only the cells train
@@ -259,7 +276,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         s = search_settings()
         gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")     # (auto: on where nnU-Net takes CUDA)
         return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn,
-                                           checkpoint_edges(s.checkpoint_edges, gpu)))
+                                           checkpoint_edges(s.checkpoint_edges, gpu), dims=net_dims(net)))
 
     def _do_i_compile(self):
         return False                          # pruning changes the graph; no torch.compile for the search
@@ -275,7 +292,8 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         skips = self.network.skips
         skip_ch = self.network.skip_channels          # (no torch.compile here: see _do_i_compile)
         geometry = {"skip_channels": skip_ch, "up_channels": skip_ch, "cell_channels": None}
-        theta0 = make_theta0(**geometry)
+        dims = net_dims(self.network.net)
+        theta0 = make_theta0(**geometry, dims=dims)
         init_from_theta0(skips, theta0)
         out = self.output_folder
         save_theta0(os.path.join(out, "theta0.pt"), theta0, geometry, "nnU-Net PlainConvUNet")
@@ -313,7 +331,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         genotype = skips.derive_genotype(s.edge_rule)
         write_genotype(os.path.join(out, "genotype.json"), genotype,
                        search_summary(mode, s, lth, epoch + 1, stopped, seconds, backbone=backbone,
-                                      encoder="nnunet_2d", dataset=self.plans_manager.dataset_name, seed=None,
+                                      encoder=f"nnunet_{dims}d", dataset=self.plans_manager.dataset_name, seed=None,
                                       geometry=geometry))
         self.print_to_log_file(f"genotype: {genotype['edges']}")
         self.on_train_end()

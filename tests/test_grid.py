@@ -2,6 +2,7 @@
 submitit's local executor) with the same rows, and the SLURM backend's submissions against fake SLURM tools."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,11 +98,14 @@ def test_local_grid_end_to_end(full_grid):
 
 
 def test_killed_job_resumes_to_the_same_rows(tmp_path, raws, full_grid):
-    """SIGKILL a search half-way, re-run the grid through submitit's local executor: the same rows as the
-    uninterrupted grid."""
+    """SIGKILL a search half-way, re-run the grid through submitit's local executor: the same genotype and rows
+    as the uninterrupted grid. (The finished data, reference, full search and IAC runs are copied from that grid,
+    so only the LTH branch runs here.)"""
     pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
     cfg = config(tmp_path, tmp_path / "B", {"acdc": raws["acdc"]}, seeds=(0,))
-    root = tmp_path / "B"
+    root, done = tmp_path / "B", full_grid[1]
+    for part in ("data", "base/seed0/ref", "base/seed0/search_full", "base/seed0/iac"):
+        shutil.copytree(done / "acdc" / part, root / "acdc" / part)
     search = root / "acdc" / "base" / "seed0" / "search_lth"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, GRID, "run", cfg], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -120,7 +124,10 @@ def test_killed_job_resumes_to_the_same_rows(tmp_path, raws, full_grid):
     ran = grid("run", cfg, "--backend", "slurm", "--cluster", "local").stdout
     assert "search: array" in ran
     assert "resuming at epoch" in (search / "grid.log").read_text()
-    a, b = rows(str(full_grid[1]), "acdc/base/seed0"), rows(str(root), "acdc/base/seed0")
+    assert ran.count(" of 1 jobs") == 3                              # search_lth, iac_lth, its score
+    assert json.load(open(search / "genotype.json"))["edges"] == \
+        json.load(open(done / "acdc" / "base" / "seed0" / "search_lth" / "genotype.json"))["edges"]
+    a, b = rows(str(done), "acdc/base/seed0"), rows(str(root), "acdc/base/seed0")
     assert a.keys() == b.keys() and len(a) == 3
     for k in a:
         pd.testing.assert_frame_equal(a[k], b[k], check_exact=False, rtol=1e-9)

@@ -410,3 +410,36 @@ def test_lth_resume_after_pruning(tmp_path, scripts, acdc, backbone):
             (["--tau0", "0.05"] if "--tau0_rel" not in changed else []) + changed
         with pytest.raises(InputError, match="other settings.*" + changed[0].lstrip("-")):
             s.main(s.get_args(search_args(acdc, backbone, c, "lth", "--epochs", "5", "--resume", *f)))
+
+
+def test_cells_in_2d_and_3d_share_genotype_shapes_and_theta0_slicing():
+    """dims=3: the same genotype, the same parameter names with one more kernel dimension, θ0 sliced the
+    same way into the partial-channel supernet, outputs of the skip's shape; pruned 3-D ops are gone."""
+    from common.iac import channel_shuffle
+    geno = {"ops": list(OPS), "edges": [["sep_conv_3x3", 0, 2], ["dil_conv_5x5", 1, 2], ["max_pool_3x3", 0, 3],
+                                        ["skip_connect", 2, 3], ["avg_pool_3x3", 1, 4], ["sep_conv_5x5", 3, 4],
+                                        ["dil_conv_3x3", 2, 5], ["sep_conv_3x3", 4, 5]], "concat": [2, 3, 4, 5]}
+    shapes = {}
+    for dims in (2, 3):
+        torch.manual_seed(0)
+        theta0 = make_theta0([8, 16], [16, 32], dims=dims)
+        s = IACSearchSkips([8, 16], [16, 32], dims=dims)
+        init_from_theta0(s, theta0)
+        k = "cells.0.edges.3.ops.sep_conv_3x3.1.weight"                  # depthwise: (C/4, 1, 3, 3[, 3])
+        assert torch.equal(s.state_dict()[k], theta0[k][:2])
+        d = IACSkips(geno, [8, 16], [16, 32], dims=dims)
+        init_from_theta0(d, theta0, strict_shapes=True)
+        size = (6,) * dims
+        x = [torch.randn(2, 8, *size), torch.randn(2, 16, *size)]
+        s.prepare(None)
+        assert s(0, *x).shape == d(0, *x).shape == (2, 8, *size)
+        shapes[dims] = {n: tuple(p.shape) for n, p in d.named_parameters()}
+        s.prune_op(3, OPS.index("sep_conv_3x3"))
+        assert "sep_conv_3x3" not in s.cells[1].edges["3"].ops
+    assert shapes[2].keys() == shapes[3].keys()
+    for n in shapes[2]:                                                 # 3-D kernels: one more trailing dimension
+        assert shapes[3][n][:len(shapes[2][n])] == shapes[2][n] and len(shapes[3][n]) in (len(shapes[2][n]),
+                                                                                         len(shapes[2][n]) + 1)
+    x = torch.arange(2 * 8 * 3 * 3 * 3.0).view(2, 8, 3, 3, 3)
+    y = channel_shuffle(x, 4)
+    assert torch.equal(y[:, 1], x[:, 2]) and torch.equal(y[:, 2], x[:, 4])

@@ -17,27 +17,30 @@ GENO = {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["dil_conv_5x5
         "concat": [2, 3, 4, 5]}
 
 
-def plain_unet(deep_supervision):
+def plain_unet(deep_supervision, dims=2):
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
-    return PlainConvUNet(1, 4, [8, 16, 32, 64], torch.nn.Conv2d, 3, [1, 2, 2, 2], 2, 3, 2, conv_bias=True,
-                         norm_op=torch.nn.InstanceNorm2d, norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
+    conv, norm = {2: (torch.nn.Conv2d, torch.nn.InstanceNorm2d), 3: (torch.nn.Conv3d, torch.nn.InstanceNorm3d)}[dims]
+    return PlainConvUNet(1, 4, [8, 16, 32, 64], conv, 3, [1, 2, 2, 2], 2, 3, 2, conv_bias=True,
+                         norm_op=norm, norm_op_kwargs={"affine": True}, nonlin=torch.nn.LeakyReLU,
                          deep_supervision=deep_supervision)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("deep_supervision", [True, False])
 @pytest.mark.parametrize("search", [True, False])
-def test_iac_unet_keeps_skip_shapes(deep_supervision, search):
-    from nnunet_iac.iac_trainers import IACUNet
+def test_iac_unet_keeps_skip_shapes(deep_supervision, search, dims):
+    from nnunet_iac.iac_trainers import IACUNet, net_dims
     from common.iac import IACSearchSkips, IACSkips
-    net = plain_unet(deep_supervision)
+    net = plain_unet(deep_supervision, dims)
+    assert net_dims(net) == dims
     ch = list(net.encoder.output_channels[:-1])
-    skips = IACSearchSkips(ch, ch) if search else IACSkips(GENO, ch, ch)
+    skips = IACSearchSkips(ch, ch, dims=dims) if search else IACSkips(GENO, ch, ch, dims=dims)
     model = IACUNet(net, skips)
     seen = []
     orig = skips.forward
     skips.forward = lambda level, skip, up: seen.append((level, skip.shape, up.shape, orig(level, skip, up).shape)) \
         or orig(level, skip, up)
-    x = torch.randn(2, 1, 32, 32)
+    x = torch.randn(2, 1, *(16,) * dims)
     out, ref = model(x), net(x)
     assert sorted(s[0] for s in seen) == [0, 1, 2]
     for level, skip_shape, up_shape, out_shape in seen:
@@ -45,14 +48,14 @@ def test_iac_unet_keeps_skip_shapes(deep_supervision, search):
     if deep_supervision:
         assert [o.shape for o in out] == [r.shape for r in ref]
     else:
-        assert out.shape == ref.shape == (2, 3, 32, 32)
+        assert out.shape == ref.shape == (2, 3, *(16,) * dims)
 
 
 def _env(tmp):
     env = dict(os.environ, nnUNet_raw=str(tmp / "raw"), nnUNet_preprocessed=str(tmp / "pre"),
                nnUNet_results=str(tmp / "res"), nnUNet_extTrainer=os.path.join(ROOT, "nnunet_iac"),
                nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", IAC_EPOCHS="2", IAC_ITERS="2",
-               IAC_VAL_ITERS="1", OMP_NUM_THREADS="2")
+               IAC_VAL_ITERS="1", IAC_FINAL_VALIDATION="0", OMP_NUM_THREADS="2")
     return env
 
 
@@ -62,21 +65,29 @@ def _run(cmd, env, **kw):
     return r
 
 
-def _train(trainer, env):
-    return _run([f"{BIN}/nnUNetv2_train", "501", "2d", "0", "-tr", trainer, "-device", "cpu"], env)
+def _train(trainer, env, config="2d"):
+    return _run([f"{BIN}/nnUNetv2_train", "501", config, "0", "-tr", trainer, "-device", "cpu"], env)
 
 
-def _fold(tmp, trainer):
-    return tmp / "res" / "Dataset501_Phantom" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+def _fold(tmp, trainer, config="2d"):
+    return tmp / "res" / "Dataset501_Phantom" / f"{trainer}__nnUNetPlans__{config}" / "fold_0"
 
 
-def test_nnunet_pipeline(tmp_path):
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """The nnU-Net-raw phantom (6 cases), planned and preprocessed once for 2d and 3d_fullres."""
     from common.phantom import write_phantom
+    tmp = tmp_path_factory.mktemp("nnunet")
+    raw = tmp / "raw" / "Dataset501_Phantom"
+    write_phantom(str(raw), "nnunet", 6, seed=0, size=32)
+    _run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "2d", "3d_fullres", "-np", "1",
+          "--verify_dataset_integrity"], _env(tmp))
+    return tmp, raw
+
+
+def test_nnunet_pipeline(planned):
+    tmp_path, raw = planned
     env = _env(tmp_path)
-    raw = tmp_path / "raw" / "Dataset501_Phantom"
-    write_phantom(str(raw), "nnunet", 6, seed=0, size=48)
-    _run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "2d", "-np", "1", "--verify_dataset_integrity"],
-         env)
     _train("nnUNetTrainerIACRef", env)
     ref_ckpt = _fold(tmp_path, "nnUNetTrainerIACRef") / "checkpoint_final.pth"
     from nnunet_iac.iac_trainers import load_nnunet_checkpoint
@@ -180,3 +191,33 @@ def test_noda_variants_and_missing_nnunet_variables(monkeypatch):
     with pytest.raises(RuntimeError, match="nnUNet_results is not set"):
         iac_trainers.nnUNetTrainerIACRef.__init__(object.__new__(iac_trainers.nnUNetTrainerIACRef), {}, "2d", 0, {},
                                                   torch.device("cpu"))
+
+
+def test_nnunet_3d_chain(planned):
+    """3-D cells in 3d_fullres: reference -> LTH search -> IAC-LTH cell (θ0) -> predict -> 05 scores it."""
+    from nnunet_iac.iac_trainers import load_nnunet_checkpoint
+    tmp_path, raw = planned
+    env = _env(tmp_path)
+    _train("nnUNetTrainerIACRef", env, "3d_fullres")
+    _train("nnUNetTrainerIACSearchLTH", dict(env, IAC_EPOCHS="6", IAC_WARMUP="1", IAC_TAU0="10"), "3d_fullres")
+    lth = _fold(tmp_path, "nnUNetTrainerIACSearchLTH", "3d_fullres")
+    g = json.load(open(lth / "genotype.json"))
+    assert g["search"]["encoder"] == "nnunet_3d" and len(g["edges"]) == 8
+    theta0 = torch.load(lth / "theta0.pt", weights_only=True)["state"]
+    assert next(v for k, v in theta0.items() if k.endswith("sep_conv_3x3.1.weight")).dim() == 5   # 3-D kernels
+    traj = [json.loads(ln) for ln in open(lth / "trajectory.jsonl")]
+    assert sum(map(sum, traj[-1]["op_mask"])) < 98                   # pruned 3-D ops
+    cell_env = dict(env, IAC_GENOTYPE=str(lth / "genotype.json"))
+    _train("nnUNetTrainerIACLTH", cell_env, "3d_fullres")
+    cell = _fold(tmp_path, "nnUNetTrainerIACLTH", "3d_fullres")
+    assert any(k.startswith("skips.") for k in load_nnunet_checkpoint(cell / "checkpoint_final.pth")["network_weights"])
+    pred = tmp_path / "pred_3d"
+    _run([f"{BIN}/nnUNetv2_predict", "-i", str(raw / "imagesTr"), "-o", str(pred), "-d", "501", "-c", "3d_fullres",
+          "-f", "0", "-tr", "nnUNetTrainerIACLTH", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+         cell_env)
+    ev = tmp_path / "eval_3d"
+    _run([sys.executable, "05_evaluate.py", "--nnunet_pred", f"iac_lth_3d={pred}", "--nnunet_gt", str(raw / "labelsTr"),
+          "--out", str(ev), "--n_boot", "99"], env)
+    import pandas as pd
+    df = pd.read_csv(ev / "per_patient.csv")
+    assert set(df["method"]) == {"iac_lth_3d"} and df["patient"].nunique() == 6
