@@ -23,6 +23,8 @@ Settings (environment variables, so tests and demos can run tiny):
     IAC_EPOCHS, IAC_ITERS, IAC_VAL_ITERS    epochs (search trainers: 200, the paper's; others: nnU-Net's),
                    training / validation iterations per epoch
     IAC_FINAL_VALIDATION=0   skip nnU-Net's final validation of the fold (tests, demos)
+    IAC_STOP_AFTER=N   search trainers: leave after N epochs (job time limits); `nnUNetv2_train ... --c` continues
+                   from the search's checkpoint_latest.pth (pruned ops stay pruned, θ0 is kept)
     IAC_BACKBONE   checkpoint of the finished reference; default: checkpoint_final.pth of the same fold
                    of nnUNetTrainerIACRef (or ...RefNoDA for the NoDA trainers), same plans and configuration
     IAC_GENOTYPE   genotype.json (nnUNetTrainerIAC / IACLTH, training and nnUNetv2_predict)
@@ -40,6 +42,7 @@ In `full` mode the fold's training cases are split once (seeded) into train_sear
 as stage II does; α, β step on val_search batches (nnU-Net's validation loader: no augmentation).
 In `lth` mode the search trains on all of the fold's training cases.
 """
+import argparse
 import os
 import time
 
@@ -50,7 +53,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
 try:
-    from common.checkpoints import load_theta0_into, save_theta0
+    from common.checkpoints import load_theta0_into, resume_search, save_checkpoint, save_theta0, search_checkpoint
 except ImportError as e:
     raise ImportError("the IAC-LTH project is not installed in this environment: run `pip install -e "
                       "/path/to/iac-lth` (the folder above nnunet_iac/) and try again") from e
@@ -284,8 +287,24 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
     def perform_actual_validation(self, save_probabilities=False):
         self.print_to_log_file("search run: no validation of the supernet; train the cell with nnUNetTrainerIAC")
 
+    def load_checkpoint(self, filename_or_checkpoint):
+        """nnUNetv2_train --c hands over checkpoint_latest.pth (the search's own, written after every epoch) or,
+        once the search has ended, checkpoint_final.pth: run_training continues from the first and leaves the
+        second alone."""
+        self.continue_from = filename_or_checkpoint
+
+    def _finish_loaders(self):
+        for loader in (self.dataloader_train, self.dataloader_val):
+            if hasattr(loader, "_finish"):
+                loader._finish()
+
     def run_training(self):
         s, mode = self.search, self.search_mode
+        out = self.output_folder
+        cont = getattr(self, "continue_from", None)
+        if cont and os.path.isfile(os.path.join(out, "genotype.json")):
+            self.print_to_log_file("the search has ended (genotype.json): nothing to continue")
+            return
         self.on_train_start()
         backbone = reference_checkpoint(self)
         load_reference(self, backbone)
@@ -293,16 +312,25 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         skip_ch = self.network.skip_channels          # (no torch.compile here: see _do_i_compile)
         geometry = {"skip_channels": skip_ch, "up_channels": skip_ch, "cell_channels": None}
         dims = net_dims(self.network.net)
-        theta0 = make_theta0(**geometry, dims=dims)
-        init_from_theta0(skips, theta0)
-        out = self.output_folder
-        save_theta0(os.path.join(out, "theta0.pt"), theta0, geometry, "nnU-Net PlainConvUNet")
         w_opt = weight_optimizer(skips, s.lr_w)
         a_opt = arch_optimizer(skips, s.lr_arch, s.arch_betas, s.arch_weight_decay)
         lth = lth_state(s)
-        traj = JsonlLog(os.path.join(out, "trajectory.jsonl"))
-        seconds, stopped, epoch = 0.0, False, -1
-        for epoch in range(self.num_epochs):
+        run_args = argparse.Namespace(**vars(s), mode=mode)            # what resume_search compares
+        latest = os.path.join(out, "checkpoint_latest.pth")
+        seconds, stopped, start_epoch = 0.0, False, 0
+        if cont:                                                       # --c: pruned ops stay pruned, θ0 stays
+            start_epoch, seconds = resume_search(cont, skips, a_opt, lth, run_args, geometry, self.device)
+            w_opt = weight_optimizer(skips, s.lr_w)
+            self.print_to_log_file(f"continuing the search at epoch {start_epoch + 1}; "
+                                   f"{int(skips.op_mask.sum())} ops active")
+        else:
+            theta0 = make_theta0(**geometry, dims=dims)
+            init_from_theta0(skips, theta0)
+            save_theta0(os.path.join(out, "theta0.pt"), theta0, geometry, "nnU-Net PlainConvUNet")
+        traj = JsonlLog(os.path.join(out, "trajectory.jsonl"), start_epoch - 1 if cont else None)
+        stop_after = _env("IAC_STOP_AFTER", 0, int)
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, self.num_epochs):
             t0 = time.time()
             lr = cosine_power_lr(epoch, self.num_epochs, s.lr_w, s.lr_w_min, s.lr_power)
             for g in w_opt.param_groups:
@@ -323,9 +351,15 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
             self.print_to_log_file(f"IAC search [{mode}] epoch {epoch + 1}/{self.num_epochs} loss "
                                    f"{losses['train_loss']:.4f} active ops {int(skips.op_mask.sum())} "
                                    f"pruned {len(info['pruned'])} {epoch_s:.1f}s")
+            save_checkpoint(search_checkpoint(skips, a_opt, lth, epoch, seconds, run_args, geometry), latest)
             if info["stopped"]:
                 stopped = True
                 break
+            if stop_after and epoch + 1 - start_epoch >= stop_after and epoch + 1 < self.num_epochs:
+                self.print_to_log_file(f"stopping after {stop_after} epochs (IAC_STOP_AFTER); continue with "
+                                       "nnUNetv2_train ... --c")
+                self._finish_loaders()
+                return
         if stopped:
             keep_top2_edges(skips, s.edge_rule)
         genotype = skips.derive_genotype(s.edge_rule)

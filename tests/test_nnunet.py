@@ -199,14 +199,25 @@ def test_nnunet_3d_chain(planned):
     tmp_path, raw = planned
     env = _env(tmp_path)
     _train("nnUNetTrainerIACRef", env, "3d_fullres")
-    _train("nnUNetTrainerIACSearchLTH", dict(env, IAC_EPOCHS="6", IAC_WARMUP="1", IAC_TAU0="10"), "3d_fullres")
+    search_env = dict(env, IAC_EPOCHS="6", IAC_WARMUP="1", IAC_TAU0="10")
+    _train("nnUNetTrainerIACSearchLTH", dict(search_env, IAC_STOP_AFTER="2"), "3d_fullres")   # a time limit
     lth = _fold(tmp_path, "nnUNetTrainerIACSearchLTH", "3d_fullres")
+    assert not (lth / "genotype.json").exists() and (lth / "checkpoint_latest.pth").exists()
+    before = [json.loads(ln) for ln in open(lth / "trajectory.jsonl")]
+    theta0_bytes = (lth / "theta0.pt").read_bytes()
+    assert len(before) == 2 and sum(map(sum, before[-1]["op_mask"])) < 98        # pruned before the stop
+    _run([f"{BIN}/nnUNetv2_train", "501", "3d_fullres", "0", "-tr", "nnUNetTrainerIACSearchLTH", "-device", "cpu",
+          "--c"], search_env)
+    assert "continuing the search at epoch 3" in "".join(open(f).read() for f in lth.glob("training_log*.txt"))
+    assert (lth / "theta0.pt").read_bytes() == theta0_bytes                      # θ0: the weights at search start
     g = json.load(open(lth / "genotype.json"))
     assert g["search"]["encoder"] == "nnunet_3d" and len(g["edges"]) == 8
     theta0 = torch.load(lth / "theta0.pt", weights_only=True)["state"]
     assert next(v for k, v in theta0.items() if k.endswith("sep_conv_3x3.1.weight")).dim() == 5   # 3-D kernels
     traj = [json.loads(ln) for ln in open(lth / "trajectory.jsonl")]
-    assert sum(map(sum, traj[-1]["op_mask"])) < 98                   # pruned 3-D ops
+    assert traj[:2] == before and len(traj) == g["search"]["epochs_run"]
+    masks = [torch.tensor(t["op_mask"]) for t in traj]
+    assert all(bool((b <= a).all()) for a, b in zip(masks, masks[1:]))         # pruned ops stayed pruned
     cell_env = dict(env, IAC_GENOTYPE=str(lth / "genotype.json"))
     _train("nnUNetTrainerIACLTH", cell_env, "3d_fullres")
     cell = _fold(tmp_path, "nnUNetTrainerIACLTH", "3d_fullres")
