@@ -15,7 +15,6 @@ Both writes go to a temporary name and are renamed at the end, so an interrupted
 failed run leaves nothing half-written. Bad input stops with a message naming the case.
 """
 import argparse
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -26,7 +25,7 @@ from common.data import COMPRESSIONS, check_partition, ct_statistics, foreground
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, list_cases
 from common.runs import mark_done
-from common.utils import InputError, atomic_write_json, cli, run_metadata
+from common.utils import InputError, atomic_write_json, cli, read_json, run_metadata
 
 STRIDE = 32                                  # the U-Nets' total down-sampling: crops must be multiples of it
 
@@ -92,11 +91,7 @@ def search_halves(train, rng):
 def given_split(path, patient_ids, seed):
     """--split_file: JSON {"train": [...], "val": [...], "test": [...]} of patient ids, every patient found
     exactly once; the train_search/val_search halves are drawn from its training patients."""
-    try:
-        with open(path) as f:
-            given = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"--split_file {path}: cannot read it as JSON ({e})") from e
+    given = read_json(path, "--split_file")
     if not isinstance(given, dict) or any(not isinstance(given.get(k), list) for k in ("train", "val", "test")):
         raise InputError(f"--split_file {path}: needs lists 'train', 'val' and 'test' of patient ids")
     check_partition("--split_file", path, {k: given[k] for k in ("train", "val", "test")}, patient_ids, "patients")

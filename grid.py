@@ -33,7 +33,7 @@ import sys
 import time
 
 from common.runs import REQUEUE_EXIT, is_done
-from common.utils import InputError, atomic_write_json, cli
+from common.utils import InputError, atomic_write_json, cli, read_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("preprocess", "pretrain", "baseline", "search", "finetune", "score")
@@ -49,11 +49,7 @@ Job = collections.namedtuple("Job", "id stage dataset backbone seed out command 
 
 # --------------------------------------------------------------------------- config and plan
 def load_config(path):
-    try:
-        with open(path) as f:
-            c = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"grid config {path}: cannot read it as JSON ({e})") from e
+    c = read_json(path, "grid config")
     for key in ("root", "datasets", "backbones", "seeds"):
         if key not in c:
             raise InputError(f"grid config {path}: no '{key}' (see configs/grid_example.json)")

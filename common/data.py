@@ -29,7 +29,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset, default_collate
 
 from common.raw import from_canonical, load_case
-from common.utils import InputError, require_file
+from common.utils import InputError, read_json, require_file
 
 FILE_ATTRS = ("dataset", "modalities", "class_names", "normalisation", "crop", "spacing", "label_values")
 CASE_STRINGS = ("case_id", "patient_id", "modality", "source")
@@ -219,11 +219,7 @@ def read_meta(path):
 
 def load_splits(path, meta=None):
     require_file(path, "--splits", "the splits.json of 01_preprocess.py")
-    try:
-        with open(path) as f:
-            splits = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"--splits {path}: cannot read it as JSON ({e})") from e
+    splits = read_json(path, "--splits")
     for k in ("train", "val", "test"):
         if not isinstance(splits, dict) or k not in splits:
             raise InputError(f"{path} has no '{k}' split; was it written by 01_preprocess.py?")

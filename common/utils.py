@@ -187,6 +187,15 @@ def run_metadata(args):
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def read_json(path, what):
+    """A JSON input file; an unreadable one is an InputError naming `what` (a flag or a file kind) and the path."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{what} {path}: cannot read it as JSON ({e})") from e
+
+
 def atomic_to_csv(df, path):
     """A pandas table written to a temporary name, then renamed: never a half-written CSV."""
     tmp = f"{path}.tmp{os.getpid()}"

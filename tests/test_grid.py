@@ -173,3 +173,30 @@ def test_slurm_backend_submits_arrays_with_dependencies(tmp_path, raws):
     assert deps[0] is None and deps[1] == "afterok:1000" and deps[2] == "afterok:1001"
     assert deps[3] == "afterok:1001:1002" and deps[4] == "afterok:1001:1003"
     assert "array 1000 of 2 jobs" in out and "after 1001, 1003" in out
+
+
+def test_stage_job_checkpoint_stops_the_stage_and_requeues_itself(tmp_path):
+    """What submitit calls on a time-limit / preemption signal: the running stage gets SIGUSR1 (it checkpoints
+    and exits 75), and the same job comes back as the submission to requeue."""
+    submitit = pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
+    import threading
+
+    from conftest import load_script
+    g = load_script("grid")
+    child = ("import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\n"
+             "open(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    started = tmp_path / "started"
+    job = g.Job("x/run", "search", "x", "base", 0, str(tmp_path / "run"), [sys.executable, "-c", child, str(started)],
+                [])
+    stage = g.StageJob(tuple(job))
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, stage)))
+    t.start()
+    t0 = time.time()
+    while not started.exists() and time.time() - t0 < 30:
+        time.sleep(0.02)
+    requeued = stage.checkpoint()
+    t.join(timeout=30)
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission) and isinstance(requeued.function, g.StageJob)
+    assert requeued.function.job == job and stage.process.returncode == 75
+    assert json.load(open(tmp_path / "run" / "grid_job.json"))["state"] == "requeued"

@@ -73,3 +73,24 @@ def test_sigusr1_stops_with_75_and_resume_auto_continues_exactly(tmp_path, acdc)
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
     assert os.path.exists(os.path.join(b, "done.json"))
+
+
+def test_val_every_and_local_data(tmp_path, scripts, acdc, monkeypatch):
+    """--val_every 2: validation (and the best checkpoint) on epochs 2 and 3 (the last) only; --local_data copies
+    slices.h5 once to $TMPDIR and reads it from there, args.json keeps both paths."""
+    m = scripts["02_pretrain"]
+    local = tmp_path / "node_local"
+    local.mkdir()
+    monkeypatch.setenv("TMPDIR", str(local))
+    out = str(tmp_path / "run")
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "3", "--val_every", "2", "--local_data", "--out", out]))
+    log = [json.loads(ln) for ln in open(os.path.join(out, "log.jsonl"))]
+    assert [r["val_dice"] is None for r in log] == [True, False, False]
+    assert torch.load(os.path.join(out, "ckpt_best.pt"), weights_only=True)["epoch"] in (1, 2)
+    copies = list(local.iterdir())
+    assert len(copies) == 1 and copies[0].name.endswith("slices.h5")
+    args = json.load(open(os.path.join(out, "args.json")))["args"]
+    assert args["data"] == str(copies[0]) and args["data_original"] == data_args(acdc)[1]
+    with pytest.raises(InputError, match="--local_data"):
+        m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "1", "--local_data", str(tmp_path / "nope"),
+                                                   "--out", str(tmp_path / "run2")]))
