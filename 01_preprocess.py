@@ -24,7 +24,7 @@ from tqdm import tqdm
 from common.data import COMPRESSIONS, check_partition, ct_statistics, foreground_sample_job, process_case_job, write_slices
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, list_cases
-from common.runs import mark_done
+from common.runs import mark_done, mark_unfinished
 from common.utils import InputError, atomic_write_json, cli, read_json, run_metadata
 
 STRIDE = 32                                  # the U-Nets' total down-sampling: crops must be multiples of it
@@ -144,6 +144,7 @@ def main(args):
     if not args.overwrite and (os.path.exists(out_h5) or os.path.exists(out_splits)):
         raise InputError(f"{args.out} already holds slices.h5/splits.json; pass --overwrite to replace")
     os.makedirs(args.out, exist_ok=True)
+    mark_unfinished(args.out)
 
     info = list_cases(args.dataset, args.raw, args.modality)
     pids = [c.patient_id for c in info.cases]

@@ -40,7 +40,7 @@ from common.engine import predict_stack
 from common.iac import read_genotype
 from common.metrics import case_metrics
 from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
-from common.runs import add_unfinished_flag, mark_done, require_done
+from common.runs import add_unfinished_flag, mark_done, mark_unfinished, require_done
 from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_write_json, cli, pick_device, read_jsonl,
                           require_file, run_metadata)
 
@@ -377,6 +377,7 @@ def main(args):
             raise InputError(f"the {args.split} split of {args.splits} is empty; nothing to evaluate")
     device = pick_device(args.device) if args.run else None
     os.makedirs(args.out, exist_ok=True)
+    mark_unfinished(args.out)
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     frames, preds, names, costs = [], {}, [], []
     if args.run:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from common.checkpoints import save_checkpoint, training_checkpoint
 from common.data import collate, iter_cases, load_splits, read_meta
 from common.metrics import CaseDice, mean_foreground
-from common.runs import check_stop, install_stop_signals, resolve_resume
+from common.runs import check_stop, install_stop_signals, mark_unfinished, resolve_resume
 from common.utils import (InputError, JsonlLog, NonFiniteLoss, autocast, copy_to_local, default_workers,
                           epoch_generator, peak_gpu_mib, pick_device, seed_everything)
 
@@ -39,6 +39,7 @@ def setup_run(args, what):
     if args.resume and not os.path.exists(last):
         raise InputError(f"--resume: {args.out} holds no ckpt_last.pt to continue from; drop --resume to start")
     os.makedirs(args.out, exist_ok=True)
+    mark_unfinished(args.out)
     return device, amp, channels_last, meta, splits, last
 
 

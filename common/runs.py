@@ -61,6 +61,14 @@ def resolve_resume(args, last):
     return bool(args.resume)
 
 
+def mark_unfinished(folder):
+    """A stage that (re)starts writing into `folder` removes an old done.json first: until it ends, the folder
+    holds an unfinished run (an --overwrite interrupted half-way must not pass for the old, finished one)."""
+    path = os.path.join(folder, DONE)
+    if os.path.isfile(path):
+        os.remove(path)
+
+
 def add_unfinished_flag(p):
     p.add_argument("--allow_unfinished", action="store_true",
                    help=f"take input runs without {DONE} (stopped early, or made before done.json existed)")

@@ -30,6 +30,8 @@ def test_done_json_resume_auto_and_unfinished_inputs(tmp_path, scripts, acdc, ca
     assert json.load(open(os.path.join(part, "done.json")))["stage"] == "02_pretrain"
     cli(m.main, m.get_args, data_args(acdc) + TINY + ["--epochs", "2", "--resume", "auto", "--out", part])
     assert "finished (done.json, 2 epochs); nothing to do" in capsys.readouterr().out
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "2", "--overwrite", "--stop_after", "1", "--out", part]))
+    assert not os.path.exists(os.path.join(part, "done.json"))        # starting over: unfinished until it ends
     m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "1", "--resume", "auto", "--out", full]))   # a start
     meta = json.load(open(os.path.join(full, "args.json")))
     assert meta["args"]["resume"] is False and meta["host"] and "cuda" in meta["versions"]
