@@ -202,11 +202,15 @@ class StageJob:
 
 # --------------------------------------------------------------------------- backends
 def gpu_slots(gpus):
-    """--gpus 0,1,2 -> one job per GPU; none given: CUDA_VISIBLE_DEVICES's GPUs, else one job at a time."""
+    """--gpus 0,1,2 -> one job per GPU; none given: CUDA_VISIBLE_DEVICES's GPUs, else every GPU torch sees, else
+    (no GPU) one job at a time."""
     if gpus:
         return [g.strip() for g in gpus.split(",") if g.strip()]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return [g for g in visible.split(",") if g] if visible else [None]
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()] or [None]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())] or [None]
 
 
 def run_local(jobs, gpus=None, max_requeues=3):
@@ -350,7 +354,8 @@ def get_args(argv=None):
     p.add_argument("command", choices=["plan", "run", "status", "report"])
     p.add_argument("config", help="grid config (JSON)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local", help="run: where the jobs run")
-    p.add_argument("--gpus", default=None, help="local: GPUs to use, one job each (default: CUDA_VISIBLE_DEVICES)")
+    p.add_argument("--gpus", default=None,
+                   help="local: GPUs to use, one job each (default: CUDA_VISIBLE_DEVICES, else every visible GPU)")
     p.add_argument("--only", default=None, help="run/status: jobs whose id starts with this (e.g. acdc/resnet50)")
     p.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
                    help="slurm backend: submitit's cluster (local: submitit's local executor, for testing)")
