@@ -7,7 +7,6 @@ returns canonical (RAS) arrays plus what is needed to put slices back into the
 original geometry. Every problem raises `DataError` naming the case and file.
 """
 import glob
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from common.utils import InputError
+from common.utils import InputError, read_json
 
 RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 
@@ -122,11 +121,7 @@ def _read_dataset_json(raw_dir):
     path = os.path.join(raw_dir, "dataset.json")
     if not os.path.isfile(path):
         raise DataError(f"{path} is missing; the AMOS / nnU-Net raw layout needs it")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from e
+    return read_json(path, "the raw data set's dataset.json")
 
 
 def _amos(raw_dir, modality):
