@@ -161,6 +161,17 @@ def print_counts(table, title):
             print(f"  {stage:<11}" + "".join(f"{n.get(s, 0):>10}" for s in states) + f"{sum(n.values()):>10}")
 
 
+# --------------------------------------------------------------------------- starting a job
+def start_stage(j, env=None, **info):
+    """Mark the job running and start its stage command, output appended to RUN/grid.log; returns the process."""
+    os.makedirs(j.out, exist_ok=True)
+    set_state(j, "running", **info)
+    with open(os.path.join(j.out, "grid.log"), "a") as log:
+        log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(j.command)}\n")
+        log.flush()
+        return subprocess.Popen(j.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+
 # --------------------------------------------------------------------------- one job on SLURM
 class StageJob:
     """A grid job as submitit runs it on a SLURM node. On a time-limit or preemption signal submitit calls
@@ -175,11 +186,8 @@ class StageJob:
         j = self.job
         if is_done(j.out):
             return 0
-        os.makedirs(j.out, exist_ok=True)
-        set_state(j, "running", slurm_job=os.environ.get("SLURM_JOB_ID"))
-        with open(os.path.join(j.out, "grid.log"), "a") as out:
-            self.process = subprocess.Popen(j.command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-            rc = self.process.wait()
+        self.process = start_stage(j, slurm_job=os.environ.get("SLURM_JOB_ID"))
+        rc = self.process.wait()
         if rc == REQUEUE_EXIT:
             set_state(j, "requeued", exit_code=rc)
             raise RuntimeError(f"{j.id} was stopped (exit {rc}); requeue it or re-run grid.py run")
@@ -217,8 +225,8 @@ def run_local(jobs, gpus=None, max_requeues=3):
     """Jobs in dependency order, one per GPU slot at a time; a job stopped with REQUEUE_EXIT runs again
     (its --resume auto continues), a failed one leaves its dependants waiting."""
     slots = gpu_slots(gpus)
-    pending = [j for j in jobs if job_state(j) != "done"]
     done = {j.id for j in jobs if job_state(j) == "done"}
+    pending = [j for j in jobs if j.id not in done]
     failed, requeues, running = set(), collections.Counter(), {}
     print(f"local backend: {len(pending)} jobs to run ({len(jobs) - len(pending)} done), "
           f"{len(slots)} slot(s): {', '.join(s or 'default device' for s in slots)}")
@@ -246,14 +254,7 @@ def run_local(jobs, gpus=None, max_requeues=3):
                 break
             pending.remove(ready)
             env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": slot} if slot is not None else {}))
-            os.makedirs(ready.out, exist_ok=True)
-            set_state(ready, "running", slot=slot)
-            log = open(os.path.join(ready.out, "grid.log"), "a")
-            log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(ready.command)}\n")
-            log.flush()
-            running[slot] = (ready, subprocess.Popen(ready.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                                     env=env))
-            log.close()
+            running[slot] = (ready, start_stage(ready, env, slot=slot))
             print(f"[start] {ready.id}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
         if not running and pending:                              # nothing ready: what is left needs a failed job
             print(f"{len(pending)} jobs cannot run: a job they depend on failed ({', '.join(sorted(failed))})")

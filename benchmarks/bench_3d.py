@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from _common import machine, record
-from common.iac import OPS, IACSearchSkips
+from _common import machine, one_op_per_edge, record
+from common.iac import IACSearchSkips
 
 CHANNELS = (32, 64, 128, 256, 320)                     # nnU-Net 3d_fullres features per stage (levels 0-4)
 
@@ -35,10 +35,7 @@ def one_level(C, size, batch, pruned, ckpt, device, reps):
     torch.manual_seed(0)
     s = IACSearchSkips([C], [C], dims=3, checkpoint_edges=ckpt).to(device)
     if pruned:                                         # edge e keeps op e mod 7: every kind of op stays
-        for e in range(s.op_mask.shape[0]):
-            for o in range(len(OPS)):
-                if o != e % len(OPS):
-                    s.prune_op(e, o)
+        one_op_per_edge(s)
     x = torch.randn(batch, C, size, size, size, device=device)
     up = torch.randn(batch, C, size, size, size, device=device)
 

@@ -11,24 +11,15 @@ import time
 
 import torch
 
-from _common import machine, record, run
+from _common import machine, one_op_per_edge, record, run
 from common.backbones import ENCODERS, UNet
 from common.data import SliceDataset, load_splits
-from common.iac import OPS, IACSearchSkips
+from common.iac import IACSearchSkips
 from common.losses import SegLoss
 from common.search import arch_optimizer, search_step, weight_optimizer
 from common.utils import autocast
 
 DEVICE = torch.device("cuda")
-
-
-def one_op_per_edge(skips):
-    """Prune all but one op per edge, as IAC-LTH leaves the supernet at its stop: edge e keeps op e mod 7, so every
-    kind of op is there (keeping skip_connect everywhere would time an almost empty cell)."""
-    for e in range(skips.op_mask.shape[0]):
-        for o in range(len(OPS)):
-            if o != e % len(OPS):
-                skips.prune_op(e, o)
 
 
 def step_time(encoder, what, amp=True, cl=True, batch=128, size=256, width=32, reps=3, pruned=False, ckpt=False,
