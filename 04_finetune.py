@@ -27,7 +27,7 @@ import torch
 from common.checkpoints import cell_config, load_frozen_backbone, load_theta0_into, resume_training
 from common.data import SliceDataset
 from common.engine import add_fit_flags, fit, setup_run
-from common.iac import IACSkips, read_genotype
+from common.iac import CELL_OUTPUTS, IACSkips, read_genotype, zero_output
 from common.losses import SegLoss
 from common.skips import build_skips
 from common.runs import add_unfinished_flag, mark_done, require_done
@@ -42,6 +42,10 @@ def get_args(argv=None):
     p.add_argument("--init", choices=["fresh", "theta0"], default=None,
                    help="cell init; default: fresh for a full-mode genotype, theta0 for an lth one")
     p.add_argument("--skip", choices=["iac", "att", "resatt"], default="iac", help="skip module to train")
+    p.add_argument("--cell_output", choices=CELL_OUTPUTS, default="replace",
+                   help="replace: the cell's output conv takes the identity skip's place (paper Eq. 1); residual: "
+                        "skip + that conv, started at zero (after a θ0 reset too), so the frozen decoder first sees "
+                        "its own skip tensor (this project's option)")
     p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py")
     p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py")
     p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
@@ -69,11 +73,14 @@ def build_model(args, meta):
                          f"{geometry['skip_channels']}, this one has {model.skip_channels})")
     cell_channels = geometry.get("cell_channels")
     args.init = args.init or ("theta0" if genotype.get("search", {}).get("mode") == "lth" else "fresh")
-    skips = IACSkips(genotype, model.skip_channels, model.up_channels, cell_channels)
+    skips = IACSkips(genotype, model.skip_channels, model.up_channels, cell_channels, output=args.cell_output)
     if args.init == "theta0":                    # IAC-LTH: reset the found cell to its weights at search start
         load_theta0_into(skips, args.theta0 or os.path.join(os.path.dirname(args.genotype), "theta0.pt"))
+        if args.cell_output == "residual":       # θ0's output conv was drawn for `replace`: start at the skip
+            for cell in skips.cells:
+                zero_output(cell)
     model.set_skips(skips)
-    model.config = {**model.config, **cell_config(genotype, cell_channels)}
+    model.config = {**model.config, **cell_config(genotype, cell_channels, args.cell_output)}
     return model
 
 

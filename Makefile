@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 DEMO_DIR ?= demo_runs
 
-.PHONY: demo test test-floors bench bench-lth clean
+.PHONY: demo demo-mri test test-floors bench bench-lth bench-method clean
 
 # the requirements, then this project itself (common/, nnunet_iac/) in editable mode
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -31,6 +31,10 @@ $(VENV)/.installed-grid: $(VENV)/.installed requirements-grid.txt
 demo: $(VENV)/.installed
 	PYTHON=$(PYTHON) DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
 
+# the same chain on real MRI: warped MNI152 subjects (benchmarks/make_mni_dataset.py), ~25 min on 2 cores
+demo-mri: $(VENV)/.installed
+	PYTHON=$(PYTHON) DEMO_DIR=$(DEMO_DIR) bash scripts/demo_mri.sh
+
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself
 test: $(VENV)/.installed $(VENV)/.installed-nnunet $(VENV)/.installed-test $(VENV)/.installed-grid
 	$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
@@ -56,6 +60,11 @@ bench: $(VENV)/.installed
 bench-lth: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_lth_invariance.py
 	$(PYTHON) benchmarks/bench_lth_quality.py
+
+# do the cells help? ref / att / nested / IAC / IAC-LTH and the controls on real MRI over 3 seeds (~1 h on 2 cores)
+bench-method: $(VENV)/.installed
+	cd benchmarks && ../$(PYTHON) bench_method.py --jobs 3 --threads 1 --epochs_i 30 --epochs_iii 30 --cap 24 \
+		--warmup 4 --residual --record
 
 clean:
 	rm -rf $(DEMO_DIR) bench_runs

@@ -1,4 +1,5 @@
 """Helpers for the benchmark scripts: machine description and RESULTS.md sections."""
+import importlib.util
 import os
 import platform
 import re
@@ -16,6 +17,14 @@ RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 def machine():
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {dev}, torch {torch.__version__}"
+
+
+def load_script(name):
+    """A stage script (e.g. '02_pretrain') imported by its path as a module, to call main(get_args(argv)) in-process."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", os.path.join(ROOT, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def one_op_per_edge(skips):

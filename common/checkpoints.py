@@ -91,10 +91,10 @@ def load_frozen_backbone(path, meta):
     return model, ckpt
 
 
-def cell_config(genotype, cell_channels):
-    """What a finetune model config keeps of its cell: the whole genotype (edges, concat) and the width."""
+def cell_config(genotype, cell_channels, cell_output="replace"):
+    """What a finetune model config keeps of its cell: the whole genotype (edges, concat), the width, the output."""
     return {"skip": "iac", "genotype": {"edges": genotype["edges"], "concat": list(NODES)},
-            "cell_channels": cell_channels}
+            "cell_channels": cell_channels, "cell_output": cell_output}
 
 
 def model_from_checkpoint(ckpt):
@@ -108,7 +108,8 @@ def model_from_checkpoint(ckpt):
             genotype = cfg["genotype"]
             if isinstance(genotype, list):                       # checkpoints before the dict: edges only
                 genotype = {"edges": genotype, "concat": list(NODES)}
-            model.set_skips(IACSkips(genotype, model.skip_channels, model.up_channels, cfg.get("cell_channels")))
+            model.set_skips(IACSkips(genotype, model.skip_channels, model.up_channels, cfg.get("cell_channels"),
+                                    output=cfg.get("cell_output", "replace")))
         else:
             model.set_skips(build_skips(cfg["skip"], model.skip_channels, model.up_channels, None))
     model.load_state_dict(ckpt["model"])

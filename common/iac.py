@@ -40,6 +40,10 @@ NODES = (2, 3, 4, 5)
 EDGES = tuple((i, j) for j in NODES for i in range(j))          # 14 edges: (0,2), (1,2), (0,3), ...
 IN_EDGES = {j: [e for e, (i, jj) in enumerate(EDGES) if jj == j] for j in NODES}
 FULL_GENOTYPE_EDGES = {e: OPS for e in range(len(EDGES))}         # every op on every edge (supernet, θ0)
+# How a cell's output enters the decoder: `replace` (paper Sec. 3.1, Eq. 1: the 1x1 conv of the concatenated
+# nodes takes the identity skip's place) or `residual` (skip + that conv, the conv starting at zero, so the
+# frozen decoder first sees the skip tensor it was trained with; this project's option, not the paper's).
+CELL_OUTPUTS = ("replace", "residual")
 
 
 # --------------------------------------------------------------------------- operations
@@ -166,8 +170,10 @@ class Edge(nn.Module):
 class Cell(nn.Module):
     """One IAC at one skip level. `edges` maps edge index -> op names on that edge."""
 
-    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4, checkpoint_edges=False, dims=2):
+    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4, checkpoint_edges=False, dims=2, output="replace"):
         super().__init__()
+        if output not in CELL_OUTPUTS:
+            raise ValueError(f"unknown cell output {output!r}; known: {', '.join(CELL_OUTPUTS)}")
         if search and C % pc_k:
             raise ValueError(f"cell width {C} is not divisible by the partial-channel K={pc_k}")
         affine, Conv, BN = not search, conv_nd(dims), bn_nd(dims)
@@ -176,6 +182,9 @@ class Cell(nn.Module):
         self.pre1 = nn.Sequential(nn.ReLU(), Conv(c_up, C, 1, bias=False), BN(C, affine=affine))
         self.edges = nn.ModuleDict({str(e): Edge(C, ops, search, pc_k, dims) for e, ops in sorted(edges.items())})
         self.out = Conv(len(NODES) * C, c_skip, 1)                           # Eq. (1)
+        self.residual = output == "residual"
+        if self.residual:                                                    # starts as the identity skip
+            zero_output(self)
 
     def forward(self, skip, up, op_w=None, edge_w=None):
         states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, *spatial)
@@ -194,7 +203,15 @@ class Cell(nn.Module):
                 else:
                     terms.append(edge(states[i]))
             states.append(sum(terms))
-        return self.out(torch.cat(states[N_INPUTS:], dim=1))               # Eq. (1): (B, C_skip, *spatial)
+        out = self.out(torch.cat(states[N_INPUTS:], dim=1))                # Eq. (1): (B, C_skip, *spatial)
+        return skip + out if self.residual else out
+
+
+@torch.no_grad()
+def zero_output(cell):
+    """A residual cell's output conv at zero: the cell returns its skip tensor until it has learnt otherwise."""
+    cell.out.weight.zero_()
+    cell.out.bias.zero_()
 
 
 def _weighted_edge(edge, x, op_w, edge_w):
@@ -311,11 +328,11 @@ class IACSearchSkips(nn.Module):
 class IACSkips(nn.Module):
     """The discrete cell of a genotype at full width (affine BN), one per skip level."""
 
-    def __init__(self, genotype, skip_channels, up_channels, cell_channels=None, dims=2):
+    def __init__(self, genotype, skip_channels, up_channels, cell_channels=None, dims=2, output="replace"):
         super().__init__()
         validate_genotype(genotype)
         edges = {EDGES.index((src, dst)): [op] for op, src, dst in genotype["edges"]}
-        self.cells = nn.ModuleList([Cell(cs, cu, C, edges, False, dims=dims) for cs, cu, C in
+        self.cells = nn.ModuleList([Cell(cs, cu, C, edges, False, dims=dims, output=output) for cs, cu, C in
                                     zip(skip_channels, up_channels, _widths(skip_channels, cell_channels))])
 
     def prepare(self, features):
