@@ -30,6 +30,7 @@ import pandas as pd
 
 import make_mni_dataset
 from _common import ROOT, load_script, machine, record
+from common.utils import read_jsonl
 
 FULL = dict(subjects=36, test=20, val=4, spacing=3.0, slab=48.0, crop=64, width=8, batch_size=16,
             search_batch=32, epochs_i=40, epochs_iii=40, cap=30, warmup=5)
@@ -50,6 +51,7 @@ def get_args(argv=None):
     p.add_argument("--late_stop", action="store_true", help="also an LTH search with a later stop")
     p.add_argument("--late_kappa", type=float, default=0.02, help="--tau0_rel of the later-stopping LTH search")
     p.add_argument("--record", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    p.add_argument("--reuse_eval", action="store_true", help="keep OUT/eval when it is finished (only re-record)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)     # one seed's chain
     a = p.parse_args(argv)
     for k, v in (TINY if a.tiny else FULL).items():
@@ -139,6 +141,8 @@ def evaluate(a):
     compare = ["iac:iac_lth", "ref_long:iac", "ref_long:iac_lth", "iac:iac_theta0", "iac_lth:iac_lth_fresh",
                "iac_theta0:iac_lth"] + (["iac_lth:iac_lth_late"] if a.late_stop else []) + \
               (["iac:iac_res", "iac_lth:iac_lth_res", "ref_long:iac_res"] if a.residual else [])
+    if a.reuse_eval and os.path.isfile(f"{a.out}/eval/done.json"):
+        return f"{a.out}/eval"
     stage("05_evaluate", [*data_flags(a), *runs, *searches, "--reference", "ref",
                           *[x for c in compare for x in ("--compare", c)], "--nsd_tolerance", 1.0,
                           "--n_boot", 999 if a.tiny else 9999, "--device", "cpu", "--out", f"{a.out}/eval"])
@@ -155,6 +159,17 @@ def search_rows(a):
     return pd.DataFrame(rows)
 
 
+def stage_i_rows(a):
+    """Where stage I stopped improving: the best validation epoch and Dice of each stage-I run."""
+    rows = []
+    for s in a.seeds:
+        for n in ("ref", "att", "nested", "ref_long"):
+            log = read_jsonl(f"{a.out}/seed{s}/{n}/log.jsonl")
+            rows.append({"seed": s, "run": n, "epochs": len(log), "best epoch": log[-1]["best_epoch"] + 1,
+                         "best val Dice": round(log[-1]["best_dice"], 4)})
+    return pd.DataFrame(rows)
+
+
 def main(a):
     if a.worker is not None:
         seed_chain(a, a.worker)
@@ -167,14 +182,16 @@ def main(a):
     sr = search_rows(a)
     piv = sr.pivot(index="seed", columns="search", values="seconds")
     sr_md = sr.to_string(index=False)
+    st_md = stage_i_rows(a).to_string(index=False)
     ratio = (piv["full"] / piv["lth"]).round(2).to_dict()
-    print(f"\nsearches:\n{sr_md}\nfull / LTH search time per seed: {ratio}\nstudy: {time.time() - t0:.0f} s")
+    print(f"\nstage I:\n{st_md}\nsearches:\n{sr_md}\nfull / LTH search time per seed: {ratio}\nstudy: {time.time() - t0:.0f} s")
     if a.record:
         body = (f"Machine: {machine()}\n\nWarped MNI152 subjects (`make_mni_dataset.py`: {a.subjects} subjects, "
                 f"{a.test} test / {a.val} val, {a.spacing} mm, {a.slab} mm slab, crop {a.crop}), base U-Net width "
                 f"{a.width}; stage I / III {a.epochs_i} / {a.epochs_iii} epochs at batch {a.batch_size}; both searches "
                 f"cap {a.cap}, warm-up {a.warmup}, batch {a.search_batch}; seeds {a.seeds}; study {time.time() - t0:.0f} s."
                 f"\n\n{open(f'{ev}/summary.md').read()}\n{open(f'{ev}/paired.md').read()}\n"
+                f"Stage I (validation plateau):\n\n```\n{st_md}\n```\n\n"
                 f"Searches (seconds of the epochs, same run):\n\n```\n{sr_md}\n```\n\nfull / LTH time: {ratio}\n")
         record("Do the cells help? Real MRI over seeds (bench_method.py)", body)
 

@@ -89,3 +89,8 @@ def test_the_study_in_miniature(tmp_path):
         long = [json.loads(l) for l in open(f"{out}/seed{seed}/ref_long/log.jsonl")]
         assert len(long) == 2 * len(ref) and [r["train_loss"] for r in ref] == [r["train_loss"] for r in long[:len(ref)]]
     assert "full / LTH search time per seed" in r.stdout
+    cost, runs = pd.read_csv(f"{out}/eval/search_cost.csv"), pd.read_csv(f"{out}/eval/search_runs.csv")
+    assert sorted(cost["seed"]) == [0, 1]                  # each LTH search beside its own seed's full search
+    for _, r in cost.iterrows():
+        own = runs[(runs["mode"] == "full") & (runs["seed"] == r["seed"])]["minutes"]
+        assert float(own.iloc[0]) == r["IAC minutes"]
