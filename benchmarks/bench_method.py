@@ -50,6 +50,8 @@ def get_args(argv=None):
     p.add_argument("--residual", action="store_true", help="also stage III with --cell_output residual")
     p.add_argument("--late_stop", action="store_true", help="also an LTH search with a later stop")
     p.add_argument("--late_kappa", type=float, default=0.02, help="--tau0_rel of the later-stopping LTH search")
+    p.add_argument("--fast_gamma", type=float, default=None,
+                   help="also an LTH search with this --gamma (the demo's 1.5 for a short cap) and its cell (θ0)")
     p.add_argument("--record", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--reuse_eval", action="store_true", help="keep OUT/eval when it is finished (only re-record)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)     # one seed's chain
@@ -106,6 +108,9 @@ def seed_chain(a, seed):
     if a.late_stop:
         once("search_lth_late", "03_search", [*bb, "--mode", "lth", *search, "--tau0_rel", a.late_kappa])
         cells["iac_lth_late"] = ("search_lth_late", "theta0")
+    if a.fast_gamma:
+        once("search_lth_g", "03_search", [*bb, "--mode", "lth", *search, "--gamma", a.fast_gamma])
+        cells["iac_lth_g"] = ("search_lth_g", "theta0")
     runs = {name: (s, init, "replace") for name, (s, init) in cells.items()}
     if a.residual:
         runs.update({"iac_res": ("search_full", "fresh", "residual"), "iac_lth_res": ("search_lth", "theta0", "residual")})
@@ -135,12 +140,15 @@ def run_seeds(a):
 def evaluate(a):
     names = ["ref", "att", "nested", "ref_long", "iac", "iac_lth", "iac_theta0", "iac_lth_fresh"]
     names += ["iac_lth_late"] if a.late_stop else []
+    names += ["iac_lth_g"] if a.fast_gamma else []
     names += ["iac_res", "iac_lth_res"] if a.residual else []
     runs = [x for s in a.seeds for n in names for x in ("--run", f"{n}={a.out}/seed{s}/{n}")]
-    searches = [x for s in a.seeds for m in ("full", "lth") for x in ("--search", f"{m}={a.out}/seed{s}/search_{m}")]
+    modes = ("full", "lth") + (("lth_g",) if a.fast_gamma else ())
+    searches = [x for s in a.seeds for m in modes for x in ("--search", f"{m}={a.out}/seed{s}/search_{m}")]
     compare = ["iac:iac_lth", "ref_long:iac", "ref_long:iac_lth", "iac:iac_theta0", "iac_lth:iac_lth_fresh",
                "iac_theta0:iac_lth"] + (["iac_lth:iac_lth_late"] if a.late_stop else []) + \
-              (["iac:iac_res", "iac_lth:iac_lth_res", "ref_long:iac_res"] if a.residual else [])
+              (["iac:iac_res", "iac_lth:iac_lth_res", "ref_long:iac_res"] if a.residual else []) + \
+              (["iac:iac_lth_g", "ref_long:iac_lth_g"] if a.fast_gamma else [])
     if a.reuse_eval and os.path.isfile(f"{a.out}/eval/done.json"):
         return f"{a.out}/eval"
     stage("05_evaluate", [*data_flags(a), *runs, *searches, "--reference", "ref",
@@ -152,7 +160,7 @@ def evaluate(a):
 def search_rows(a):
     rows = []
     for s in a.seeds:
-        for m in ("full", "lth") + (("lth_late",) if a.late_stop else ()):
+        for m in ("full", "lth") + (("lth_late",) if a.late_stop else ()) + (("lth_g",) if a.fast_gamma else ()):
             g = json.load(open(f"{a.out}/seed{s}/search_{m}/genotype.json"))["search"]
             rows.append({"seed": s, "search": m, "epochs": g["epochs_run"], "seconds": round(g["seconds"], 1),
                          "tau0": g.get("lth", {}).get("tau0")})
@@ -183,7 +191,7 @@ def main(a):
     piv = sr.pivot(index="seed", columns="search", values="seconds")
     sr_md = sr.to_string(index=False)
     st_md = stage_i_rows(a).to_string(index=False)
-    ratio = (piv["full"] / piv["lth"]).round(2).to_dict()
+    ratio = {m: (piv["full"] / piv[m]).round(2).to_dict() for m in piv.columns if m != "full"}
     print(f"\nstage I:\n{st_md}\nsearches:\n{sr_md}\nfull / LTH search time per seed: {ratio}\nstudy: {time.time() - t0:.0f} s")
     if a.record:
         body = (f"Machine: {machine()}\n\nWarped MNI152 subjects (`make_mni_dataset.py`: {a.subjects} subjects, "
