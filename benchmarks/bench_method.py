@@ -14,7 +14,8 @@ same flags but the seed:
              the 2x2 that separates "which ops" from "which start": iac_theta0 (full genotype from its
              own search's θ0) and iac_lth_fresh (LTH genotype, fresh); with --residual also both cells
              with --cell_output residual (the output conv starts at zero, the cell at the identity skip);
-             with --late_stop also the LTH search with a later stop (--tau0_rel of --late_kappa) and its cell.
+             with --late_stop also the LTH search with a later stop (--tau0_rel of --late_kappa) and its cell,
+             with --fast_gamma G an LTH search with --gamma G (the demo's 1.5 suits a short cap) and its cell.
 Then one 05_evaluate.py over all seeds (case Dice averaged over the seeds, Wilcoxon over the test
 subjects), whose tables are the result. The schedule is the paper's scaled down the same way for both
 searches (cap, warm-up and stage-I/III epochs are flags, recorded in the table's header).

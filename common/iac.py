@@ -20,6 +20,10 @@ Drop it into your own U-Net (the decoder calls `skips(level, skip, up)`):
     genotype = skips.derive_genotype()                      # Eq. (12) + top-2 edges per node
     final = IACSkips(genotype, [64, 128, 256, 512], [64, 128, 256, 512])   # full width, affine BN
 
+A frozen decoder that should first see its own skip tensor: `IACSkips(..., output="residual")` returns
+skip + the cell's output conv, started at zero (`zero_output` again after loading θ0); the paper's `replace`
+is the default.
+
 Volumetric U-Nets: pass `dims=3` to IACSearchSkips, IACSkips and make_theta0 (3-D ops; the genotype
 JSON and the θ0 layout are the same as in 2-D).
 """
