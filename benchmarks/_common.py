@@ -20,8 +20,9 @@ def machine():
 
 
 def load_script(name):
-    """A stage script (e.g. '02_pretrain') imported by its path as a module, to call main(get_args(argv)) in-process."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", os.path.join(ROOT, f"{name}.py"))
+    """A script by its path from the project root without .py (e.g. '02_pretrain', 'scripts/convert_to_nnunet')
+    imported as a module, to call main(get_args(argv)) in-process (benchmarks and tests/conftest.py)."""
+    spec = importlib.util.spec_from_file_location(f"stage_{name.replace('/', '_')}", os.path.join(ROOT, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -1,20 +1,14 @@
 """Shared fixtures: one tiny ACDC phantom, preprocessed once, and a 2-epoch backbone."""
-import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # common/ is installed: `pip install -e .`
 torch.set_num_threads(2)
-
-
-def load_script(name):
-    """Import a script by its path from the project root without .py (e.g. '02_pretrain') as a module."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name.replace('/', '_')}", os.path.join(ROOT, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from _common import load_script  # noqa: E402  (one loader of scripts by path, for tests and benchmarks)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ from common.backbones import UNet
 from common.data import read_meta
 from common.iac import IACSkips, make_theta0, init_from_theta0, zero_output
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import make_mni_dataset  # noqa: E402
+import make_mni_dataset  # noqa: E402  (benchmarks/ is on sys.path: conftest.py)
 
 GENO = {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["dil_conv_3x3", 0, 3], ["max_pool_3x3", 2, 3],
                   ["avg_pool_3x3", 1, 4], ["sep_conv_5x5", 3, 4], ["dil_conv_5x5", 2, 5], ["skip_connect", 4, 5]]}
