@@ -31,7 +31,7 @@ $(VENV)/.installed-grid: $(VENV)/.installed requirements-grid.txt
 demo: $(VENV)/.installed
 	PYTHON=$(PYTHON) DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh
 
-# the same chain on real MRI: warped MNI152 subjects (benchmarks/make_mni_dataset.py), ~25 min on 2 cores
+# the same chain on real MRI: warped MNI152 subjects (benchmarks/make_mni_dataset.py), an estimated 20-25 min on 2 cores
 demo-mri: $(VENV)/.installed
 	PYTHON=$(PYTHON) DEMO_DIR=$(DEMO_DIR) bash scripts/demo_mri.sh
 
@@ -61,7 +61,7 @@ bench-lth: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_lth_invariance.py
 	$(PYTHON) benchmarks/bench_lth_quality.py
 
-# do the cells help? ref / att / nested / IAC / IAC-LTH and the controls on real MRI over 3 seeds (~1 h on 2 cores)
+# do the cells help? ref / att / nested / IAC / IAC-LTH and the controls on real MRI over 3 seeds (over an hour on 2 cores)
 bench-method: $(VENV)/.installed
 	cd benchmarks && ../$(PYTHON) bench_method.py --jobs 3 --threads 1 --epochs_i 30 --epochs_iii 30 --cap 24 \
 		--warmup 4 --residual --record
