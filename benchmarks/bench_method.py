@@ -15,7 +15,8 @@ same flags but the seed:
              own search's θ0) and iac_lth_fresh (LTH genotype, fresh); with --residual also both cells
              with --cell_output residual (the output conv starts at zero, the cell at the identity skip);
              with --late_stop also the LTH search with a later stop (--tau0_rel of --late_kappa) and its cell,
-             with --fast_gamma G an LTH search with --gamma G (the demo's 1.5 suits a short cap) and its cell.
+             with --fast_gamma G an LTH search with --gamma G (the demo's 1.5 suits a short cap) and its cell,
+             with --lth_batches B.. LTH searches (γ G when given) at batch B (other steps per epoch) and their cells.
 Then one 05_evaluate.py over all seeds (case Dice averaged over the seeds, Wilcoxon over the test
 subjects), whose tables are the result. The schedule is the paper's scaled down the same way for both
 searches (cap, warm-up and stage-I/III epochs are flags, recorded in the table's header).
@@ -53,6 +54,9 @@ def get_args(argv=None):
     p.add_argument("--late_kappa", type=float, default=0.02, help="--tau0_rel of the later-stopping LTH search")
     p.add_argument("--fast_gamma", type=float, default=None,
                    help="also an LTH search with this --gamma (the demo's 1.5 for a short cap) and its cell (θ0)")
+    p.add_argument("--lth_batches", type=int, nargs="*", default=[],
+                   help="also LTH searches at these batch sizes (other steps per epoch; --gamma --fast_gamma when "
+                        "given) and their cells (θ0): does the stop epoch, and the cell, depend on the steps?")
     p.add_argument("--record", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--reuse_eval", action="store_true", help="keep OUT/eval when it is finished (only re-record)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)     # one seed's chain
@@ -112,6 +116,11 @@ def seed_chain(a, seed):
     if a.fast_gamma:
         once("search_lth_g", "03_search", [*bb, "--mode", "lth", *search, "--gamma", a.fast_gamma])
         cells["iac_lth_g"] = ("search_lth_g", "theta0")
+    for b in a.lth_batches:
+        gamma = ["--gamma", a.fast_gamma] if a.fast_gamma else []
+        once(f"search_lth_b{b}", "03_search", [*bb, "--mode", "lth", "--epochs", a.cap, "--warmup", a.warmup,
+                                               "--batch_size", b, *gamma])
+        cells[f"iac_lth_b{b}"] = (f"search_lth_b{b}", "theta0")
     runs = {name: (s, init, "replace") for name, (s, init) in cells.items()}
     if a.residual:
         runs.update({"iac_res": ("search_full", "fresh", "residual"), "iac_lth_res": ("search_lth", "theta0", "residual")})
@@ -143,13 +152,15 @@ def evaluate(a):
     names += ["iac_lth_late"] if a.late_stop else []
     names += ["iac_lth_g"] if a.fast_gamma else []
     names += ["iac_res", "iac_lth_res"] if a.residual else []
+    names += [f"iac_lth_b{b}" for b in a.lth_batches]
     runs = [x for s in a.seeds for n in names for x in ("--run", f"{n}={a.out}/seed{s}/{n}")]
-    modes = ("full", "lth") + (("lth_g",) if a.fast_gamma else ())
+    modes = search_modes(a)
     searches = [x for s in a.seeds for m in modes for x in ("--search", f"{m}={a.out}/seed{s}/search_{m}")]
     compare = ["iac:iac_lth", "ref_long:iac", "ref_long:iac_lth", "iac:iac_theta0", "iac_lth:iac_lth_fresh",
                "iac_theta0:iac_lth"] + (["iac_lth:iac_lth_late"] if a.late_stop else []) + \
               (["iac:iac_res", "iac_lth:iac_lth_res", "ref_long:iac_res"] if a.residual else []) + \
-              (["iac:iac_lth_g", "ref_long:iac_lth_g"] if a.fast_gamma else [])
+              (["iac:iac_lth_g", "ref_long:iac_lth_g"] if a.fast_gamma else []) + \
+              [f"{'iac_lth_g' if a.fast_gamma else 'iac_lth'}:iac_lth_b{b}" for b in a.lth_batches]
     if a.reuse_eval and os.path.isfile(f"{a.out}/eval/done.json"):
         return f"{a.out}/eval"
     stage("05_evaluate", [*data_flags(a), *runs, *searches, "--reference", "ref",
@@ -158,10 +169,15 @@ def evaluate(a):
     return f"{a.out}/eval"
 
 
+def search_modes(a):
+    return (("full", "lth") + (("lth_late",) if a.late_stop else ()) + (("lth_g",) if a.fast_gamma else ())
+            + tuple(f"lth_b{b}" for b in a.lth_batches))
+
+
 def search_rows(a):
     rows = []
     for s in a.seeds:
-        for m in ("full", "lth") + (("lth_late",) if a.late_stop else ()) + (("lth_g",) if a.fast_gamma else ()):
+        for m in search_modes(a):
             g = json.load(open(f"{a.out}/seed{s}/search_{m}/genotype.json"))["search"]
             rows.append({"seed": s, "search": m, "epochs": g["epochs_run"], "seconds": round(g["seconds"], 1),
                          "tau0": g.get("lth", {}).get("tau0")})
