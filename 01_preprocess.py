@@ -15,6 +15,8 @@ Both writes go to a temporary name and are renamed at the end, so an interrupted
 failed run leaves nothing half-written. Bad input stops with a message naming the case.
 """
 import argparse
+import contextlib
+import glob
 import os
 from concurrent.futures import ProcessPoolExecutor
 
@@ -24,8 +26,8 @@ from tqdm import tqdm
 from common.data import COMPRESSIONS, check_partition, ct_statistics, foreground_sample_job, process_case_job, write_slices
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, list_cases
-from common.runs import mark_done, mark_unfinished
-from common.utils import InputError, atomic_write_json, cli, read_json, run_metadata
+from common.runs import cli, install_stop_signals, mark_done, mark_unfinished
+from common.utils import InputError, atomic_write_json, read_json, run_metadata
 
 STRIDE = 32                                  # the U-Nets' total down-sampling: crops must be multiples of it
 
@@ -47,7 +49,7 @@ def get_args(argv=None):
     p.add_argument("--split_file", default=None,
                    help="JSON with lists train / val / test of patient ids (every patient once); overrides --split")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))), help="parallel volumes")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))), help="parallel volumes (0: in this process)")
     p.add_argument("--compression", choices=COMPRESSIONS, default="none",
                    help="HDF5 compression of the slices (lzf: fast; gzip: smallest); none reads fastest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing slices.h5 / splits.json")
@@ -129,6 +131,31 @@ def crop_report(args, case_ids, tables, warn_above=0.005):
                        "per_case": {cid: {"foreground_voxels": n, "lost": lo} for cid, (lo, n) in lost.items()}})
 
 
+class InProcess:
+    """--workers 0: the volumes one after another in this process (ProcessPoolExecutor's map, without a pool)."""
+    map = staticmethod(map)
+
+
+def remove_stale_tmp(out_h5):
+    """A killed 01 leaves slices.h5.tmpPID behind (hundreds of GB for BraTS): remove those whose writer is gone."""
+    for tmp in glob.glob(glob.escape(out_h5) + ".tmp*"):
+        pid = tmp.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue
+        print(f"removing {tmp}, left by an earlier run that did not finish")
+        os.remove(tmp)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(args):
     if args.make_phantom:
         write_phantom(args.make_phantom, args.layout, args.patients, seed=args.seed, size=args.phantom_size)
@@ -145,6 +172,8 @@ def main(args):
         raise InputError(f"{args.out} already holds slices.h5/splits.json; pass --overwrite to replace")
     os.makedirs(args.out, exist_ok=True)
     mark_unfinished(args.out)
+    install_stop_signals(immediate=True)         # no checkpoints: a stop leaves at once, exit 75
+    remove_stale_tmp(out_h5)
 
     info = list_cases(args.dataset, args.raw, args.modality)
     pids = [c.patient_id for c in info.cases]
@@ -157,7 +186,9 @@ def main(args):
           + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " patients")
     train_p = set(parts["train"])
     ct_stats = None
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: give 0 (in this process) or more")
+    with ProcessPoolExecutor(max_workers=args.workers) if args.workers else contextlib.nullcontext(InProcess()) as pool:
         ct_train = [c for c in info.cases if c.modality == "ct" and c.patient_id in train_p]
         if ct_train:  # CT statistics come from training patients only (SPEC §6)
             jobs = [(c, info, args.seed + i) for i, c in enumerate(ct_train)]

@@ -14,7 +14,6 @@ RUN/done.json is written last, once the run is finished (common/runs.py).
 """
 import argparse
 import math
-import os
 
 import torch
 
@@ -23,9 +22,9 @@ from common.checkpoints import resume_training
 from common.data import SliceDataset
 from common.engine import add_fit_flags, fit, setup_run
 from common.losses import SegLoss
+from common.runs import cli, mark_done, write_args
 from common.skips import SKIP_TYPES
-from common.runs import mark_done
-from common.utils import add_run_flags, atomic_write_json, cli, run_metadata
+from common.utils import add_run_flags
 
 
 def get_args(argv=None):
@@ -64,7 +63,7 @@ def main(args):
     if args.resume:
         start_epoch, best = resume_training(last, "pretrain", model, optimizer, device)
         print(f"resuming from epoch {start_epoch} (best Dice {best[0]:.4f} at epoch {best[1]})")
-    atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
+    write_args(args)
 
     train_set = SliceDataset(args.data, splits["train"], meta=meta)
     print(f"{args.encoder} U-Net, {args.skip} skips, {sum(p.numel() for p in model.parameters()):,} parameters, "

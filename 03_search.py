@@ -33,12 +33,12 @@ from common.data import SliceDataset
 from common.engine import EpochTimer, check_finite, make_loader, setup_run, stop_early, to_device
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
-from common.runs import add_unfinished_flag, check_stop, mark_done, require_done
+from common.lth import all_edges_single
+from common.runs import add_unfinished_flag, check_stop, cli, mark_done, require_done, write_args
 from common.search import (add_search_flags, arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch,
                            expected_stop, keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
-from common.utils import (JsonlLog, add_run_flags, atomic_write_json, autocast, cli, epoch_generator, peak_gpu_mib,
-                          read_jsonl, run_metadata)
+from common.utils import JsonlLog, add_run_flags, autocast, epoch_generator, peak_gpu_mib, read_jsonl
 
 
 def get_args(argv=None):
@@ -79,7 +79,7 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
 
     bar = tqdm(loaders["train"], desc=f"search {epoch + 1}", leave=False, unit="batch", disable=None)
     for step, batch in enumerate(bar):
-        check_stop()                                           # SIGUSR1 / SIGTERM: leave before this step
+        check_stop()                                           # a stop signal (common/runs.py): leave before this step
         value, val = search_step(args.mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_batch)
         check_finite(value, epoch, step)
         b = len(batch[0])
@@ -115,7 +115,7 @@ def main(args):
         print(f"resuming at epoch {start_epoch + 1}; {int(skips.op_mask.sum())} ops active")
     else:
         save_theta0(os.path.join(args.out, "theta0.pt"), theta0, geometry, bb["config"])
-    atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
+    write_args(args)
     resume_epoch = start_epoch - 1 if args.resume else None
     log = JsonlLog(os.path.join(args.out, "log.jsonl"), resume_epoch)
     traj = JsonlLog(os.path.join(args.out, "trajectory.jsonl"), resume_epoch)
@@ -130,8 +130,12 @@ def main(args):
     timer = EpochTimer(args.epochs, start_epoch)
     print(f"{args.mode} search on a frozen {bb['config']['encoder']} U-Net, {len(sets['train'])} slices/epoch, "
           f"{sum(p.numel() for p in skips.weight_parameters()):,} cell weights, device {device}")
-    epoch, stopped = start_epoch - 1, False
-    for epoch in range(start_epoch, args.epochs):
+    # an LTH search killed after its stop epoch, before genotype.json: the checkpoint of that epoch already has
+    # one op per edge; derive the genotype from it, without another epoch of β that could change the top-2 edges
+    epoch, stopped = start_epoch - 1, bool(args.resume and args.mode == "lth" and all_edges_single(skips.op_mask))
+    if stopped:
+        print(f"the search had stopped at epoch {start_epoch} (one op per edge); deriving its genotype")
+    for epoch in range(start_epoch, args.epochs if not stopped else start_epoch):
         t0 = time.time()
         lr = cosine_power_lr(epoch, args.epochs, args.lr_w, args.lr_w_min, args.lr_power)
         for g in w_opt.param_groups:

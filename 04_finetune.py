@@ -24,14 +24,14 @@ import os
 
 import torch
 
-from common.checkpoints import cell_config, load_frozen_backbone, load_theta0_into, resume_training
+from common.checkpoints import cell_config, load_frozen_backbone, load_genotype, load_theta0_into, resume_training
 from common.data import SliceDataset
 from common.engine import add_fit_flags, fit, setup_run
-from common.iac import CELL_OUTPUTS, IACSkips, read_genotype, zero_output
+from common.iac import CELL_OUTPUTS, IACSkips, zero_output
 from common.losses import SegLoss
 from common.skips import build_skips
-from common.runs import add_unfinished_flag, mark_done, require_done
-from common.utils import InputError, add_run_flags, atomic_write_json, cli, require_file, run_metadata
+from common.runs import add_unfinished_flag, cli, mark_done, require_done, write_args
+from common.utils import InputError, add_run_flags, require_file
 
 
 def get_args(argv=None):
@@ -66,7 +66,7 @@ def build_model(args, meta):
         return model
     if not args.genotype:
         raise InputError("--genotype is required with --skip iac")
-    genotype = read_genotype(require_file(args.genotype, "--genotype", "the genotype.json of 03_search.py"))
+    genotype = load_genotype(require_file(args.genotype, "--genotype", "the genotype.json of 03_search.py"))
     geometry = genotype.get("search", {}).get("geometry", {})
     if geometry and (geometry["skip_channels"] != model.skip_channels or geometry["up_channels"] != model.up_channels):
         raise InputError(f"{args.genotype} was searched on another backbone (skip channels "
@@ -102,7 +102,7 @@ def main(args):
     if args.resume:
         start_epoch, best = resume_training(last, "finetune", model, optimizer, device)
         print(f"resuming from epoch {start_epoch} (best Dice {best[0]:.4f} at epoch {best[1]})")
-    atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
+    write_args(args)
 
     train_set = SliceDataset(args.data, splits["train"], meta=meta)
     print(f"frozen {model.config['encoder']} U-Net, training {args.skip} skips ({args.init or 'fresh'} init, "

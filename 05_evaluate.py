@@ -34,14 +34,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, backbone_mean, cosine_matrix, fisher_combined,
                              first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix, importance_tensor,
                              paired_comparison, topk_masks)
-from common.checkpoints import check_same_data, load_checkpoint, model_from_checkpoint
+from common.checkpoints import check_same_data, load_checkpoint, load_genotype, model_from_checkpoint
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
 from common.engine import predict_stack
-from common.iac import read_genotype
 from common.metrics import case_metrics
 from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
-from common.runs import add_unfinished_flag, mark_done, mark_unfinished, require_done
-from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_write_json, cli, pick_device, read_jsonl,
+from common.runs import (add_unfinished_flag, cli, install_stop_signals, mark_done, mark_unfinished,
+                         require_done)
+from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_write_json, pick_device, read_jsonl,
                           require_file, run_metadata)
 
 
@@ -239,7 +239,7 @@ def search_tables(searches, out_dir):
         gpath, tpath = os.path.join(d, "genotype.json"), os.path.join(d, "trajectory.jsonl")
         if not os.path.isfile(gpath):
             raise InputError(f"--search {name}={d}: no genotype.json there (is the search finished?)")
-        g = read_genotype(gpath)
+        g = load_genotype(gpath)
         if not os.path.isfile(tpath):
             raise InputError(f"search {name}: {gpath} has no trajectory.jsonl beside it")
         traj = read_jsonl(tpath)
@@ -379,6 +379,7 @@ def main(args):
     device = pick_device(args.device) if args.run else None
     os.makedirs(args.out, exist_ok=True)
     mark_unfinished(args.out)
+    install_stop_signals(immediate=True)         # no checkpoints: a stop leaves at once, exit 75
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     frames, preds, names, costs = [], {}, [], []
     if args.run:

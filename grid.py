@@ -2,7 +2,7 @@
 
     python grid.py plan   CONFIG.json                       # the jobs (ROOT/grid/manifest.jsonl) and their counts
     python grid.py run    CONFIG.json [--backend local|slurm] [--gpus 0,1,2,3]
-    python grid.py status CONFIG.json                       # done / running / failed / waiting per stage
+    python grid.py status CONFIG.json                       # done / running / submitted / failed / blocked ...
     python grid.py report CONFIG.json                       # tables and figures from the scored rows, no model
 
 Jobs per data set: 01 (once); per backbone and seed: 02 ref and each baseline skip, 03 full and lth, 04 IAC
@@ -11,8 +11,9 @@ per-patient rows into RUN/score). `report` builds each data set's tables from th
 
 Every stage command carries `--resume auto`, so one command line is right on a first start and on every
 requeue; a job whose run folder has done.json is skipped, a requeued one continues from its last epoch.
-State lives in the run folders alone (done.json, and grid_job.json written by the runner), so `status` and a
-re-run of `run` need nothing else. The config (JSON; see configs/grid_example.json):
+State lives in the run folders alone (done.json; grid_job.json written by the runner; grid_submit.json with the
+SLURM job that `run --backend slurm` submitted, checked against squeue / sacct), so `status` and a re-run of
+`run` need nothing else. The config (JSON; see configs/grid_example.json):
 
     root        the folder every run goes under (ROOT/DATASET/BACKBONE/seedS/RUN)
     datasets    {name: {"raw": folder, "flags": [01_preprocess.py flags, e.g. "--dataset", "acdc"]}}
@@ -20,8 +21,10 @@ re-run of `run` need nothing else. The config (JSON; see configs/grid_example.js
     seeds       training seeds;  baselines: skip types besides ref (att, nested, resatt);  modes: full, lth
     flags       extra flags per stage: {"all" (02-04), "preprocess", "pretrain", "search", "finetune", "score",
                 "report"}: [..]
-    slurm       partition, gres / gpus_per_node, time_min, mem_gb, cpus_per_task, account, array_parallelism,
-                max_requeues (flags of `run --backend slurm` override them)
+    slurm       partition, gres / gpus_per_node (0: no GPU), time_min, mem_gb, cpus_per_task, account,
+                signal_delay_s (SLURM's warning before the time limit), max_requeues (flags of `run --backend
+                slurm` override them); one SLURM job per grid job (SLURM's own limits throttle them;
+                array_parallelism applies to submitit's local executor only)
 """
 import argparse
 import collections
@@ -30,10 +33,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
-from common.runs import REQUEUE_EXIT, is_done
-from common.utils import InputError, atomic_write_json, cli, read_json
+from common.runs import REQUEUE_EXIT, block_stop_signals, cli, is_done
+from common.utils import InputError, atomic_write_json, read_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("preprocess", "pretrain", "baseline", "search", "finetune", "score")
@@ -44,6 +48,7 @@ FLAG_KEYS = {"preprocess": "preprocess", "pretrain": "pretrain", "baseline": "pr
 SLURM_FLAGS = {"partition": str, "gres": str, "time_min": int, "mem_gb": int, "cpus_per_task": int, "account": str,
                "array_parallelism": int}
 STATE = "grid_job.json"                              # written by the runner into each job's folder
+SUBMIT = "grid_submit.json"                          # written by `run --backend slurm`: the SLURM job it submitted
 Job = collections.namedtuple("Job", "id stage dataset backbone seed out command deps")
 
 
@@ -127,16 +132,103 @@ def write_manifest(c, jobs):
 
 
 # --------------------------------------------------------------------------- state, from the run folders
-def job_state(j):
-    """done (done.json), else what the runner last wrote in grid_job.json (running / failed / requeued), else
-    waiting."""
-    if is_done(j.out):
-        return "done"
+STATES = ("done", "running", "submitted", "requeued", "stopped", "failed", "blocked", "waiting")
+ALIVE = ("submitted", "running", "requeued")          # states in which a recorded SLURM job may still be queued
+SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING",
+                "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED"}
+
+
+def _read(path):
     try:
-        with open(os.path.join(j.out, STATE)) as f:
-            return json.load(f)["state"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        return "waiting"
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def recorded(j):
+    """What the runner last wrote in RUN/grid_job.json ({} when nothing), or "submitted" with the SLURM job from
+    RUN/grid_submit.json while the runner has not yet started that SLURM job. (Two files, one writer each: a
+    job that starts at once cannot have its "running" overwritten by the submitter's "submitted".)"""
+    rec, sub = _read(os.path.join(j.out, STATE)), _read(os.path.join(j.out, SUBMIT))
+    if sub.get("slurm_job") and str(rec.get("slurm_job")) != str(sub["slurm_job"]):
+        return {"state": "submitted", **sub}
+    return rec
+
+
+def slurm_states(ids):
+    """{SLURM job id: (STATE, reason)} for the jobs the scheduler still knows (squeue keeps finished jobs for
+    MinJobAge; sacct, where accounting runs, for longer); None where there is no SLURM to ask."""
+    ids = sorted({str(i) for i in ids if i})
+    if not ids:
+        return {}
+    out = {}
+    try:
+        r = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode:
+        return None
+    for ln in r.stdout.splitlines():
+        parts = ln.strip().split("|")
+        if len(parts) == 3 and parts[0] in ids:
+            out[parts[0]] = (parts[1], parts[2])
+    unknown = [i for i in ids if i not in out]
+    if unknown:
+        try:
+            r = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(unknown)],
+                               capture_output=True, text=True, timeout=60)
+            for ln in r.stdout.splitlines() if r.returncode == 0 else []:
+                parts = ln.strip().split("|")
+                if len(parts) >= 2 and parts[0] in unknown:
+                    out[parts[0]] = (parts[1].split()[0], "sacct")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out
+
+
+def job_states(jobs, live=None):
+    """{job id: (state, why)} for every job. done: done.json. Otherwise what grid_job.json says, checked against
+    SLURM where `live` (slurm_states) is given: a recorded job the scheduler still holds is submitted / running /
+    requeued, one it ended without done.json failed, one it cancelled for a failed dependency is blocked, one it
+    no longer knows is waiting (lost: run it again). Then every job that needs a failed, stopped or blocked job is
+    blocked, with the job it waits for."""
+    out = {}
+    for j in jobs:
+        if is_done(j.out):
+            out[j.id] = ("done", "")
+            continue
+        rec = recorded(j)
+        state, why = rec.get("state", "waiting"), ""
+        if state == "failed":
+            why = f"exit {rec.get('exit_code')}; log {os.path.join(j.out, 'grid.log')}"
+        elif state == "stopped":
+            why = f"exit 0 without {'done.json'} (--stop_after?); run the grid again to continue it"
+        if live is not None and state in ALIVE and rec.get("slurm_job"):
+            slurm, reason = live.get(str(rec["slurm_job"]), (None, ""))
+            if slurm is None:
+                state, why = "waiting", f"SLURM job {rec['slurm_job']} is gone (lost); `run` submits it again"
+            elif slurm == "RUNNING":
+                state, why = "running", f"SLURM job {rec['slurm_job']}"
+            elif slurm in SLURM_ACTIVE:
+                state = "requeued" if state == "requeued" or slurm.startswith("REQUEUE") else "submitted"
+                why = f"SLURM job {rec['slurm_job']} {slurm} ({reason})"
+            elif slurm == "CANCELLED" and "Dependency" in reason:
+                state, why = "blocked", f"SLURM job {rec['slurm_job']} cancelled: {reason}"
+            else:
+                state, why = "failed", f"SLURM job {rec['slurm_job']} ended {slurm}; log {os.path.join(j.out, 'grid.log')}"
+        out[j.id] = (state, why)
+    for j in jobs:                                    # plan order: dependencies come first
+        if out[j.id][0] in ("done", "running", "failed", "stopped"):
+            continue
+        bad = [d for d in j.deps if d in out and out[d][0] in ("failed", "stopped", "blocked")]
+        if bad:
+            out[j.id] = ("blocked", f"needs {bad[0]} ({out[bad[0]][0]})")
+    return out
+
+
+def job_state(j):
+    return job_states([j])[j.id][0]
 
 
 def set_state(j, state, **info):
@@ -145,67 +237,120 @@ def set_state(j, state, **info):
                                                    "time": time.strftime("%Y-%m-%d %H:%M:%S"), **info})
 
 
-def counts(jobs):
+def finished_state(j, rc):
+    """A stage's exit code -> done (0 and done.json), stopped (0 without it), requeued (75) or failed."""
+    return ("done" if is_done(j.out) else "stopped") if rc == 0 else "requeued" if rc == REQUEUE_EXIT else "failed"
+
+
+def counts(jobs, states):
     table = collections.OrderedDict((s, collections.Counter()) for s in STAGES)
     for j in jobs:
-        table[j.stage][job_state(j)] += 1
+        table[j.stage][states[j.id][0]] += 1
     return table
 
 
 def print_counts(table, title):
-    states = ("done", "running", "requeued", "failed", "waiting")
     print(title)
-    print(f"  {'stage':<11}" + "".join(f"{s:>10}" for s in (*states, "total")))
+    print(f"  {'stage':<11}" + "".join(f"{s:>10}" for s in (*STATES, "total")))
     for stage, n in table.items():
         if sum(n.values()):
-            print(f"  {stage:<11}" + "".join(f"{n.get(s, 0):>10}" for s in states) + f"{sum(n.values()):>10}")
+            print(f"  {stage:<11}" + "".join(f"{n.get(s, 0):>10}" for s in STATES) + f"{sum(n.values()):>10}")
 
 
 # --------------------------------------------------------------------------- starting a job
 def start_stage(j, env=None, **info):
     """Mark the job running and start its stage command, output appended to RUN/grid.log; returns the process."""
     os.makedirs(j.out, exist_ok=True)
+    if not info.get("slurm_job") and os.path.exists(os.path.join(j.out, SUBMIT)):
+        os.remove(os.path.join(j.out, SUBMIT))       # run here, not by the SLURM job it once recorded
     set_state(j, "running", **info)
     with open(os.path.join(j.out, "grid.log"), "a") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(j.command)}\n")
         log.flush()
-        return subprocess.Popen(j.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        return subprocess.Popen(j.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                preexec_fn=block_stop_signals)     # until the stage can stop cleanly
+
+
+def log_line(j, text):
+    """A line of the runner's own in RUN/grid.log (the stage's output goes there too)."""
+    with open(os.path.join(j.out, "grid.log"), "a") as log:
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
 
 # --------------------------------------------------------------------------- one job on SLURM
 class StageJob:
-    """A grid job as submitit runs it on a SLURM node. On a time-limit or preemption signal submitit calls
-    checkpoint(): the stage is told to stop (SIGUSR1: it keeps its last epoch's checkpoint), and the same job is
-    requeued; its `--resume auto` continues where it stopped."""
+    """A grid job as submitit runs it on a SLURM node.
 
-    def __init__(self, job):
+    Stopping: SLURM sends submitit's warning signal (USR2, `--signal=USR2@signal_delay_s`) to every process of
+    the job step, the stage included, and every stage stops on it by itself (common/runs.py: USR1, USR2, TERM
+    and $SUBMITIT_PREEMPT_SIGNAL all end it at the next step with exit 75), so a stage stops cleanly whoever
+    signals it: this runner, SLURM, `scancel --signal`, a preemption's TERM. submitit's handler then calls
+    checkpoint(): the stage is told once more (SIGUSR1) and its exit awaited, and the same job is requeued;
+    its `--resume auto` continues where it stopped.
+
+    The exit is awaited on an Event that a reaper thread sets, never by Popen.wait() from inside the signal
+    handler: the interrupted main thread may hold Popen's wait lock, and a nested wait(timeout) then times
+    out although the stage has long exited (the full minute, on every requeue, was what made SLURM mark
+    requeued tasks TIMEOUT)."""
+
+    def __init__(self, job, stop_wait_s=60):
         self.job = Job(*job)
-        self.process = None
+        self.stop_wait_s = stop_wait_s
+        self.process, self.exited = None, None
+
+    def __getstate__(self):                            # pickled by submitit: the job, never a live process
+        return {"job": tuple(self.job), "stop_wait_s": self.stop_wait_s}
+
+    def __setstate__(self, state):
+        self.__init__(state["job"], state["stop_wait_s"])
+
+    def _reap(self):
+        self.process.wait()
+        self.exited.set()
 
     def __call__(self):
         j = self.job
         if is_done(j.out):
             return 0
-        self.process = start_stage(j, slurm_job=os.environ.get("SLURM_JOB_ID"))
-        rc = self.process.wait()
-        if rc == REQUEUE_EXIT:
-            set_state(j, "requeued", exit_code=rc)
+        self.exited = threading.Event()
+        self.process = start_stage(j, slurm_job=os.environ.get("SLURM_JOB_ID"),
+                                   restarts=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
+        threading.Thread(target=self._reap, daemon=True).start()
+        while not self.exited.wait(0.5):               # signal handlers (checkpoint) run between the waits
+            pass
+        rc = self.process.returncode
+        state = finished_state(j, rc)
+        log_line(j, f"exit {rc} ({state})")
+        if state != "done":
+            set_state(j, state, exit_code=rc, slurm_job=os.environ.get("SLURM_JOB_ID"))
+        if state == "requeued":
             raise RuntimeError(f"{j.id} was stopped (exit {rc}); requeue it or re-run grid.py run")
-        if rc:
-            set_state(j, "failed", exit_code=rc)
+        if state == "stopped":
+            raise RuntimeError(f"{j.id} exited 0 without done.json (stopped early); re-run grid.py run to continue")
+        if state == "failed":
             raise RuntimeError(f"{j.id} failed (exit {rc}); see {os.path.join(j.out, 'grid.log')}")
         return 0
 
     def checkpoint(self, *args, **kwargs):
         import submitit
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGUSR1)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        set_state(self.job, "requeued")
-        return submitit.helpers.DelayedSubmission(StageJob(self.job), *args, **kwargs)
+        t0, rc = time.time(), None
+        if self.process is not None:
+            if not self.exited.is_set():
+                try:
+                    self.process.send_signal(signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+                if not self.exited.wait(self.stop_wait_s):
+                    print(f"{self.job.id}: the stage did not stop within {self.stop_wait_s} s; killing it",
+                          file=sys.stderr, flush=True)
+                    self.process.kill()
+                    self.exited.wait(10)
+            rc = self.process.returncode
+        log_line(self.job, f"exit {rc} (requeued): checkpoint: the stage stopped {time.time() - t0:.1f} s after the "
+                           "signal; requeueing")
+        set_state(self.job, "requeued", exit_code=rc, slurm_job=os.environ.get("SLURM_JOB_ID"),
+                  stop_seconds=round(time.time() - t0, 2))
+        return submitit.helpers.DelayedSubmission(StageJob(self.job, self.stop_wait_s), *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- backends
@@ -221,27 +366,34 @@ def gpu_slots(gpus):
     return [str(i) for i in range(torch.cuda.device_count())] or [None]
 
 
-def run_local(jobs, gpus=None, max_requeues=3):
-    """Jobs in dependency order, one per GPU slot at a time; a job stopped with REQUEUE_EXIT runs again
-    (its --resume auto continues), a failed one leaves its dependants waiting."""
+def run_local(jobs, selected, gpus=None, max_requeues=3):
+    """The selected jobs in dependency order, one per GPU slot at a time; a job stopped with REQUEUE_EXIT runs
+    again (its --resume auto continues), a failed or stopped one blocks its dependants. Dependencies outside
+    the selection count when they are done."""
     slots = gpu_slots(gpus)
-    done = {j.id for j in jobs if job_state(j) == "done"}
-    pending = [j for j in jobs if j.id not in done]
+    states = job_states(jobs)
+    done = {j.id for j in jobs if states[j.id][0] == "done"}
+    pending = [j for j in selected if j.id not in done]
     failed, requeues, running = set(), collections.Counter(), {}
-    print(f"local backend: {len(pending)} jobs to run ({len(jobs) - len(pending)} done), "
+    selected_ids = {j.id for j in pending}
+    outside = sorted({d for j in pending for d in j.deps if d not in done and d not in selected_ids})
+    print(f"local backend: {len(pending)} jobs to run ({len(selected) - len(pending)} done), "
           f"{len(slots)} slot(s): {', '.join(s or 'default device' for s in slots)}")
+    if outside:
+        print(f"  not done and not selected (their dependants cannot run): {', '.join(outside)}")
     while pending or running:
         for slot, (j, p) in list(running.items()):
             rc = p.poll()
             if rc is None:
                 continue
             del running[slot]
-            state = "done" if rc == 0 else "requeued" if rc == REQUEUE_EXIT else "failed"
+            state = finished_state(j, rc)
             set_state(j, state, exit_code=rc)
+            log_line(j, f"exit {rc} ({state})")
             print(f"[{state}] {j.id} (exit {rc})", flush=True)
-            if rc == 0:
+            if state == "done":
                 done.add(j.id)
-            elif rc == REQUEUE_EXIT and requeues[j.id] < max_requeues:
+            elif state == "requeued" and requeues[j.id] < max_requeues:
                 requeues[j.id] += 1
                 pending.insert(0, j)
             else:
@@ -257,10 +409,11 @@ def run_local(jobs, gpus=None, max_requeues=3):
             running[slot] = (ready, start_stage(ready, env, slot=slot))
             print(f"[start] {ready.id}" + (f" on GPU {slot}" if slot is not None else ""), flush=True)
         if not running and pending:                              # nothing ready: what is left needs a failed job
-            print(f"{len(pending)} jobs cannot run: a job they depend on failed ({', '.join(sorted(failed))})")
+            why = ", ".join(sorted(failed | set(outside))) or "?"
+            print(f"{len(pending)} jobs cannot run: a job they depend on failed, stopped or is not selected ({why})")
             break
         time.sleep(0.2)
-    return not failed
+    return not failed and not pending
 
 
 def slurm_executor(c, a, folder):
@@ -274,7 +427,7 @@ def slurm_executor(c, a, folder):
                       mem_gb=s.get("mem_gb", 64), slurm_signal_delay_s=s.get("signal_delay_s", 180))
         if s.get("gres"):
             params["slurm_gres"] = s["gres"]
-        else:
+        elif s.get("gpus_per_node", 1):                          # 0: a CPU-only cluster (or a test cluster)
             params["gpus_per_node"] = s.get("gpus_per_node", 1)
         if s.get("account"):
             params["slurm_account"] = s["account"]
@@ -283,35 +436,57 @@ def slurm_executor(c, a, folder):
     return ex
 
 
-def run_slurm(c, jobs, a):
-    """One job array per stage (only the jobs not done), each depending (afterok) on the arrays of the stages
-    its jobs need; requeue on time limit / preemption through submitit's checkpointing."""
-    todo = [j for j in jobs if job_state(j) != "done"]
-    folder = os.path.join(c["root"], "grid", "submitit", "%j")
-    ex = slurm_executor(c, a, folder)
-    stage_of = {j.id: j.stage for j in jobs}
-    todo_ids = {j.id for j in todo}
-    arrays, submitted = {}, []
-    for stage in STAGES:
-        group = [j for j in todo if j.stage == stage]
-        if not group:
+def run_slurm(c, jobs, selected, a):
+    """One SLURM job per grid job not done, each depending (afterok) on exactly the SLURM jobs of the grid jobs
+    it needs, with --kill-on-invalid-dep so that the dependants of a failed job are cancelled (status: blocked)
+    instead of pending forever; requeue on time limit / preemption through submitit's checkpointing.
+
+    Safe to re-run: a job whose recorded SLURM job is still queued or running is left alone (and its dependants
+    wait on it), one that failed, was cancelled or vanished is submitted again. Returns the new handles."""
+    live = slurm_states(recorded(j).get("slurm_job") for j in jobs) if a.cluster != "local" else None
+    states = job_states(jobs, live)
+    s = dict(c.get("slurm", {}))
+    ex = slurm_executor(c, a, os.path.join(c["root"], "grid", "submitit", "%j"))
+    stop_wait = max(5, min(120, int(s.get("signal_delay_s", 180)) - 15))   # the requeue must beat the time limit
+    chosen = {j.id for j in selected}
+    slurm_id, handle_of, handles = {}, {}, []
+    for j in jobs:
+        state, why = states[j.id]
+        if state == "done":
             continue
-        needs = {stage_of[d] for j in group for d in j.deps if d in todo_ids}
-        after = [arrays[s] for s in STAGES if s in needs and s in arrays]
+        if live is not None and state in ALIVE:               # still queued / running: leave it alone
+            slurm_id[j.id] = str(recorded(j)["slurm_job"])
+            if j.id in chosen:
+                print(f"[kept] {j.id}: {why}")
+            continue
+        if j.id not in chosen:
+            continue
+        need = [d for d in j.deps if states[d][0] != "done"]
+        missing = [d for d in need if d not in slurm_id and d not in handle_of]
+        if missing:
+            print(f"[skip] {j.id}: needs {', '.join(missing)} (not done and not submitted: outside --only, or "
+                  "it could not be submitted)")
+            continue
+        if a.cluster == "local":                              # no scheduler to hold dependants back
+            if not all(wait_all([handle_of[d]]) for d in need):
+                set_state(j, "blocked", why=f"a dependency failed: {', '.join(need)}")
+                print(f"[blocked] {j.id}: a job it needs failed")
+                continue
+        else:
+            after = [slurm_id[d] for d in need]
+            extra = {"kill-on-invalid-dep": "yes", **({"dependency": "afterok:" + ":".join(after)} if after else {})}
+            ex.update_parameters(slurm_additional_parameters=extra, name=f"iac_{j.stage}")
+        h = ex.submit(StageJob(tuple(j), stop_wait))
+        slurm_id[j.id], handle_of[j.id] = str(h.job_id), h
+        handles.append(h)
         if a.cluster != "local":
-            ex.update_parameters(slurm_additional_parameters={"dependency": "afterok:" + ":".join(after)}
-                                 if after else {}, name=f"iac_{stage}")
-        with ex.batch():
-            handles = [ex.submit(StageJob(tuple(j))) for j in group]
-        arrays[stage] = str(handles[0].job_id).split("_")[0]
-        for j, h in zip(group, handles):
-            set_state(j, "submitted", slurm_job=str(h.job_id))
-        submitted += handles
-        if a.cluster == "local":                                      # no scheduler to hold dependants back
-            wait_all(handles)
-        print(f"{stage}: array {arrays[stage]} of {len(group)} jobs" + (f", after {', '.join(after)}" if after
-                                                                        else ""))
-    return submitted
+            os.makedirs(j.out, exist_ok=True)
+            atomic_write_json(os.path.join(j.out, SUBMIT), {"slurm_job": str(h.job_id), "after": [slurm_id[d] for d in need],
+                                                            "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+        print(f"[submit] {j.id}: job {h.job_id}" + (f", after {', '.join(slurm_id[d] for d in need)}"
+                                                    if need else ""), flush=True)
+    print(f"{len(handles)} jobs submitted")
+    return handles
 
 
 def wait_all(handles):
@@ -367,29 +542,39 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def print_status(c, jobs, selected):
+    live = slurm_states(recorded(j).get("slurm_job") for j in jobs)
+    states = job_states(jobs, live)
+    print_counts(counts(selected, states), f"grid {c['root']}: {len(selected)} jobs"
+                 + ("" if live is None else " (states checked with squeue / sacct)"))
+    for j in selected:
+        state, why = states[j.id]
+        if state in ("failed", "blocked", "stopped", "requeued") or (state == "waiting" and why):
+            print(f"  {state}: {j.id}  ({why})")
+    return states
+
+
 def main(a):
     c = load_config(a.config)
-    jobs = [j for j in plan(c) if not a.only or j.id.startswith(a.only)]
+    jobs = plan(c)
+    selected = [j for j in jobs if not a.only or j.id.startswith(a.only)]
     if a.command == "plan":
         path = write_manifest(c, jobs)
-        print_counts(counts(jobs), f"{len(jobs)} jobs, manifest {path}")
+        print_counts(counts(selected, job_states(selected)), f"{len(selected)} jobs, manifest {path}")
     elif a.command == "status":
-        print_counts(counts(jobs), f"grid {c['root']}: {len(jobs)} jobs")
-        for j in jobs:
-            if job_state(j) == "failed":
-                print(f"  failed: {j.id}  (log: {os.path.join(j.out, 'grid.log')})")
+        print_status(c, jobs, selected)
     elif a.command == "run":
         write_manifest(c, jobs)
         if a.backend == "local":
-            ok = run_local(jobs, a.gpus, a.max_requeues)
-            print_counts(counts(jobs), "grid after this run:")
+            ok = run_local(jobs, selected, a.gpus, a.max_requeues)
+            print_counts(counts(selected, job_states(jobs)), "grid after this run:")
             if not ok:
                 sys.exit(1)
         else:
-            handles = run_slurm(c, jobs, a)
+            handles = run_slurm(c, jobs, selected, a)
             if a.wait or a.cluster == "local":
                 ok = wait_all(handles)
-                print_counts(counts(jobs), "grid after this run:")
+                print_status(c, jobs, selected)
                 if not ok:
                     sys.exit(1)
     elif a.command == "report" and not report(c, jobs, a):

@@ -16,7 +16,7 @@ import os
 import torch
 
 from common.backbones import build_unet
-from common.iac import NODES, IACSkips, init_from_theta0
+from common.iac import NODES, GenotypeError, IACSkips, init_from_theta0, read_genotype
 from common.search import changed_settings
 from common.skips import build_skips
 from common.utils import InputError, require_file
@@ -52,14 +52,21 @@ def load_checkpoint(path, kind, map_location="cpu", flag="checkpoint"):
 # --------------------------------------------------------------------------- stages I and III
 def data_signature(meta):
     """What a trained model must share with the slices.h5 it is used on."""
-    return {"dataset": meta["dataset"], "class_names": meta["class_names"], "crop": meta["crop"]}
+    return {"dataset": meta["dataset"], "class_names": meta["class_names"], "crop": meta["crop"],
+            "spacing": meta.get("spacing")}
 
 
 def check_same_data(ckpt, meta, path):
+    """A checkpoint is used on the data it was trained on: data set, classes, crop and in-plane spacing (the last
+    two only where the checkpoint recorded them: older ones did not keep the spacing)."""
     d = ckpt["data"]
     if d["dataset"] != meta["dataset"] or d["class_names"] != meta["class_names"]:
         raise InputError(f"{path} was trained on {d['dataset']} {d['class_names']}, the data is "
                          f"{meta['dataset']} {meta['class_names']}")
+    for key, flag in (("crop", "--crop"), ("spacing", "--spacing")):
+        if key in d and d[key] != meta.get(key):
+            raise InputError(f"{path} was trained on slices made with {flag} {d[key]}, this slices.h5 has "
+                             f"{meta.get(key)}; use the slices.h5 it was trained on (01_preprocess.py {flag})")
 
 
 def training_checkpoint(kind, model, optimizer, epoch, args, best, meta):
@@ -75,6 +82,15 @@ def resume_training(path, kind, model, optimizer, device):
     if ckpt["config"] != model.config:
         raise InputError(f"{path} holds a {ckpt['config']} model, the flags ask for {model.config}; resume with "
                          "the same flags, or start over with --overwrite")
+    best_path = os.path.join(os.path.dirname(path), "ckpt_best.pt")
+    if ckpt["best_epoch"] >= 0:                          # the best checkpoint the last one names must be there
+        if not os.path.isfile(best_path):
+            raise InputError(f"{path} names epoch {ckpt['best_epoch'] + 1} as the best, but {best_path} is missing; "
+                             "start over with --overwrite")
+        best_epoch = torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]
+        if best_epoch < ckpt["best_epoch"]:
+            raise InputError(f"{best_path} is from epoch {best_epoch + 1}, older than the best epoch "
+                             f"{ckpt['best_epoch'] + 1} that {path} names; start over with --overwrite")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["epoch"] + 1, (ckpt["best_dice"], ckpt["best_epoch"])
@@ -89,6 +105,14 @@ def load_frozen_backbone(path, meta):
     model.load_state_dict(ckpt["model"])
     model.freeze_backbone()
     return model, ckpt
+
+
+def load_genotype(path):
+    """A genotype.json, checked: a bad one (unknown op, bad node index, ...) is an InputError naming the file."""
+    try:
+        return read_genotype(path)
+    except GenotypeError as e:
+        raise InputError(str(e)) from e
 
 
 def cell_config(genotype, cell_channels, cell_output="replace"):
@@ -108,8 +132,12 @@ def model_from_checkpoint(ckpt):
             genotype = cfg["genotype"]
             if isinstance(genotype, list):                       # checkpoints before the dict: edges only
                 genotype = {"edges": genotype, "concat": list(NODES)}
-            model.set_skips(IACSkips(genotype, model.skip_channels, model.up_channels, cfg.get("cell_channels"),
-                                    output=cfg.get("cell_output", "replace")))
+            try:
+                skips = IACSkips(genotype, model.skip_channels, model.up_channels, cfg.get("cell_channels"),
+                                 output=cfg.get("cell_output", "replace"))
+            except GenotypeError as e:
+                raise InputError(f"the checkpoint's cell: {e}") from e
+            model.set_skips(skips)
         else:
             model.set_skips(build_skips(cfg["skip"], model.skip_channels, model.up_channels, None))
     model.load_state_dict(ckpt["model"])

@@ -123,7 +123,9 @@ def process_case(case, info, crop, spacing, ct_stats):
         lab = resample_inplane(lab, work, order=0)
     start = crop_start(work, crop)
     fg_voxels = int((lab > 0).sum())
-    img = crop_or_pad(img, start, crop, fill=float(img.min()))
+    # padding continues the background: 0 for MRI (zscore_nonzero keeps the background at 0; the minimum, far
+    # below it, drew a frame around padded ACDC / BraTS slices), the lowest value for CT (air, after clipping)
+    img = crop_or_pad(img, start, crop, fill=0.0 if case.modality == "mri" else float(img.min()))
     lab = crop_or_pad(lab, start, crop, fill=0)
     fg_lost = fg_voxels - int((lab > 0).sum())                     # foreground the crop leaves outside
     anis = c["spacing"]

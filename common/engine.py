@@ -67,7 +67,7 @@ def train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, e
     total, n = 0.0, 0
     bar = tqdm(loader, desc=f"{desc} {epoch}", leave=False, unit="batch", disable=None)
     for step, (x, y) in enumerate(bar):
-        check_stop()                                         # SIGUSR1 / SIGTERM: leave before this step
+        check_stop()                                         # a stop signal (common/runs.py): leave before this step
         x, y = to_device(x, y, device, channels_last)
         with autocast(device, amp):
             loss = loss_fn(model(x), y)
@@ -150,9 +150,9 @@ def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, c
         if improved:
             best = (val_dice, epoch)
         state = training_checkpoint(kind, model, optimizer, epoch, args, best, meta)
-        save_checkpoint(state, last)
-        if improved:
-            save_checkpoint(state, best_path)
+        if improved:                                     # best before last: a kill between the two leaves a
+            save_checkpoint(state, best_path)            # last that redoes this epoch, never one that names a
+        save_checkpoint(state, last)                     # best epoch whose checkpoint is not on disk
         seconds = time.time() - t0
         log.write({"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "best_dice": best[0],
                    "best_epoch": best[1], "seconds": seconds, "peak_gpu_mib": peak_gpu_mib(device)})

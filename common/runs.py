@@ -5,16 +5,20 @@
                    unless --allow_unfinished
     --resume auto  continue when RUN/ckpt_last.pt is there, start otherwise, do nothing when RUN/done.json
                    is there: the same command line is right on the first start and on every requeue
-    SIGUSR1/SIGTERM  (SLURM's warning before a time limit, preemption, scancel) end the stage at the next
-                   step with exit code REQUEUE_EXIT; the checkpoint of the last finished epoch (written
-                   atomically after every epoch) is where --resume auto continues: at most one epoch is redone
+    SIGUSR1/SIGUSR2/SIGTERM  (SLURM's warning before a time limit: submitit asks for USR2 and SLURM sends it
+                   to every process of the job step, this stage included; preemption, scancel, `scontrol
+                   requeue`: TERM) end the stage at the next step with exit code REQUEUE_EXIT; the checkpoint of
+                   the last finished epoch (written atomically after every epoch) is where --resume auto
+                   continues: at most one epoch is redone. IAC_STOP_SIGNALS=USR1,HUP,... replaces the list
+                   (a scheduler configured with another signal)
 """
 import json
 import os
 import signal
+import sys
 import time
 
-from common.utils import InputError, atomic_write_json
+from common.utils import InputError, NonFiniteLoss, atomic_write_json, run_metadata
 
 DONE = "done.json"
 REQUEUE_EXIT = 75                       # EX_TEMPFAIL: "try again"; grid.py and its SLURM jobs requeue on it
@@ -28,24 +32,78 @@ class Preempted(Exception):
     """A stop signal arrived; the stage leaves with REQUEUE_EXIT."""
 
 
+STOP_SIGNALS = ("USR1", "USR2", "TERM")
 _signal = {"name": None}
 
 
 def _on_signal(signum, _frame):
-    _signal["name"] = signal.Signals(signum).name
+    _signal["name"] = _signal["name"] or signal.Signals(signum).name          # the first one says who stopped it
 
 
-def install_stop_signals():
-    """SIGUSR1 and SIGTERM only set a flag; check_stop() raises at the next step boundary, so no checkpoint
-    or log line is ever cut in half."""
+def stop_signals(env=None):
+    """The signals that stop a stage: USR1, USR2, TERM and submitit's $SUBMITIT_PREEMPT_SIGNAL, or the list in
+    $IAC_STOP_SIGNALS (names, SIG optional)."""
+    env = env if env is not None else os.environ
+    names = env.get("IAC_STOP_SIGNALS") or ",".join((*STOP_SIGNALS, env.get("SUBMITIT_PREEMPT_SIGNAL", "")))
+    out = []
+    for name in filter(None, (n.strip().upper() for n in names.split(","))):
+        try:
+            sig = signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+            if sig not in out:
+                out.append(sig)
+        except KeyError:
+            raise InputError(f"IAC_STOP_SIGNALS={names}: {name} is not a signal name (e.g. USR1,USR2,TERM)") from None
+    return out
+
+
+def _stop_now(signum, _frame):
+    print(f"stopped by {signal.Signals(signum).name}: nothing of this stage is kept (its outputs are written "
+          f"atomically); the same command runs it again (exit code {REQUEUE_EXIT}: requeue)", file=sys.stderr,
+          flush=True)
+    os._exit(REQUEUE_EXIT)
+
+
+def install_stop_signals(immediate=False):
+    """The stop signals only set a flag; check_stop() raises at the next step boundary, so no checkpoint or log
+    line is cut in half by a stop (a SIGKILL still can: JSONL readers drop a truncated last line). immediate (a
+    stage without checkpoints: 01, 05): leave at once with REQUEUE_EXIT.
+
+    Then the stop signals are unblocked: grid.py starts every stage with them blocked (block_stop_signals), so
+    one that arrives while Python and torch are still importing waits, pending, until here instead of killing
+    the stage (a signal's default action) before it could stop cleanly."""
     _signal["name"] = None
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+    sigs = stop_signals()
+    for sig in sigs:
+        signal.signal(sig, _stop_now if immediate else _on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+
+
+def block_stop_signals():
+    """Popen(preexec_fn=...) of a stage: the stop signals start blocked (the mask survives exec); the stage's
+    install_stop_signals() unblocks them once it can handle them, and one sent meanwhile is delivered then."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
 
 
 def check_stop():
     if _signal["name"]:
         raise Preempted(_signal["name"])
+
+
+def cli(main, get_args, argv=None):
+    """Run a stage's main(get_args(argv)); bad input (InputError: genotype files are checked into it by
+    common/checkpoints.py) or a diverged loss ends it with one line `error: ...` on stderr and exit code 1, not a
+    traceback; a stop signal with REQUEUE_EXIT."""
+    try:
+        main(get_args(argv))
+    except (InputError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except AlreadyDone as e:
+        print(e)
+    except Preempted as e:
+        print(f"stopped by {e}: the last finished epoch is checkpointed; the same command with --resume auto "
+              f"continues from it (exit code {REQUEUE_EXIT}: requeue)", file=sys.stderr)
+        sys.exit(REQUEUE_EXIT)
 
 
 def resolve_resume(args, last):
@@ -97,3 +155,27 @@ def require_done(path, flag, allow_unfinished):
 def read_done(folder):
     with open(os.path.join(folder, DONE)) as f:
         return json.load(f)
+
+
+def write_args(args):
+    """RUN/args.json (common.utils.run_metadata). On a resume, the commits the run was made with are kept in
+    `commits`, and a resume with another commit than the last (a requeued job after a `git pull`, a dirty tree)
+    is said loudly: the run then mixes two versions of the code."""
+    path = os.path.join(args.out, "args.json")
+    meta = run_metadata(args)
+    now = meta["versions"].get("git_commit")
+    old = {}
+    if getattr(args, "resume", False) and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            old = {}
+    commits = old.get("commits") or ([old["versions"].get("git_commit")] if old.get("versions") else [])
+    if commits and commits[-1] != now:
+        print(f"WARNING: {args.out} was started with commit {commits[-1]} and is resumed with {now}: this run "
+              "mixes two versions of the code (args.json lists them under 'commits'); start it over with "
+              "--overwrite for a clean result", file=sys.stderr, flush=True)
+    meta["commits"] = commits + [now] if not commits or commits[-1] != now else commits
+    atomic_write_json(path, meta)
+    return meta

@@ -15,8 +15,6 @@ import time
 import numpy as np
 import torch
 
-from common.iac import GenotypeError
-
 
 class InputError(ValueError):
     """Bad input from the user (a path, a file, a flag, a value): the message names it and says what
@@ -25,23 +23,6 @@ class InputError(ValueError):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite: the stage stops and keeps its last good checkpoints."""
-
-
-def cli(main, get_args, argv=None):
-    """Run a stage's main(get_args(argv)); bad input (InputError, GenotypeError) or a diverged loss ends it
-    with one line `error: ...` on stderr and exit code 1, not a traceback."""
-    from common.runs import REQUEUE_EXIT, AlreadyDone, Preempted      # (common.runs imports this module)
-    try:
-        main(get_args(argv))
-    except (InputError, GenotypeError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except AlreadyDone as e:
-        print(e)
-    except Preempted as e:
-        print(f"stopped by {e}: the last finished epoch is checkpointed; the same command with --resume auto "
-              f"continues from it (exit code {REQUEUE_EXIT}: requeue)", file=sys.stderr)
-        sys.exit(REQUEUE_EXIT)
 
 
 def require_file(path, flag, hint):
@@ -218,8 +199,7 @@ class JsonlLog:
         if resume_epoch is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) <= resume_epoch]
+            keep = [json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("epoch", -1) <= resume_epoch]
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 f.writelines(keep)
@@ -231,8 +211,23 @@ class JsonlLog:
 
 
 def read_jsonl(path):
+    """The records of a JSON-lines file. A last line cut short (a stage killed inside an append) is dropped with a
+    warning: the checkpoint, written atomically, is what a resume trusts. A bad line before the last is an
+    InputError naming the file and line."""
     with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
+        lines = f.read().split("\n")
+    out = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError as e:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise InputError(f"{path}: line {i + 1} is not JSON ({e}); the file is damaged") from e
+            print(f"warning: {path}: its last line is cut short (a stage killed while writing it); dropped",
+                  file=sys.stderr)
+    return out
 
 
 def autocast(device, enabled):

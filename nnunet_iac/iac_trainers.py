@@ -58,6 +58,7 @@ except ImportError as e:
     raise ImportError("the IAC-LTH project is not installed in this environment: run `pip install -e "
                       "/path/to/iac-lth` (the folder above nnunet_iac/) and try again") from e
 from common.iac import IACSearchSkips, IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
+from common.lth import all_edges_single
 from common.search import (arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state,
                            search_step, search_summary, settings_from_env, trajectory_record, weight_optimizer)
 from common.utils import JsonlLog
@@ -251,14 +252,21 @@ def search_settings():
         raise RuntimeError(str(e)) from None
 
 
-def search_halves(keys, seed=12345):
-    """Stage II's train_search / val_search: the fold's training cases in two seeded halves."""
+def search_halves(keys, seed=12345, patients=None):
+    """Stage II's train_search / val_search: the fold's training cases in two seeded halves, by patient (as
+    01_preprocess.py splits), so that two cases of one patient (ACDC's ED and ES frames) never sit in both
+    halves. `patients`: case -> patient (dataset.json's "patients", written by scripts/convert_to_nnunet.py);
+    without it a case is its own patient."""
+    patients = patients or {}
     keys = sorted(keys)
-    if len(keys) < 2:
-        raise RuntimeError(f"a full (bilevel) search needs at least 2 training cases in the fold, found {len(keys)}")
-    perm = np.random.RandomState(seed).permutation(len(keys))
-    half = len(keys) // 2
-    return [keys[i] for i in sorted(perm[half:])], [keys[i] for i in sorted(perm[:half])]
+    groups = sorted({patients.get(k, k) for k in keys})
+    if len(groups) < 2:
+        raise RuntimeError(f"a full (bilevel) search needs at least 2 training patients in the fold, found "
+                           f"{len(groups)}")
+    perm = np.random.RandomState(seed).permutation(len(groups))
+    half = len(groups) // 2
+    val = {groups[i] for i in perm[:half]}
+    return [k for k in keys if patients.get(k, k) not in val], [k for k in keys if patients.get(k, k) in val]
 
 
 class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
@@ -330,7 +338,9 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         traj = JsonlLog(os.path.join(out, "trajectory.jsonl"), start_epoch - 1 if cont else None)
         stop_after = _env("IAC_STOP_AFTER", 0, int)
         epoch = start_epoch - 1
-        for epoch in range(start_epoch, self.num_epochs):
+        if cont and mode == "lth" and all_edges_single(skips.op_mask):   # killed after its stop epoch: derive
+            stopped = True                                             # from that checkpoint, no further epoch
+        for epoch in range(start_epoch, self.num_epochs if not stopped else start_epoch):
             t0 = time.time()
             lr = cosine_power_lr(epoch, self.num_epochs, s.lr_w, s.lr_w_min, s.lr_power)
             for g in w_opt.param_groups:
@@ -385,7 +395,7 @@ class nnUNetTrainerIACSearchFull(nnUNetTrainerIACSearchLTH):
     def do_split(self):
         """The fold's training cases in train_search / val_search halves (its validation cases stay out)."""
         tr_keys, _ = super().do_split()
-        train_search, val_search = search_halves(tr_keys)
+        train_search, val_search = search_halves(tr_keys, patients=self.dataset_json.get("patients"))
         self.print_to_log_file(f"full search: {len(train_search)} train_search, {len(val_search)} val_search cases")
         return train_search, val_search
 

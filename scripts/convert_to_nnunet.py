@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from common.data import check_partition, load_splits
 from common.raw import list_cases, load_case
-from common.utils import InputError, atomic_write_json, cli
+from common.runs import cli
+from common.utils import InputError, atomic_write_json
 
 
 def get_args(argv=None):
@@ -64,7 +65,8 @@ def main(args):
     channel = "CT" if mods == {"ct"} else None
     meta = {"channel_names": {str(i): channel or m for i, m in enumerate(info.modalities)},
             "labels": {"background": 0, **{n: i + 1 for i, n in enumerate(info.class_names)}},
-            "numTraining": sum(v != "test" for v in part.values()), "file_ending": ".nii.gz", "source": info.dataset}
+            "numTraining": sum(v != "test" for v in part.values()), "file_ending": ".nii.gz", "source": info.dataset,
+            "patients": {c.case_id: c.patient_id for c in info.cases}}    # the full search's halves, by patient
     with open(os.path.join(tmp, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
     if args.splits:                                                  # fold 0 = our train / val division

@@ -13,7 +13,8 @@ from common.checkpoints import load_checkpoint, model_from_checkpoint, save_chec
 from common.data import CASE_STRINGS, CASE_TABLES, FILE_ATTRS, read_meta
 from common.iac import EDGES, OPS
 from common.search import expected_stop
-from common.utils import InputError, cli, pick_device
+from common.runs import cli
+from common.utils import InputError, pick_device
 from conftest import ROOT, data_args
 from test_iac import GENO
 

@@ -86,6 +86,21 @@ def test_stored_mri_is_standardised(acdc):
     assert abs(v.mean()) < 0.3 and 0.7 < v.std() < 1.3
 
 
+def test_mri_padding_continues_the_zero_background(tmp_path):
+    """A slice smaller than the crop is padded with the background (0 after zscore_nonzero), not the minimum of
+    the standardised image, which drew a frame around padded MRI slices."""
+    from common.data import process_case
+    from common.raw import list_cases
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "acdc", 3, seed=0, size=32)
+    info = list_cases("acdc", raw)
+    case = info.cases[0]
+    out = process_case(case, info, [96, 96], None, None)["images"]          # (Z, C, 96, 96) from ~32x32 slices
+    assert out.min() < 0                                                      # the old fill would be negative
+    border = np.concatenate([out[..., :4, :].ravel(), out[..., -4:, :].ravel(), out[..., :, :4].ravel()])
+    assert np.all(border == 0)
+
+
 def _write(arr, affine, path):
     nib.save(nib.Nifti1Image(arr, affine), path)
 

@@ -2,6 +2,7 @@
 submitit's local executor) with the same rows, and the SLURM backend's submissions against fake SLURM tools."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,9 +123,9 @@ def test_killed_job_resumes_to_the_same_rows(tmp_path, raws, full_grid):
     assert not (search / "done.json").exists()
     assert "failed" in grid("status", cfg).stdout or "running" in grid("status", cfg).stdout
     ran = grid("run", cfg, "--backend", "slurm", "--cluster", "local").stdout
-    assert "search: array" in ran
+    assert "[submit] acdc/base/seed0/search_lth: job" in ran
     assert "resuming at epoch" in (search / "grid.log").read_text()
-    assert ran.count(" of 1 jobs") == 3                              # search_lth, iac_lth, its score
+    assert ran.count("[submit]") == 3                                # search_lth, iac_lth, its score
     assert json.load(open(search / "genotype.json"))["edges"] == \
         json.load(open(done / "acdc" / "base" / "seed0" / "search_lth" / "genotype.json"))["edges"]
     a, b = rows(str(done), "acdc/base/seed0"), rows(str(root), "acdc/base/seed0")
@@ -138,18 +139,25 @@ import json, os, sys
 log = os.environ["FAKE_SLURM_LOG"]
 name = os.path.basename(sys.argv[0])
 rec = {"tool": name, "argv": sys.argv[1:]}
+subs = [json.loads(ln) for ln in open(log) if '"sbatch"' in ln] if os.path.exists(log) else []
 if name == "sbatch":
     rec["script"] = open(sys.argv[-1]).read()
-    n = sum('"sbatch"' in ln for ln in open(log)) if os.path.exists(log) else 0
-    print(f"Submitted batch job {1000 + n}")
+    print(f"Submitted batch job {1000 + len(subs)}")
+if name == "squeue":                        # every job submitted so far is still pending
+    for i in range(len(subs)):
+        print(f"{1000 + i}|PENDING|Dependency")
 with open(log, "a") as f:
     f.write(json.dumps(rec) + "\\n")
 """
 
 
-def test_slurm_backend_submits_arrays_with_dependencies(tmp_path, raws):
-    """Fake sbatch/squeue/sacct/scontrol/srun on PATH record what grid.py --backend slurm gives them."""
+def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path, raws):
+    """Fake sbatch/squeue/sacct/scontrol/srun on PATH record what grid.py --backend slurm gives them: one job per
+    grid job, each `afterok` on exactly the jobs it needs, `--kill-on-invalid-dep`; a second `run` while they
+    are queued submits nothing."""
     pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
+    from conftest import load_script
+    g = load_script("grid")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("sbatch", "squeue", "sacct", "scontrol", "srun", "scancel"):
@@ -157,22 +165,43 @@ def test_slurm_backend_submits_arrays_with_dependencies(tmp_path, raws):
         (bin_dir / tool).chmod(0o755)
     log = tmp_path / "slurm.jsonl"
     cfg = config(tmp_path, tmp_path / "C", raws)
-    out = grid("run", cfg, "--backend", "slurm", "--partition", "a100", "--time_min", "90",
-               env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}).stdout
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}
+    out = grid("run", cfg, "--backend", "slurm", "--partition", "a100", "--time_min", "90", env=env).stdout
     subs = [json.loads(ln) for ln in log.read_text().splitlines() if json.loads(ln)["tool"] == "sbatch"]
     scripts = [s["script"] for s in subs]
-    assert len(subs) == 5, out                                      # preprocess, pretrain, search, finetune, score
-    sizes = [int(next(ln for ln in s.splitlines() if "--array" in ln).split("-")[-1].split("%")[0]) + 1
-             for s in scripts]
-    assert sizes == [2, 4, 8, 8, 12]
+    jobs = g.plan(g.load_config(cfg))
+    assert len(subs) == len(jobs) == 34, out                      # nothing done yet: every job, in plan order
     assert all("#SBATCH --partition=a100" in s and "#SBATCH --time=90" in s for s in scripts)
-    arrays = [next(ln for ln in s.splitlines() if "--array" in ln) for s in scripts]
-    assert all(a.endswith(f"%{min(n, 4)}") for a, n in zip(arrays, sizes)), arrays   # array_parallelism 4
-    assert all("--signal=USR2@" in s and "--gpus-per-node=1" in s for s in scripts)
-    deps = [next((ln.split("=", 1)[1] for ln in s.splitlines() if "--dependency" in ln), None) for s in scripts]
-    assert deps[0] is None and deps[1] == "afterok:1000" and deps[2] == "afterok:1001"
-    assert deps[3] == "afterok:1001:1002" and deps[4] == "afterok:1001:1003"
-    assert "array 1000 of 2 jobs" in out and "after 1001, 1003" in out
+    assert all("--signal=USR2@" in s and "--gpus-per-node=1" in s and "--kill-on-invalid-dep=yes" in s
+               and "--array" not in s for s in scripts)
+    slurm_id = {j.id: str(1000 + i) for i, j in enumerate(jobs)}
+    for j, script in zip(jobs, scripts):
+        dep = next((ln.split("=", 1)[1] for ln in script.splitlines() if "--dependency" in ln), None)
+        want = "afterok:" + ":".join(slurm_id[d] for d in j.deps) if j.deps else None
+        assert dep == want, (j.id, dep, want)
+        assert json.load(open(os.path.join(j.out, "grid_submit.json")))["slurm_job"] == slurm_id[j.id]
+    assert "[submit] acdc/base/seed0/iac: job 1003, after 1001, 1002" in out, out
+    again = grid("run", cfg, "--backend", "slurm", env=env).stdout          # all still queued: left alone
+    assert sum(json.loads(ln)["tool"] == "sbatch" for ln in log.read_text().splitlines()) == 34, again
+    assert again.count("[kept]") == 34 and "0 jobs submitted" in again
+    status = grid("status", cfg, env=env).stdout
+    line = {ln.split()[0]: ln.split()[1:] for ln in status.splitlines()[2:] if ln.strip() and ":" not in ln}
+    assert line["search"][g.STATES.index("submitted")] == "8", status
+
+
+STAGE = """import sys, time
+time.sleep(float(sys.argv[2]))                 # still importing: a stop signal now waits, blocked, until below
+from common.runs import Preempted, check_stop, install_stop_signals
+install_stop_signals()
+open(sys.argv[1], "w").close()
+try:
+    while True:
+        check_stop()
+        time.sleep(0.05)
+except Preempted as e:
+    print(f"stopped by {e}", flush=True)
+    sys.exit(75)
+"""
 
 
 def test_stage_job_checkpoint_stops_the_stage_and_requeues_itself(tmp_path):
@@ -183,11 +212,9 @@ def test_stage_job_checkpoint_stops_the_stage_and_requeues_itself(tmp_path):
 
     from conftest import load_script
     g = load_script("grid")
-    child = ("import signal, sys, time\nsignal.signal(signal.SIGUSR1, lambda *a: sys.exit(75))\n"
-             "open(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
     started = tmp_path / "started"
-    job = g.Job("x/run", "search", "x", "base", 0, str(tmp_path / "run"), [sys.executable, "-c", child, str(started)],
-                [])
+    job = g.Job("x/run", "search", "x", "base", 0, str(tmp_path / "run"),
+                [sys.executable, "-c", STAGE, str(started), "0"], [])
     stage = g.StageJob(tuple(job))
     errors = []
     t = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, stage)))
@@ -200,3 +227,42 @@ def test_stage_job_checkpoint_stops_the_stage_and_requeues_itself(tmp_path):
     assert isinstance(requeued, submitit.helpers.DelayedSubmission) and isinstance(requeued.function, g.StageJob)
     assert requeued.function.job == job and stage.process.returncode == 75
     assert json.load(open(tmp_path / "run" / "grid_job.json"))["state"] == "requeued"
+    assert "checkpoint: the stage stopped" in (tmp_path / "run" / "grid.log").read_text()
+
+
+def test_checkpoint_inside_a_signal_handler_awaits_the_stage_without_stalling(tmp_path):
+    """As on SLURM: the runner's main thread waits for the stage, SIGUSR2 reaches the stage (while it is still
+    importing) and the runner, whose handler calls checkpoint(). The stage stops cleanly (exit 75, not killed
+    by the signal it could not handle yet), and checkpoint() returns as soon as it has: it does not wait out its
+    stop_wait_s (a nested Popen.wait(timeout) from the handler did, whatever the stage did)."""
+    pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
+    runner = f"""import json, os, signal, sys, threading, time
+sys.path.insert(0, {ROOT!r})
+sys.argv = ["grid.py"]
+import importlib.util
+spec = importlib.util.spec_from_file_location("grid", {os.path.join(ROOT, "grid.py")!r})
+g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)
+out = {str(tmp_path / "run")!r}
+job = g.Job("x/run", "search", "x", "base", 0, out, [sys.executable, "-c", {STAGE!r}, out + "/started", "1.5"], [])
+stage = g.StageJob(tuple(job), stop_wait_s=60)
+def handler(signum, frame):                     # what submitit's handler does: checkpoint, then leave
+    t0 = time.time()
+    stage.checkpoint()
+    json.dump({{"seconds": time.time() - t0, "rc": stage.process.returncode}}, open(out + "/result.json", "w"))
+    sys.exit(0)
+signal.signal(signal.SIGUSR2, handler)
+def scheduler():                                # SLURM: the warning signal to every process of the step
+    while stage.process is None:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    stage.process.send_signal(signal.SIGUSR2)
+    os.kill(os.getpid(), signal.SIGUSR2)
+threading.Thread(target=scheduler, daemon=True).start()
+stage()
+"""
+    r = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.load(open(tmp_path / "run" / "result.json"))
+    assert result["rc"] == 75, (result, (tmp_path / "run" / "grid.log").read_text())
+    assert result["seconds"] < 30, result                       # returned when the stage left, not after 60 s
+    assert re.search(r"stopped by SIGUSR[12]", (tmp_path / "run" / "grid.log").read_text())   # pending, then handled

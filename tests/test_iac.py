@@ -349,6 +349,15 @@ def test_lth_search_end_to_end_and_backbone_untouched(tmp_path, scripts, acdc, b
     assert sum(len(t["pruned"]) for t in traj) == 98 - 14
     assert all(t["js"] is not None for t in traj[1:])
     assert g["search"]["seconds"] > 0
+    # killed after the stop epoch's checkpoint, before genotype.json: the resume derives the same genotype from
+    # that checkpoint, without one more epoch of β
+    for f in ("genotype.json", "done.json"):
+        os.remove(os.path.join(out, f))
+    s.main(s.get_args(search_args(acdc, backbone, out, "lth", "--epochs", "40", "--warmup", "1", "--tau0", "0.05",
+                                  "--gamma", "1.5", "--resume", "auto")))
+    again = read_genotype(os.path.join(out, "genotype.json"))
+    assert again["edges"] == g["edges"] and again["search"]["epochs_run"] == g["search"]["epochs_run"]
+    assert len(open(os.path.join(out, "trajectory.jsonl")).readlines()) == len(traj)
 
 
 @pytest.mark.parametrize("mode", ["full", "lth"])

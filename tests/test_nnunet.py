@@ -174,6 +174,13 @@ def test_search_halves():
     assert (tr, va) == search_halves([f"c{i}" for i in reversed(range(7))])     # seeded, order-free
     with pytest.raises(RuntimeError, match="at least 2"):
         search_halves(["c0"])
+    frames = [f"patient{p:03d}_frame{f:02d}" for p in range(1, 9) for f in (1, 12)]       # ACDC: 2 frames each
+    patients = {k: k.split("_")[0] for k in frames}
+    tr, va = search_halves(frames, patients=patients)
+    assert sorted(tr + va) == sorted(frames) and len(tr) == len(va) == 8
+    assert not {patients[k] for k in tr} & {patients[k] for k in va}            # no patient in both halves
+    with pytest.raises(RuntimeError, match="at least 2 training patients"):
+        search_halves(frames[:2], patients=patients)
 
 
 def test_noda_variants_and_missing_nnunet_variables(monkeypatch):

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from common.runs import REQUEUE_EXIT
-from common.utils import InputError, cli, default_workers
+from common.runs import REQUEUE_EXIT, cli
+from common.utils import InputError, default_workers
 from conftest import ROOT, data_args
 
 TINY = ["--width", "8", "--batch_size", "16", "--seed", "5", "--device", "cpu"]
@@ -39,6 +39,22 @@ def test_done_json_resume_auto_and_unfinished_inputs(tmp_path, scripts, acdc, ca
     m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "2", "--resume", "--out", full]))       # one more epoch
     assert json.load(open(os.path.join(full, "done.json")))["epochs"] == 2
     assert len(open(os.path.join(full, "log.jsonl")).readlines()) == 2
+
+
+def test_resume_with_other_code_is_said_and_recorded(tmp_path, scripts, acdc, capsys):
+    """args.json keeps the commits a run was made with; a resume with another one warns loudly."""
+    m, out = scripts["02_pretrain"], str(tmp_path / "r")
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "1", "--out", out]))
+    path = os.path.join(out, "args.json")
+    meta = json.load(open(path))
+    now = meta["versions"]["git_commit"]
+    assert meta["commits"] == [now]
+    meta["commits"] = ["0123abc"]                                   # as if started by an older checkout
+    json.dump(meta, open(path, "w"))
+    capsys.readouterr()
+    m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "2", "--resume", "auto", "--out", out]))
+    assert "mixes two versions of the code" in capsys.readouterr().err
+    assert json.load(open(path))["commits"] == ["0123abc", now]
 
 
 def test_workers_default():
