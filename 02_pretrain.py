@@ -59,17 +59,18 @@ def main(args):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=args.lr)
-    start_epoch, best = 0, (-math.inf, -1)
+    start_epoch, best, position = 0, (-math.inf, -1), None
     if args.resume:
-        start_epoch, best = resume_training(last, "pretrain", model, optimizer, device)
-        print(f"resuming from epoch {start_epoch} (best Dice {best[0]:.4f} at epoch {best[1]})")
+        start_epoch, best, position = resume_training(last, "pretrain", model, optimizer, device)
+        print(f"resuming from epoch {start_epoch}" + (f", step {position['done']}" if position else "")
+              + f" (best Dice {best[0]:.4f} at epoch {best[1]})")
     write_args(args)
 
     train_set = SliceDataset(args.data, splits["train"], meta=meta)
     print(f"{args.encoder} U-Net, {args.skip} skips, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(train_set)} training slices, device {device}")
     if fit(args, model, optimizer, SegLoss(), train_set, meta, splits, device, amp, channels_last, "pretrain",
-           start_epoch, best):
+           start_epoch, best, position):
         mark_done(args.out, "02_pretrain", epochs=args.epochs)
 
 

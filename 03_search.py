@@ -30,7 +30,8 @@ from tqdm import tqdm
 from common.checkpoints import (load_frozen_backbone, resume_search, save_checkpoint, save_theta0,
                                 search_checkpoint)
 from common.data import SliceDataset
-from common.engine import EpochTimer, check_finite, make_loader, setup_run, stop_early, to_device
+from common.engine import (EpochTimer, check_finite, make_loader, set_rng_state, setup_run, step_saver, stop_early,
+                           to_device)
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
 from common.lth import all_edges_single
@@ -55,12 +56,14 @@ def get_args(argv=None):
     return resolve_threshold(p.parse_args(argv))
 
 
-def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, device, amp, cl):
-    """One epoch of `full` (bilevel, first order) or `lth` (single level) search; returns mean losses."""
+def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, device, amp, cl, position=None,
+                 on_step=None):
+    """One epoch of `full` (bilevel, first order) or `lth` (single level) search; returns mean losses.
+    `position`: a mid-epoch checkpoint's place to continue from; `on_step(done, sums)` after every step."""
     arch_on = epoch >= args.warmup
     model.train()
-    totals = {"train_loss": 0.0, "val_loss": 0.0}
-    n = 0
+    sums = dict(position["sums"]) if position else {"train_loss": 0.0, "val_loss": 0.0, "n": 0}
+    skip = position["done"] if position else 0
 
     def loss_of(batch):
         x, y = to_device(*batch, device, cl)
@@ -77,17 +80,27 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
             val_iter = iter(loaders["val"])
             return next(val_iter)
 
-    bar = tqdm(loaders["train"], desc=f"search {epoch + 1}", leave=False, unit="batch", disable=None)
-    for step, batch in enumerate(bar):
+    train_iter = iter(loaders["train"])
+    for _ in range(skip):                                      # a mid-epoch resume: the batches already used,
+        next(train_iter)                                       # in the same order (the epoch's generators)
+        if args.mode == "full" and arch_on:
+            next_val_batch()
+    if position:
+        set_rng_state(position["rng"])
+    bar = tqdm(train_iter, desc=f"search {epoch + 1}", leave=False, unit="batch", disable=None,
+               total=len(loaders["train"]), initial=skip)
+    for step, batch in enumerate(bar, start=skip):
         check_stop()                                           # a stop signal (common/runs.py): leave before this step
         value, val = search_step(args.mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_batch)
         check_finite(value, epoch, step)
         b = len(batch[0])
-        totals["train_loss"] += value * b
-        totals["val_loss"] += (val or 0.0) * b
-        n += b
+        sums["train_loss"] += value * b
+        sums["val_loss"] += (val or 0.0) * b
+        sums["n"] += b
         bar.set_postfix(loss=f"{value:.4f}")
-    return {k: v / max(n, 1) for k, v in totals.items()}
+        if on_step:
+            on_step(step + 1, sums)
+    return {k: sums[k] / max(sums["n"], 1) for k in ("train_loss", "val_loss")}
 
 
 def main(args):
@@ -108,11 +121,12 @@ def main(args):
     w_opt = weight_optimizer(skips, args.lr_w)
     a_opt = arch_optimizer(skips, args.lr_arch, args.arch_betas, args.arch_weight_decay)
     lth = lth_state(args)
-    start_epoch, seconds = 0, 0.0
+    start_epoch, seconds, position = 0, 0.0, None
     if args.resume:
-        start_epoch, seconds = resume_search(last, skips, a_opt, lth, args, geometry, device)
+        start_epoch, seconds, position = resume_search(last, skips, a_opt, lth, args, geometry, device)
         w_opt = weight_optimizer(skips, args.lr_w)                     # over the ops still active
-        print(f"resuming at epoch {start_epoch + 1}; {int(skips.op_mask.sum())} ops active")
+        print(f"resuming at epoch {start_epoch + 1}" + (f", step {position['done'] + 1}" if position else "")
+              + f"; {int(skips.op_mask.sum())} ops active")
     else:
         save_theta0(os.path.join(args.out, "theta0.pt"), theta0, geometry, bb["config"])
     write_args(args)
@@ -136,14 +150,21 @@ def main(args):
     if stopped:
         print(f"the search had stopped at epoch {start_epoch} (one op per edge); deriving its genotype")
     for epoch in range(start_epoch, args.epochs if not stopped else start_epoch):
-        t0 = time.time()
+        resumed = position if epoch == start_epoch else None
+        t0 = time.time() - (resumed["sums"]["seconds"] if resumed else 0.0)       # the epoch's time before a stop
         lr = cosine_power_lr(epoch, args.epochs, args.lr_w, args.lr_w_min, args.lr_power)
         for g in w_opt.param_groups:
             g["lr"] = lr
         torch.manual_seed(args.seed * 1000 + epoch)                   # per-epoch seeding: exact resume
         loaders = {k: make_loader(ds, args.batch_size, True, epoch_generator(args.seed + 7 * i, epoch), args.workers,
                                   device) for i, (k, ds) in enumerate(sets.items())}
-        losses = search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, device, amp, cl)
+        def save(pos, e=epoch, t=t0):                                 # --ckpt_every_steps: a mid-epoch checkpoint
+            pos["sums"]["seconds"] = time.time() - t
+            save_checkpoint({**search_checkpoint(skips, a_opt, lth, e - 1, seconds, args, geometry), "position": pos},
+                            last)
+        on_step = step_saver(args.ckpt_every_steps, len(loaders["train"]), save)
+        losses = search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, device, amp, cl, resumed,
+                              on_step)
         info = end_of_epoch(skips, lth, args.mode, epoch, args.warmup)
         pruned, stopped = info["pruned"], info["stopped"]
         if pruned:                                                    # pruned weights leave the optimizer

@@ -98,10 +98,11 @@ def main(args):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=args.lr)
-    start_epoch, best = 0, (-math.inf, -1)
+    start_epoch, best, position = 0, (-math.inf, -1), None
     if args.resume:
-        start_epoch, best = resume_training(last, "finetune", model, optimizer, device)
-        print(f"resuming from epoch {start_epoch} (best Dice {best[0]:.4f} at epoch {best[1]})")
+        start_epoch, best, position = resume_training(last, "finetune", model, optimizer, device)
+        print(f"resuming from epoch {start_epoch}" + (f", step {position['done']}" if position else "")
+              + f" (best Dice {best[0]:.4f} at epoch {best[1]})")
     write_args(args)
 
     train_set = SliceDataset(args.data, splits["train"], meta=meta)
@@ -109,7 +110,7 @@ def main(args):
           f"{sum(p.numel() for p in trainable_parameters(model)):,} parameters), {len(train_set)} training slices, "
           f"device {device}")
     if fit(args, model, optimizer, SegLoss(), train_set, meta, splits, device, amp, channels_last, "finetune",
-           start_epoch, best):
+           start_epoch, best, position):
         mark_done(args.out, "04_finetune", epochs=args.epochs)
 
 

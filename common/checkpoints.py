@@ -77,7 +77,8 @@ def training_checkpoint(kind, model, optimizer, epoch, args, best, meta):
 
 
 def resume_training(path, kind, model, optimizer, device):
-    """Load RUN/ckpt_last.pt into `model` and `optimizer`; returns (first epoch to run, (best Dice, its epoch))."""
+    """Load RUN/ckpt_last.pt into `model` and `optimizer`; returns (first epoch to run, (best Dice, its epoch),
+    the mid-epoch position to continue that epoch from, or None)."""
     ckpt = load_checkpoint(path, kind, map_location=device)
     if ckpt["config"] != model.config:
         raise InputError(f"{path} holds a {ckpt['config']} model, the flags ask for {model.config}; resume with "
@@ -93,7 +94,7 @@ def resume_training(path, kind, model, optimizer, device):
                              f"{ckpt['best_epoch'] + 1} that {path} names; start over with --overwrite")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    return ckpt["epoch"] + 1, (ckpt["best_dice"], ckpt["best_epoch"])
+    return ckpt["epoch"] + 1, (ckpt["best_dice"], ckpt["best_epoch"]), ckpt.get("position")
 
 
 def load_frozen_backbone(path, meta):
@@ -166,7 +167,8 @@ def search_checkpoint(skips, a_opt, lth, epoch, seconds, args, geometry):
 
 def resume_search(path, skips, a_opt, lth, args, geometry, device):
     """Load RUN/ckpt_last.pt of a search (pruned ops stay pruned); refuses one whose result-affecting
-    flags or cell geometry differ from this run's, naming them. Returns (first epoch to run, seconds)."""
+    flags or cell geometry differ from this run's, naming them. Returns (first epoch to run, seconds, the mid-epoch
+    position to continue that epoch from, or None)."""
     ckpt = load_checkpoint(path, "search", map_location=device)
     changed = changed_settings(ckpt["args"], vars(args))
     if changed or ckpt["geometry"] != geometry:
@@ -177,4 +179,4 @@ def resume_search(path, skips, a_opt, lth, args, geometry, device):
     skips.load_state_dict(ckpt["skips"])
     a_opt.load_state_dict(ckpt["a_opt"])
     lth.load_state_dict(ckpt["lth"])
-    return ckpt["epoch"] + 1, ckpt["seconds"]
+    return ckpt["epoch"] + 1, ckpt["seconds"], ckpt.get("position")

@@ -61,12 +61,50 @@ def check_finite(loss, epoch, step):
                             "checkpoints are kept. Lower --lr or check the data for extreme values.")
 
 
-def train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch, desc="train"):
-    """One pass over `loader`; returns the mean loss."""
+def rng_state():
+    """The RNG state a mid-epoch checkpoint keeps (CPU, and CUDA where there is one)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_iterator(loader, position):
+    """The epoch's loader (same order: the same per-epoch generator), its first `position["done"]` batches
+    skipped (read, not trained on) and the RNG as the mid-epoch checkpoint left it."""
+    it = iter(loader)
+    for _ in range(position["done"] if position else 0):
+        next(it)
+    if position:
+        set_rng_state(position["rng"])
+    return it
+
+
+def step_saver(every, n_steps, save):
+    """--ckpt_every_steps: a callback(step, sums) that saves a mid-epoch position every `every` steps (not after
+    the last step of the epoch, whose end-of-epoch checkpoint follows), or None."""
+    if not every:
+        return None
+
+    def on_step(done, sums):
+        if done % every == 0 and done < n_steps:
+            save({"done": done, "sums": dict(sums), "rng": rng_state()})
+    return on_step
+
+
+def train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch, desc="train", position=None,
+                on_step=None):
+    """One pass over `loader`; returns the mean loss. `position`: a mid-epoch checkpoint's place to continue
+    from; `on_step(done, sums)` after every step (step_saver)."""
     model.train()
-    total, n = 0.0, 0
-    bar = tqdm(loader, desc=f"{desc} {epoch}", leave=False, unit="batch", disable=None)
-    for step, (x, y) in enumerate(bar):
+    sums = dict(position["sums"]) if position else {"total": 0.0, "n": 0}
+    skip = position["done"] if position else 0
+    bar = tqdm(resume_iterator(loader, position), desc=f"{desc} {epoch}", leave=False, unit="batch",
+               disable=None, total=len(loader), initial=skip)
+    for step, (x, y) in enumerate(bar, start=skip):
         check_stop()                                         # a stop signal (common/runs.py): leave before this step
         x, y = to_device(x, y, device, channels_last)
         with autocast(device, amp):
@@ -76,10 +114,12 @@ def train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, e
         optimizer.step()
         value = loss.item()
         check_finite(value, epoch, step)
-        total += value * len(x)
-        n += len(x)
+        sums["total"] += value * len(x)
+        sums["n"] += len(x)
         bar.set_postfix(loss=f"{value:.4f}")
-    return total / max(n, 1)
+        if on_step:
+            on_step(step + 1, sums)
+    return sums["total"] / max(sums["n"], 1)
 
 
 @torch.no_grad()
@@ -129,10 +169,12 @@ def add_fit_flags(p):
                    help="validate (and pick the best checkpoint) every N epochs and after the last (default 1)")
 
 
-def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, channels_last, kind, start_epoch, best):
+def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, channels_last, kind, start_epoch, best,
+        position=None):
     """Stages I and III: train `args.epochs` epochs; after each, patient-level mean foreground Dice on the val
-    cases, RUN/ckpt_last.pt, RUN/ckpt_best.pt (best Dice so far) and a line of RUN/log.jsonl. Returns False
-    when --stop_after ended it early."""
+    cases, RUN/ckpt_last.pt, RUN/ckpt_best.pt (best Dice so far) and a line of RUN/log.jsonl; with
+    --ckpt_every_steps also RUN/ckpt_last.pt inside the epoch (`position`: where a resume continues). Returns
+    False when --stop_after ended it early."""
     last, best_path = os.path.join(args.out, "ckpt_last.pt"), os.path.join(args.out, "ckpt_best.pt")
     log = JsonlLog(os.path.join(args.out, "log.jsonl"), resume_epoch=start_epoch - 1 if args.resume else None)
     timer = EpochTimer(args.epochs, start_epoch)
@@ -140,7 +182,11 @@ def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, c
         t0 = time.time()
         torch.manual_seed(args.seed * 1000 + epoch)          # per-epoch seeding: exact resume
         loader = make_loader(train_set, args.batch_size, True, epoch_generator(args.seed, epoch), args.workers, device)
-        train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch)
+        save = (lambda pos, e=epoch: save_checkpoint({**training_checkpoint(kind, model, optimizer, e - 1, args, best,
+                                                                            meta), "position": pos}, last))
+        on_step = step_saver(getattr(args, "ckpt_every_steps", 0), len(loader), save)
+        train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch,
+                                 position=position if epoch == start_epoch else None, on_step=on_step)
         validate = (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs     # --val_every N, and the last
         val_dice = None
         if validate:

@@ -57,6 +57,9 @@ def add_run_flags(p):
                         "command for the first start and every requeue); either does nothing on a finished run")
     p.add_argument("--stop_after", type=int, default=None,
                    help="leave after this many epochs of this invocation (job time limits); continue with --resume")
+    p.add_argument("--ckpt_every_steps", type=int, default=0, metavar="N",
+                   help="also checkpoint every N optimizer steps inside an epoch (0: off), for epochs longer than "
+                        "a job's time slice; a resume continues at that step, bit-exact on the CPU")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
 
 

@@ -327,7 +327,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         latest = os.path.join(out, "checkpoint_latest.pth")
         seconds, stopped, start_epoch = 0.0, False, 0
         if cont:                                                       # --c: pruned ops stay pruned, θ0 stays
-            start_epoch, seconds = resume_search(cont, skips, a_opt, lth, run_args, geometry, self.device)
+            start_epoch, seconds, _ = resume_search(cont, skips, a_opt, lth, run_args, geometry, self.device)
             w_opt = weight_optimizer(skips, s.lr_w)
             self.print_to_log_file(f"continuing the search at epoch {start_epoch + 1}; "
                                    f"{int(skips.op_mask.sum())} ops active")

@@ -1,5 +1,6 @@
 """Requeue-safe runs: done.json, --resume auto, unfinished inputs refused, SIGUSR1 -> exit 75 and an exact
 continuation, run metadata."""
+import importlib
 import json
 import os
 import signal
@@ -112,3 +113,55 @@ def test_val_every_and_local_data(tmp_path, scripts, acdc, monkeypatch):
     with pytest.raises(InputError, match="--local_data"):
         m.main(m.get_args(data_args(acdc) + TINY + ["--epochs", "1", "--local_data", str(tmp_path / "nope"),
                                                    "--out", str(tmp_path / "run2")]))
+
+
+def stop_at_call(n):
+    """A check_stop that raises Preempted at its n-th call (a stop signal in the middle of an epoch)."""
+    from common.runs import Preempted
+    calls = {"n": 0}
+
+    def check():
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise Preempted("SIGUSR1")
+    return check
+
+
+@pytest.mark.parametrize("stage", ["02_pretrain", "03_search full", "03_search lth"])
+def test_ckpt_every_steps_resumes_inside_an_epoch_bit_exact(tmp_path, scripts, acdc, backbone, monkeypatch, stage):
+    """--ckpt_every_steps N: stopped in the middle of an epoch, the resume continues at the last saved step (not
+    at the epoch's start) and ends with the weights of an unbroken run, on the CPU."""
+    from common.runs import Preempted
+    name, mode = (stage.split() + [None])[:2]
+    m = scripts[name]
+    if name == "02_pretrain":
+        flags = [*data_args(acdc), *TINY, "--batch_size", "4", "--epochs", "2"]
+        target = importlib.import_module("common.engine")                 # where train_epoch finds check_stop
+    else:
+        flags = ["--backbone", os.path.join(backbone, "ckpt_best.pt"), *data_args(acdc), "--mode", mode,
+                 "--batch_size", "8", "--epochs", "2", "--warmup", "1", "--device", "cpu", "--seed", "3"]
+        target = m
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    m.main(m.get_args(flags + ["--out", a]))                              # unbroken, 2 epochs
+    with monkeypatch.context() as mp:
+        calls = {"n": 0}
+        mp.setattr(target, "check_stop", lambda: calls.__setitem__("n", calls["n"] + 1))
+        m.main(m.get_args(flags + ["--out", str(tmp_path / "count"), "--stop_after", "1"]))
+        n_batches = calls["n"]                                            # the steps of one epoch
+        assert n_batches >= 4
+        stop = n_batches + n_batches // 2 + 2                             # a stop in the middle of the 2nd epoch
+        mp.setattr(target, "check_stop", stop_at_call(stop))
+        with pytest.raises(Preempted):
+            m.main(m.get_args(flags + ["--ckpt_every_steps", "2", "--out", b]))
+    ck = torch.load(os.path.join(b, "ckpt_last.pt"), weights_only=True)
+    assert ck["epoch"] == 0 and ck["position"]["done"] == 2 * ((stop - n_batches - 1) // 2)   # the last even step
+    m.main(m.get_args(flags + ["--ckpt_every_steps", "2", "--resume", "auto", "--out", b]))
+    sa = torch.load(os.path.join(a, "ckpt_last.pt"), weights_only=True)
+    sb = torch.load(os.path.join(b, "ckpt_last.pt"), weights_only=True)
+    key = "model" if name == "02_pretrain" else "skips"
+    assert sa["epoch"] == sb["epoch"] == 1 and "position" not in sb
+    for k in sa[key]:
+        assert torch.equal(sa[key][k], sb[key][k]), k
+    la = [json.loads(ln) for ln in open(os.path.join(a, "log.jsonl"))]
+    lb = [json.loads(ln) for ln in open(os.path.join(b, "log.jsonl"))]
+    assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
