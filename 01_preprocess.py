@@ -49,7 +49,8 @@ def get_args(argv=None):
     p.add_argument("--split_file", default=None,
                    help="JSON with lists train / val / test of patient ids (every patient once); overrides --split")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))), help="parallel volumes (0: in this process)")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
+                   help="parallel volumes (0: in this process)")
     p.add_argument("--compression", choices=COMPRESSIONS, default="none",
                    help="HDF5 compression of the slices (lzf: fast; gzip: smallest); none reads fastest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing slices.h5 / splits.json")
@@ -167,6 +168,8 @@ def main(args):
         up = [max(STRIDE, -(-c // STRIDE) * STRIDE) for c in args.crop]
         raise InputError(f"--crop {args.crop[0]} {args.crop[1]}: both sides must be positive multiples of {STRIDE} "
                          f"(the U-Net's down-sampling); try --crop {up[0]} {up[1]}")
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: give 0 (in this process) or more")
     out_h5, out_splits = os.path.join(args.out, "slices.h5"), os.path.join(args.out, "splits.json")
     if not args.overwrite and (os.path.exists(out_h5) or os.path.exists(out_splits)):
         raise InputError(f"{args.out} already holds slices.h5/splits.json; pass --overwrite to replace")
@@ -186,8 +189,6 @@ def main(args):
           + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " patients")
     train_p = set(parts["train"])
     ct_stats = None
-    if args.workers < 0:
-        raise InputError(f"--workers {args.workers}: give 0 (in this process) or more")
     with ProcessPoolExecutor(max_workers=args.workers) if args.workers else contextlib.nullcontext(InProcess()) as pool:
         ct_train = [c for c in info.cases if c.modality == "ct" and c.patient_id in train_p]
         if ct_train:  # CT statistics come from training patients only (SPEC §6)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from common.checkpoints import (load_frozen_backbone, resume_search, save_checkpoint, save_theta0,
                                 search_checkpoint)
 from common.data import SliceDataset
-from common.engine import (EpochTimer, check_finite, make_loader, set_rng_state, setup_run, step_saver, stop_early,
+from common.engine import (EpochTimer, check_finite, make_loader, resume_iterator, setup_run, step_saver, stop_early,
                            to_device)
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
@@ -80,13 +80,8 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
             val_iter = iter(loaders["val"])
             return next(val_iter)
 
-    train_iter = iter(loaders["train"])
-    for _ in range(skip):                                      # a mid-epoch resume: the batches already used,
-        next(train_iter)                                       # in the same order (the epoch's generators)
-        if args.mode == "full" and arch_on:
-            next_val_batch()
-    if position:
-        set_rng_state(position["rng"])
+    train_iter = resume_iterator(loaders["train"], position,                 # a mid-epoch resume: the batches
+                                 next_val_batch if args.mode == "full" and arch_on else None)   # already used
     bar = tqdm(train_iter, desc=f"search {epoch + 1}", leave=False, unit="batch", disable=None,
                total=len(loaders["train"]), initial=skip)
     for step, batch in enumerate(bar, start=skip):
@@ -125,7 +120,7 @@ def main(args):
     if args.resume:
         start_epoch, seconds, position = resume_search(last, skips, a_opt, lth, args, geometry, device)
         w_opt = weight_optimizer(skips, args.lr_w)                     # over the ops still active
-        print(f"resuming at epoch {start_epoch + 1}" + (f", step {position['done'] + 1}" if position else "")
+        print(f"resuming at epoch {start_epoch + 1}" + (f", after step {position['done']}" if position else "")
               + f"; {int(skips.op_mask.sum())} ops active")
     else:
         save_theta0(os.path.join(args.out, "theta0.pt"), theta0, geometry, bb["config"])

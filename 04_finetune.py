@@ -101,7 +101,7 @@ def main(args):
     start_epoch, best, position = 0, (-math.inf, -1), None
     if args.resume:
         start_epoch, best, position = resume_training(last, "finetune", model, optimizer, device)
-        print(f"resuming from epoch {start_epoch}" + (f", step {position['done']}" if position else "")
+        print(f"resuming from epoch {start_epoch}" + (f", after step {position['done']}" if position else "")
               + f" (best Dice {best[0]:.4f} at epoch {best[1]})")
     write_args(args)
 

@@ -187,6 +187,11 @@ def slurm_states(ids):
     return out
 
 
+def live_states(jobs):
+    """slurm_states of the SLURM jobs the run folders record."""
+    return slurm_states(recorded(j).get("slurm_job") for j in jobs)
+
+
 def job_states(jobs, live=None):
     """{job id: (state, why)} for every job. done: done.json. Otherwise what grid_job.json says, checked against
     SLURM where `live` (slurm_states) is given: a recorded job the scheduler still holds is submitted / running /
@@ -203,7 +208,7 @@ def job_states(jobs, live=None):
         if state == "failed":
             why = f"exit {rec.get('exit_code')}; log {os.path.join(j.out, 'grid.log')}"
         elif state == "stopped":
-            why = f"exit 0 without {'done.json'} (--stop_after?); run the grid again to continue it"
+            why = "exit 0 without done.json (--stop_after?); run the grid again to continue it"
         if live is not None and state in ALIVE and rec.get("slurm_job"):
             slurm, reason = live.get(str(rec["slurm_job"]), (None, ""))
             if slurm is None:
@@ -216,7 +221,8 @@ def job_states(jobs, live=None):
             elif slurm == "CANCELLED" and "Dependency" in reason:
                 state, why = "blocked", f"SLURM job {rec['slurm_job']} cancelled: {reason}"
             else:
-                state, why = "failed", f"SLURM job {rec['slurm_job']} ended {slurm}; log {os.path.join(j.out, 'grid.log')}"
+                state = "failed"
+                why = f"SLURM job {rec['slurm_job']} ended {slurm}; log {os.path.join(j.out, 'grid.log')}"
         out[j.id] = (state, why)
     for j in jobs:                                    # plan order: dependencies come first
         if out[j.id][0] in ("done", "running", "failed", "stopped"):
@@ -225,10 +231,6 @@ def job_states(jobs, live=None):
         if bad:
             out[j.id] = ("blocked", f"needs {bad[0]} ({out[bad[0]][0]})")
     return out
-
-
-def job_state(j):
-    return job_states([j])[j.id][0]
 
 
 def set_state(j, state, **info):
@@ -346,10 +348,11 @@ class StageJob:
                     self.process.kill()
                     self.exited.wait(10)
             rc = self.process.returncode
-        log_line(self.job, f"exit {rc} (requeued): checkpoint: the stage stopped {time.time() - t0:.1f} s after the "
-                           "signal; requeueing")
+        seconds = time.time() - t0
+        log_line(self.job, f"exit {rc} (requeued): checkpoint: the stage stopped {seconds:.1f} s after the signal; "
+                           "requeueing")
         set_state(self.job, "requeued", exit_code=rc, slurm_job=os.environ.get("SLURM_JOB_ID"),
-                  stop_seconds=round(time.time() - t0, 2))
+                  stop_seconds=round(seconds, 2))
         return submitit.helpers.DelayedSubmission(StageJob(self.job, self.stop_wait_s), *args, **kwargs)
 
 
@@ -371,8 +374,7 @@ def run_local(jobs, selected, gpus=None, max_requeues=3):
     again (its --resume auto continues), a failed or stopped one blocks its dependants. Dependencies outside
     the selection count when they are done."""
     slots = gpu_slots(gpus)
-    states = job_states(jobs)
-    done = {j.id for j in jobs if states[j.id][0] == "done"}
+    done = {j.id for j in jobs if is_done(j.out)}
     pending = [j for j in selected if j.id not in done]
     failed, requeues, running = set(), collections.Counter(), {}
     selected_ids = {j.id for j in pending}
@@ -443,7 +445,7 @@ def run_slurm(c, jobs, selected, a):
 
     Safe to re-run: a job whose recorded SLURM job is still queued or running is left alone (and its dependants
     wait on it), one that failed, was cancelled or vanished is submitted again. Returns the new handles."""
-    live = slurm_states(recorded(j).get("slurm_job") for j in jobs) if a.cluster != "local" else None
+    live = live_states(jobs) if a.cluster != "local" else None
     states = job_states(jobs, live)
     s = dict(c.get("slurm", {}))
     ex = slurm_executor(c, a, os.path.join(c["root"], "grid", "submitit", "%j"))
@@ -462,18 +464,17 @@ def run_slurm(c, jobs, selected, a):
         if j.id not in chosen:
             continue
         need = [d for d in j.deps if states[d][0] != "done"]
-        missing = [d for d in need if d not in slurm_id and d not in handle_of]
+        missing = [d for d in need if d not in slurm_id]
         if missing:
             print(f"[skip] {j.id}: needs {', '.join(missing)} (not done and not submitted: outside --only, or "
                   "it could not be submitted)")
             continue
-        if a.cluster == "local":                              # no scheduler to hold dependants back
-            if not all(wait_all([handle_of[d]]) for d in need):
-                set_state(j, "blocked", why=f"a dependency failed: {', '.join(need)}")
-                print(f"[blocked] {j.id}: a job it needs failed")
-                continue
-        else:
-            after = [slurm_id[d] for d in need]
+        if a.cluster == "local" and not all(wait_all([handle_of[d]]) for d in need):   # no scheduler to hold
+            set_state(j, "blocked", why=f"a dependency failed: {', '.join(need)}")          # dependants back
+            print(f"[blocked] {j.id}: a job it needs failed")
+            continue
+        after = [slurm_id[d] for d in need]
+        if a.cluster != "local":
             extra = {"kill-on-invalid-dep": "yes", **({"dependency": "afterok:" + ":".join(after)} if after else {})}
             ex.update_parameters(slurm_additional_parameters=extra, name=f"iac_{j.stage}")
         h = ex.submit(StageJob(tuple(j), stop_wait))
@@ -481,10 +482,9 @@ def run_slurm(c, jobs, selected, a):
         handles.append(h)
         if a.cluster != "local":
             os.makedirs(j.out, exist_ok=True)
-            atomic_write_json(os.path.join(j.out, SUBMIT), {"slurm_job": str(h.job_id), "after": [slurm_id[d] for d in need],
+            atomic_write_json(os.path.join(j.out, SUBMIT), {"slurm_job": str(h.job_id), "after": after,
                                                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-        print(f"[submit] {j.id}: job {h.job_id}" + (f", after {', '.join(slurm_id[d] for d in need)}"
-                                                    if need else ""), flush=True)
+        print(f"[submit] {j.id}: job {h.job_id}" + (f", after {', '.join(after)}" if after else ""), flush=True)
     print(f"{len(handles)} jobs submitted")
     return handles
 
@@ -506,9 +506,9 @@ def report(c, jobs, a):
     ok = True
     for ds in c["datasets"]:
         rows = [os.path.join(j.out, "per_patient.csv") for j in jobs if j.dataset == ds and j.stage == "score"
-                and job_state(j) == "done"]
+                and is_done(j.out)]
         searches = [f"{j.id.split('/', 1)[1].replace('/', '_')}={j.out}" for j in jobs
-                    if j.dataset == ds and j.stage == "search" and job_state(j) == "done"]
+                    if j.dataset == ds and j.stage == "search" and is_done(j.out)]
         total = sum(j.dataset == ds and j.stage == "score" for j in jobs)
         if not rows:
             print(f"{ds}: no scored run yet")
@@ -543,7 +543,7 @@ def get_args(argv=None):
 
 
 def print_status(c, jobs, selected):
-    live = slurm_states(recorded(j).get("slurm_job") for j in jobs)
+    live = live_states(jobs)
     states = job_states(jobs, live)
     print_counts(counts(selected, states), f"grid {c['root']}: {len(selected)} jobs"
                  + ("" if live is None else " (states checked with squeue / sacct)"))

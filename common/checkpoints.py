@@ -88,7 +88,7 @@ def resume_training(path, kind, model, optimizer, device):
         if not os.path.isfile(best_path):
             raise InputError(f"{path} names epoch {ckpt['best_epoch'] + 1} as the best, but {best_path} is missing; "
                              "start over with --overwrite")
-        best_epoch = torch.load(best_path, map_location="cpu", weights_only=True)["epoch"]
+        best_epoch = torch.load(best_path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
         if best_epoch < ckpt["best_epoch"]:
             raise InputError(f"{best_path} is from epoch {best_epoch + 1}, older than the best epoch "
                              f"{ckpt['best_epoch'] + 1} that {path} names; start over with --overwrite")

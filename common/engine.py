@@ -72,12 +72,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_iterator(loader, position):
+def resume_iterator(loader, position, each=None):
     """The epoch's loader (same order: the same per-epoch generator), its first `position["done"]` batches
-    skipped (read, not trained on) and the RNG as the mid-epoch checkpoint left it."""
+    skipped (read, not trained on; `each()` after every skipped one, e.g. the full search's val batch) and the
+    RNG as the mid-epoch checkpoint left it."""
     it = iter(loader)
     for _ in range(position["done"] if position else 0):
         next(it)
+        if each:
+            each()
     if position:
         set_rng_state(position["rng"])
     return it
@@ -184,7 +187,7 @@ def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, c
         loader = make_loader(train_set, args.batch_size, True, epoch_generator(args.seed, epoch), args.workers, device)
         save = (lambda pos, e=epoch: save_checkpoint({**training_checkpoint(kind, model, optimizer, e - 1, args, best,
                                                                             meta), "position": pos}, last))
-        on_step = step_saver(getattr(args, "ckpt_every_steps", 0), len(loader), save)
+        on_step = step_saver(args.ckpt_every_steps, len(loader), save)
         train_loss = train_epoch(model, loader, loss_fn, optimizer, device, amp, channels_last, epoch,
                                  position=position if epoch == start_epoch else None, on_step=on_step)
         validate = (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs     # --val_every N, and the last

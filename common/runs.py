@@ -176,6 +176,6 @@ def write_args(args):
         print(f"WARNING: {args.out} was started with commit {commits[-1]} and is resumed with {now}: this run "
               "mixes two versions of the code (args.json lists them under 'commits'); start it over with "
               "--overwrite for a clean result", file=sys.stderr, flush=True)
-    meta["commits"] = commits + [now] if not commits or commits[-1] != now else commits
+    meta["commits"] = commits if commits and commits[-1] == now else commits + [now]
     atomic_write_json(path, meta)
     return meta
