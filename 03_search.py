@@ -108,7 +108,7 @@ def main(args):
                 "cell_channels": args.cell_channels}
     theta0 = make_theta0(**geometry)                                   # θ0 before any update
     skips = IACSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn,
-                           checkpoint_edges=checkpoint_edges(args.checkpoint_edges, device))
+                           checkpoint_edges=checkpoint_edges(args.checkpoint_edges, device), output=args.cell_output)
     init_from_theta0(skips, theta0)                                    # partial-channel ops = slices of θ0
     model.set_skips(skips.to(device))
     if cl:

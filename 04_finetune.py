@@ -27,7 +27,7 @@ import torch
 from common.checkpoints import cell_config, load_frozen_backbone, load_genotype, load_theta0_into, resume_training
 from common.data import SliceDataset
 from common.engine import add_fit_flags, fit, setup_run
-from common.iac import CELL_OUTPUTS, IACSkips, zero_output
+from common.iac import CELL_OUTPUTS, IACSkips
 from common.losses import SegLoss
 from common.skips import build_skips
 from common.runs import add_unfinished_flag, cli, mark_done, require_done, write_args
@@ -76,9 +76,7 @@ def build_model(args, meta):
     skips = IACSkips(genotype, model.skip_channels, model.up_channels, cell_channels, output=args.cell_output)
     if args.init == "theta0":                    # IAC-LTH: reset the found cell to its weights at search start
         load_theta0_into(skips, args.theta0 or os.path.join(os.path.dirname(args.genotype), "theta0.pt"))
-        if args.cell_output == "residual":       # θ0's output conv was drawn for `replace`: start at the skip
-            for cell in skips.cells:
-                zero_output(cell)
+        # (a residual cell's output conv stays at zero: init_from_theta0 starts it at the identity skip)
     model.set_skips(skips)
     model.config = {**model.config, **cell_config(genotype, cell_channels, args.cell_output)}
     return model

@@ -245,15 +245,19 @@ def search_tables(searches, out_dir):
         traj = read_jsonl(tpath)
         s = g["search"]
         recs.append({"search": name, "mode": s["mode"], "dataset": s["dataset"], "backbone": s["encoder"],
-                     "seed": s.get("seed"), "epochs": s["epochs_run"], "minutes": s["seconds"] / 60})
+                     "seed": s.get("seed"), "cell_output": s.get("settings", {}).get("cell_output", "replace"),
+                     "epochs": s["epochs_run"], "minutes": s["seconds"] / 60})
         dynamics_figures(name, traj, g, os.path.join(out_dir, "dynamics"))
     cost = pd.DataFrame(recs)
     rows = []
     for _, r in cost[cost["mode"] == "lth"].iterrows() if not cost.empty else []:
         full = cost[(cost["mode"] == "full") & (cost["dataset"] == r["dataset"]) & (cost["backbone"] == r["backbone"])]
-        same_seed = full[full["seed"] == r["seed"]]                  # an LTH search is paired with its seed's full one
-        f = same_seed.iloc[0] if len(same_seed) else full.iloc[0] if len(full) else None
+        # an LTH search is paired with its seed's full one, searched with the same cell output where there is one
+        pair = [full[(full["seed"] == r["seed"]) & (full["cell_output"] == r["cell_output"])],
+                full[full["seed"] == r["seed"]], full]
+        f = next((c.iloc[0] for c in pair if len(c)), None)
         rows.append({"dataset": r["dataset"], "backbone": r["backbone"], "seed": r["seed"],
+                     "IAC search": f["search"] if f is not None else None, "IAC-LTH search": r["search"],
                      "IAC epochs": int(f["epochs"]) if f is not None else None,
                      "IAC minutes": float(f["minutes"]) if f is not None else float("nan"),
                      "IAC-LTH epochs": int(r["epochs"]), "IAC-LTH minutes": float(r["minutes"]),

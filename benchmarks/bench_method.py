@@ -16,7 +16,10 @@ same flags but the seed:
              with --cell_output residual (the output conv starts at zero, the cell at the identity skip);
              with --late_stop also the LTH search with a later stop (--tau0_rel of --late_kappa) and its cell,
              with --fast_gamma G an LTH search with --gamma G (the demo's 1.5 suits a short cap) and its cell,
-             with --lth_batches B.. LTH searches (γ G when given) at batch B (other steps per epoch) and their cells.
+             with --lth_batches B.. LTH searches (γ G when given) at batch B (other steps per epoch) and their cells,
+             with --search_residual both searches with --cell_output residual (the supernet starts as the identity
+             skip) and their cells trained residual: iac_sres (fresh) and iac_lth_sres (θ0), against iac_res /
+             iac_lth_res, whose cells were searched with `replace` (the one change: the search's cell output).
 Then one 05_evaluate.py over all seeds (case Dice averaged over the seeds, Wilcoxon over the test
 subjects), whose tables are the result. The schedule is the paper's scaled down the same way for both
 searches (cap, warm-up and stage-I/III epochs are flags, recorded in the table's header).
@@ -57,6 +60,8 @@ def get_args(argv=None):
     p.add_argument("--lth_batches", type=int, nargs="*", default=[],
                    help="also LTH searches at these batch sizes (other steps per epoch; --gamma --fast_gamma when "
                         "given) and their cells (θ0): does the stop epoch, and the cell, depend on the steps?")
+    p.add_argument("--search_residual", action="store_true",
+                   help="also both searches with --cell_output residual and their cells trained residual")
     p.add_argument("--record", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     p.add_argument("--reuse_eval", action="store_true", help="keep OUT/eval when it is finished (only re-record)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)     # one seed's chain
@@ -124,6 +129,11 @@ def seed_chain(a, seed):
     runs = {name: (s, init, "replace") for name, (s, init) in cells.items()}
     if a.residual:
         runs.update({"iac_res": ("search_full", "fresh", "residual"), "iac_lth_res": ("search_lth", "theta0", "residual")})
+    if a.search_residual:
+        for mode in ("full", "lth"):
+            once(f"search_{mode}_sres", "03_search", [*bb, "--mode", mode, *search, "--cell_output", "residual"])
+        runs.update({"iac_sres": ("search_full_sres", "fresh", "residual"),
+                     "iac_lth_sres": ("search_lth_sres", "theta0", "residual")})
     for name, (s, init, output) in runs.items():
         once(name, "04_finetune", [*bb, "--genotype", os.path.join(d, s, "genotype.json"), "--init", init,
                                    "--cell_output", output, "--epochs", a.epochs_iii, "--batch_size", a.batch_size])
@@ -153,13 +163,16 @@ def evaluate(a):
     names += ["iac_lth_g"] if a.fast_gamma else []
     names += ["iac_res", "iac_lth_res"] if a.residual else []
     names += [f"iac_lth_b{b}" for b in a.lth_batches]
+    names += ["iac_sres", "iac_lth_sres"] if a.search_residual else []
     runs = [x for s in a.seeds for n in names for x in ("--run", f"{n}={a.out}/seed{s}/{n}")]
     modes = search_modes(a)
     searches = [x for s in a.seeds for m in modes for x in ("--search", f"{m}={a.out}/seed{s}/search_{m}")]
     compare = ["iac:iac_lth", "ref_long:iac", "ref_long:iac_lth", "iac:iac_theta0", "iac_lth:iac_lth_fresh",
                "iac_theta0:iac_lth"] + (["iac_lth:iac_lth_late"] if a.late_stop else []) + \
               (["iac:iac_res", "iac_lth:iac_lth_res", "ref_long:iac_res"] if a.residual else []) + \
-              (["iac:iac_lth_g", "ref_long:iac_lth_g"] if a.fast_gamma else []) + \
+              (["iac:iac_lth_g", "ref_long:iac_lth_g", "iac_lth:iac_lth_g"] if a.fast_gamma else []) + \
+              (["iac_res:iac_sres", "iac_lth_res:iac_lth_sres", "ref_long:iac_sres", "ref_long:iac_lth_sres",
+                "iac_sres:iac_lth_sres"] if a.search_residual else []) + \
               [f"{'iac_lth_g' if a.fast_gamma else 'iac_lth'}:iac_lth_b{b}" for b in a.lth_batches]
     if a.reuse_eval and os.path.isfile(f"{a.out}/eval/done.json"):
         return f"{a.out}/eval"
@@ -171,7 +184,7 @@ def evaluate(a):
 
 def search_modes(a):
     return (("full", "lth") + (("lth_late",) if a.late_stop else ()) + (("lth_g",) if a.fast_gamma else ())
-            + tuple(f"lth_b{b}" for b in a.lth_batches))
+            + tuple(f"lth_b{b}" for b in a.lth_batches) + (("full_sres", "lth_sres") if a.search_residual else ()))
 
 
 def search_rows(a):
@@ -208,7 +221,8 @@ def main(a):
     piv = sr.pivot(index="seed", columns="search", values="seconds")
     sr_md = sr.to_string(index=False)
     st_md = stage_i_rows(a).to_string(index=False)
-    ratio = {m: (piv["full"] / piv[m]).round(2).to_dict() for m in piv.columns if m != "full"}
+    full_of = (lambda m: "full_sres" if m.endswith("_sres") else "full")     # each LTH search against its full one
+    ratio = {m: (piv[full_of(m)] / piv[m]).round(2).to_dict() for m in piv.columns if not m.startswith("full")}
     print(f"\nstage I:\n{st_md}\nsearches:\n{sr_md}\nfull / LTH search time per seed: {ratio}\nstudy: {time.time() - t0:.0f} s")
     if a.record:
         body = (f"Machine: {machine()}\n\nWarped MNI152 subjects (`make_mni_dataset.py`: {a.subjects} subjects, "

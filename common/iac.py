@@ -20,9 +20,9 @@ Drop it into your own U-Net (the decoder calls `skips(level, skip, up)`):
     genotype = skips.derive_genotype()                      # Eq. (12) + top-2 edges per node
     final = IACSkips(genotype, [64, 128, 256, 512], [64, 128, 256, 512])   # full width, affine BN
 
-A frozen decoder that should first see its own skip tensor: `IACSkips(..., output="residual")` returns
-skip + the cell's output conv, started at zero (`zero_output` again after loading θ0); the paper's `replace`
-is the default.
+A frozen decoder that should first see its own skip tensor: `IACSkips(..., output="residual")` (and
+`IACSearchSkips(..., output="residual")` for the search) returns skip + the cell's output conv, started at
+zero (again after loading θ0); the paper's `replace` is the default.
 
 Volumetric U-Nets: pass `dims=3` to IACSearchSkips, IACSkips and make_theta0 (3-D ops; the genotype
 JSON and the θ0 layout are the same as in 2-D).
@@ -255,10 +255,11 @@ class IACSearchSkips(nn.Module):
     Called as `skips(level, skip, up)`; `prepare(features)` is the identity. `checkpoint_edges`: keep only each
     edge's input and recompute its ops in the backward pass (torch.utils.checkpoint): the same gradients and
     BatchNorm statistics for several times less activation memory, at the cost of a second forward of the ops.
-    `dims`: 2 or 3 (volumetric cells: 3-D convolutions and pools, the same α, β, genotype and θ0 layout)."""
+    `dims`: 2 or 3 (volumetric cells: 3-D convolutions and pools, the same α, β, genotype and θ0 layout).
+    `output`: how each cell's output enters the decoder (CELL_OUTPUTS); `residual` searches from the identity skip."""
 
     def __init__(self, skip_channels, up_channels, cell_channels=None, pc_k=4, beta_fn="tanh",
-                 checkpoint_edges=False, dims=2):
+                 checkpoint_edges=False, dims=2, output="replace"):
         super().__init__()
         self.pc_k, self.beta_fn = pc_k, beta_fn
         self.alpha = nn.Parameter(torch.zeros(len(EDGES), len(OPS)))     # constant init (paper)
@@ -266,7 +267,7 @@ class IACSearchSkips(nn.Module):
         self.register_buffer("op_mask", torch.ones(len(EDGES), len(OPS), dtype=torch.bool))
         self.register_buffer("edge_mask", torch.ones(len(EDGES), dtype=torch.bool))
         widths = _widths(skip_channels, cell_channels)
-        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, checkpoint_edges, dims)
+        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, checkpoint_edges, dims, output)
                                     for cs, cu, C in zip(skip_channels, up_channels, widths)])
 
     def arch_parameters(self):
@@ -359,7 +360,8 @@ def make_theta0(skip_channels, up_channels, cell_channels=None, dims=2):
 @torch.no_grad()
 def init_from_theta0(skips, theta0, strict_shapes=False):
     """Load θ0 into a search supernet (partial-channel ops take the leading slices) or into a
-    discrete IACSkips (every key must be present at full width)."""
+    discrete IACSkips (every key must be present at full width). θ0's output conv was drawn for `replace`:
+    a residual cell's output conv is set to zero again, so it starts as the identity skip."""
     own = skips.state_dict()
     for k, v in own.items():
         if k in ("alpha", "beta", "op_mask", "edge_mask"):
@@ -373,6 +375,9 @@ def init_from_theta0(skips, theta0, strict_shapes=False):
                 (strict_shapes and src.shape != v.shape):
             raise ValueError(f"θ0 entry {k} has shape {tuple(src.shape)}, the cell needs {tuple(v.shape)}")
         v.copy_(src[tuple(slice(0, n) for n in v.shape)])
+    for cell in skips.cells:
+        if cell.residual:
+            zero_output(cell)
 
 
 # --------------------------------------------------------------------------- genotype files

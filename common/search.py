@@ -16,7 +16,7 @@ from collections import namedtuple
 
 import torch
 
-from common.iac import EDGE_RULES, EDGES, OPS, edge_scores, top2_incoming
+from common.iac import CELL_OUTPUTS, EDGE_RULES, EDGES, OPS, edge_scores, top2_incoming
 from common.lth import JS_SUPPORTS, LTHState, all_edges_single
 
 Setting = namedtuple("Setting", "name type default help choices nargs", defaults=(None, None))
@@ -51,7 +51,12 @@ SEARCH_SETTINGS = (
             "auto: on CUDA, off on the CPU", ("auto", "on", "off")),
     Setting("edge_rule", str, "w", "rank a node's incoming edges by w' (paper Sec. 3.4) or by "
             "max_o softmax(α)·w' (max_importance, PC-DARTS)", EDGE_RULES),
+    Setting("cell_output", str, "replace", "how the supernet's cells enter the frozen decoder during the search: "
+            "replace (paper Eq. 1: the output conv takes the skip's place) or residual (skip + that conv, started "
+            "at zero: the search starts from the identity skip; this project's option, train the cell with "
+            "04_finetune.py --cell_output residual)", CELL_OUTPUTS),
 )
+DEFAULTS = {s.name: s.default for s in SEARCH_SETTINGS}
 # what changes a search's result besides SEARCH_SETTINGS: --resume refuses to change these
 RESULT_FLAGS = tuple(s.name for s in SEARCH_SETTINGS if s.name != "checkpoint_edges") + (
     "mode", "batch_size", "seed", "cell_channels")
@@ -103,8 +108,10 @@ def settings_from_env(environ=None, prefix="IAC_"):
 
 
 def changed_settings(old, new):
-    """The result-changing flags that differ between a checkpoint's args and this invocation's."""
+    """The result-changing flags that differ between a checkpoint's args and this invocation's (a setting a
+    checkpoint predates counts as its default)."""
     norm = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    old = {**{k: v for k, v in DEFAULTS.items() if k not in old}, **old}
     return {k: (old.get(k), new.get(k)) for k in RESULT_FLAGS if norm(old.get(k)) != norm(new.get(k))}
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT
 from common.backbones import UNet
 from common.data import read_meta
-from common.iac import IACSkips, make_theta0, init_from_theta0, zero_output
+from common.iac import IACSearchSkips, IACSkips, make_theta0, init_from_theta0
 
 import make_mni_dataset  # noqa: E402  (benchmarks/ is on sys.path: conftest.py)
 
@@ -46,8 +46,8 @@ def test_mni_subjects_pass_the_nnunet_reader_with_their_split(tmp_path, scripts)
 
 
 def test_residual_cell_starts_as_the_identity_skip():
-    """--cell_output residual: at the start (fresh or after the θ0 reset) the U-Net computes exactly what the
-    frozen reference computes; `replace` (the paper's) does not."""
+    """--cell_output residual: at the start (fresh, after the θ0 reset, and the search's supernet loaded from θ0)
+    the U-Net computes exactly what the frozen reference computes; `replace` (the paper's) does not."""
     torch.manual_seed(0)
     ref = UNet("base", 1, 3, "ref", width=4).eval()
     x = torch.randn(2, 1, 32, 32)
@@ -60,24 +60,25 @@ def test_residual_cell_starts_as_the_identity_skip():
             net.set_skips(skips.eval())
             assert torch.allclose(net(x), y_ref) == same
         init_from_theta0(skips, make_theta0(net.skip_channels, net.up_channels), strict_shapes=True)
-        res = IACSkips(GENO, net.skip_channels, net.up_channels, output="residual")
-        init_from_theta0(res, make_theta0(net.skip_channels, net.up_channels), strict_shapes=True)
-        assert res.cells[0].out.weight.abs().sum() > 0                     # θ0's output conv is not zero ...
-        for cell in res.cells:
-            zero_output(cell)                                               # ... 04_finetune zeroes it
-        net.set_skips(res.eval())
-        assert torch.allclose(net(x), y_ref)
+        theta0 = make_theta0(net.skip_channels, net.up_channels)
+        assert theta0["cells.0.out.weight"].abs().sum() > 0                 # θ0's output conv is not zero ...
+        for res in (IACSkips(GENO, net.skip_channels, net.up_channels, output="residual"),
+                    IACSearchSkips(net.skip_channels, net.up_channels, output="residual")):
+            init_from_theta0(res, theta0)                                   # ... a residual cell's is, after loading
+            net.set_skips(res.eval())
+            assert torch.allclose(net(x), y_ref)
 
 
 def test_the_study_in_miniature(tmp_path):
     """bench_method.py --tiny: data, every stage-I/II/III run of two seeds, one 05 table over both seeds."""
     out = str(tmp_path / "study")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_method.py"), "--tiny", "--seeds", "0",
-                        "1", "--jobs", "2", "--residual", "--out", out], capture_output=True, text=True, cwd=ROOT)
+                        "1", "--jobs", "2", "--residual", "--search_residual", "--out", out], capture_output=True,
+                       text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_csv(f"{out}/eval/per_patient.csv")
     methods = {"ref", "att", "nested", "ref_long", "iac", "iac_lth", "iac_theta0", "iac_lth_fresh", "iac_res",
-               "iac_lth_res"}
+               "iac_lth_res", "iac_sres", "iac_lth_sres"}
     assert set(df["method"]) == methods and set(df["seed"]) == {0, 1} and set(df["metric"]) == {"dice", "hd95", "nsd"}
     assert df[df["method"] == "iac"]["patient"].nunique() == 3               # the --test subjects of split.json
     paired = pd.read_csv(f"{out}/eval/paired.csv")
@@ -89,7 +90,12 @@ def test_the_study_in_miniature(tmp_path):
         assert len(long) == 2 * len(ref) and [r["train_loss"] for r in ref] == [r["train_loss"] for r in long[:len(ref)]]
     assert "full / LTH search time per seed" in r.stdout
     cost, runs = pd.read_csv(f"{out}/eval/search_cost.csv"), pd.read_csv(f"{out}/eval/search_runs.csv")
-    assert sorted(cost["seed"]) == [0, 1]                  # each LTH search beside its own seed's full search
+    assert sorted(cost["seed"]) == [0, 0, 1, 1]            # each LTH search beside its own seed's full search ...
     for _, r in cost.iterrows():
-        own = runs[(runs["mode"] == "full") & (runs["seed"] == r["seed"])]["minutes"]
-        assert float(own.iloc[0]) == r["IAC minutes"]
+        own = runs[(runs["mode"] == "full") & (runs["seed"] == r["seed"])
+                   & (runs["search"] == ("full_sres" if r["IAC-LTH search"] == "lth_sres" else "full"))]["minutes"]
+        assert float(own.iloc[0]) == r["IAC minutes"]     # ... searched with the same cell output
+    for seed in (0, 1):
+        g = json.load(open(f"{out}/seed{seed}/search_lth_sres/genotype.json"))["search"]["settings"]
+        assert g["cell_output"] == "residual"
+        assert json.load(open(f"{out}/seed{seed}/iac_lth_sres/args.json"))["args"]["cell_output"] == "residual"
