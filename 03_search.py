@@ -29,17 +29,18 @@ from tqdm import tqdm
 
 from common.checkpoints import (load_frozen_backbone, resume_search, save_checkpoint, save_theta0,
                                 search_checkpoint)
-from common.data import SliceDataset
+from common.data import SliceDataset, read_meta
 from common.engine import (EpochTimer, check_finite, make_loader, resume_iterator, setup_run, step_saver, stop_early,
                            to_device)
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
+from common.memory import GIB, checkpoint_plan, describe, plan_for_run, search_memory, step_bytes
 from common.lth import all_edges_single
 from common.runs import add_unfinished_flag, check_stop, cli, mark_done, require_done, write_args
-from common.search import (add_search_flags, arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch,
+from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch,
                            expected_stop, keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
-from common.utils import JsonlLog, add_run_flags, autocast, epoch_generator, peak_gpu_mib, read_jsonl
+from common.utils import JsonlLog, add_run_flags, autocast, epoch_generator, peak_gpu_mib, pick_device, read_jsonl
 
 
 def get_args(argv=None):
@@ -53,6 +54,9 @@ def get_args(argv=None):
     add_search_flags(p)                             # every search hyperparameter: common/search.py
     add_run_flags(p)
     add_unfinished_flag(p)
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the step's memory estimate on this device (per cell level, stored and checkpointed, "
+                        "and the --checkpoint_edges plan) and whether it fits; writes nothing, exits 1 if it does not fit")
     return resolve_threshold(p.parse_args(argv))
 
 
@@ -98,7 +102,40 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
     return {k: sums[k] / max(sums["n"], 1) for k in ("train_loss", "val_loss")}
 
 
+def search_skips(args, model):
+    """The supernet of this search on the CPU, every level stored (the memory plan sets checkpointing per level)."""
+    return IACSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn,
+                          output=args.cell_output, lean=args.lean_step == "on")
+
+
+def dry_run(args):
+    """--dry_run: the memory plan of this search at its batch and crop on this device, before anything is written."""
+    meta, device = read_meta(args.data), pick_device(args.device)
+    model, _ = load_frozen_backbone(args.backbone, meta)
+    skips = search_skips(args, model)
+    amp = args.amp and device.type == "cuda"
+    est = search_memory(model, skips, args.batch_size, model.config["in_channels"], meta["crop"],
+                        torch.bfloat16 if amp else torch.float32)
+    n = len(skips.cells)
+    budget = 0.9 * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if args.checkpoint_edges == "auto" and budget is not None:
+        plan, _, fits = checkpoint_plan(est, budget)
+    else:                                                              # on / off, or auto on the CPU (off)
+        plan = [args.checkpoint_edges == "on"] * n
+        fits = budget is None or step_bytes(est, plan) <= budget
+    print("\n".join(describe(est, plan, budget)))
+    if budget is None:
+        print(f"(device {device}: no GPU memory to compare with; run --dry_run on the GPU machine for the verdict)")
+        return
+    print("fits" if fits else f"does not fit in {budget / GIB:.1f} GiB: lower --batch_size, use --checkpoint_edges "
+          "auto or on, or a smaller --cell_channels")
+    if not fits:
+        raise SystemExit(1)
+
+
 def main(args):
+    if args.dry_run:
+        return dry_run(args)
     device, amp, cl, meta, splits, last = setup_run(args, "search")
 
     model, bb = load_frozen_backbone(args.backbone, meta)
@@ -107,9 +144,12 @@ def main(args):
     geometry = {"skip_channels": model.skip_channels, "up_channels": model.up_channels,
                 "cell_channels": args.cell_channels}
     theta0 = make_theta0(**geometry)                                   # θ0 before any update
-    skips = IACSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn,
-                           checkpoint_edges=checkpoint_edges(args.checkpoint_edges, device), output=args.cell_output)
+    skips = search_skips(args, model)
     init_from_theta0(skips, theta0)                                    # partial-channel ops = slices of θ0
+    plan, lines = plan_for_run(args.checkpoint_edges, device, model, skips, args.batch_size, meta["crop"], amp)
+    for cell, on in zip(skips.cells, plan):                            # --checkpoint_edges: per level
+        cell.checkpoint_edges = on
+    print("\n".join(lines + [f"checkpointed cell levels: {[lv for lv, on in enumerate(plan) if on] or 'none'}"]))
     model.set_skips(skips.to(device))
     if cl:
         model = model.to(memory_format=torch.channels_last)

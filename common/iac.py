@@ -43,6 +43,7 @@ N_INPUTS = 2
 NODES = (2, 3, 4, 5)
 EDGES = tuple((i, j) for j in NODES for i in range(j))          # 14 edges: (0,2), (1,2), (0,3), ...
 IN_EDGES = {j: [e for e, (i, jj) in enumerate(EDGES) if jj == j] for j in NODES}
+OUT_EDGES = {i: [e for e, (ii, j) in enumerate(EDGES) if ii == i] for i in range(N_INPUTS + len(NODES) - 1)}
 FULL_GENOTYPE_EDGES = {e: OPS for e in range(len(EDGES))}         # every op on every edge (supernet, θ0)
 # How a cell's output enters the decoder: `replace` (paper Sec. 3.1, Eq. 1: the 1x1 conv of the concatenated
 # nodes takes the identity skip's place) or `residual` (skip + that conv, the conv starting at zero, so the
@@ -174,14 +175,15 @@ class Edge(nn.Module):
 class Cell(nn.Module):
     """One IAC at one skip level. `edges` maps edge index -> op names on that edge."""
 
-    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4, checkpoint_edges=False, dims=2, output="replace"):
+    def __init__(self, c_skip, c_up, C, edges, search, pc_k=4, checkpoint_edges=False, dims=2, output="replace",
+                 lean=False):
         super().__init__()
         if output not in CELL_OUTPUTS:
             raise ValueError(f"unknown cell output {output!r}; known: {', '.join(CELL_OUTPUTS)}")
         if search and C % pc_k:
             raise ValueError(f"cell width {C} is not divisible by the partial-channel K={pc_k}")
         affine, Conv, BN = not search, conv_nd(dims), bn_nd(dims)
-        self.search, self.checkpoint_edges = search, checkpoint_edges
+        self.search, self.checkpoint_edges, self.lean, self.k = search, checkpoint_edges, lean and search, pc_k
         self.pre0 = nn.Sequential(nn.ReLU(), Conv(c_skip, C, 1, bias=False), BN(C, affine=affine))
         self.pre1 = nn.Sequential(nn.ReLU(), Conv(c_up, C, 1, bias=False), BN(C, affine=affine))
         self.edges = nn.ModuleDict({str(e): Edge(C, ops, search, pc_k, dims) for e, ops in sorted(edges.items())})
@@ -192,6 +194,8 @@ class Cell(nn.Module):
 
     def forward(self, skip, up, op_w=None, edge_w=None):
         states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, *spatial)
+        if self.lean:
+            return self._output(skip, self._lean_nodes(states, op_w, edge_w))
         for j in NODES:
             terms = []
             for e in IN_EDGES[j]:
@@ -207,8 +211,69 @@ class Cell(nn.Module):
                 else:
                     terms.append(edge(states[i]))
             states.append(sum(terms))
+        return self._output(skip, states)
+
+    def _output(self, skip, states):
         out = self.out(torch.cat(states[N_INPUTS:], dim=1))                # Eq. (1): (B, C_skip, *spatial)
         return skip + out if self.residual else out
+
+    # ----------------------------------------------------------------- the lean search step (same math)
+    # Eq. (4) + (9) regrouped by the node an edge starts from, not edge by edge: every edge leaving node i sees the
+    # same C/K channels xa_i, so the parameter-free ops (skip, pools and their non-affine BN) and the first ReLU of
+    # the convolution ops are computed once per node, and each convolution op runs once for all edges leaving i
+    # (their weights concatenated, grouped convolutions: the same sums per channel). The channel shuffle is a
+    # fixed permutation, so Σ_e w'_e·shuffle(cat(op_e, xb_e)) = shuffle(cat(Σ_e w'_e·op_e, Σ_e w'_e·xb_e)): one
+    # concatenation and shuffle per node instead of one per edge. Parameters and buffers stay where they are.
+    def _lean_nodes(self, states, op_w, edge_w):
+        coef = op_w * edge_w[:, None]                                        # w'_e · softmax(α_e)_o, Eq. (2), (9)
+        acc = {j: None for j in NODES}                                       # node j: (Σ w'·op(xa), Σ w'·xb)
+        for i in OUT_EDGES:
+            if i >= N_INPUTS:                                                # every edge into i has been summed
+                states.append(self._merge(acc[i], states[0]))
+            edges = [e for e in OUT_EDGES[i] if str(e) in self.edges]
+            if not edges:
+                continue
+            c = states[i].shape[1] // self.k
+            xa, xb = states[i][:, :c], states[i][:, c:]                      # Eq. (4): C/K channels in
+            if self.checkpoint_edges and torch.is_grad_enabled():           # recomputed in backward
+                mods = [self.edges[str(e)] for e in edges]
+                ys = checkpoint(self._from_node, xa, coef, edges, use_reentrant=False,
+                                context_fn=functools.partial(_recompute_without_bn_update, *mods))
+            else:
+                ys = self._from_node(xa, coef, edges)
+            for e, y in zip(edges, ys):
+                j = EDGES[e][1]
+                term = (y, edge_w[e] * xb)
+                acc[j] = term if acc[j] is None else (acc[j][0] + term[0], acc[j][1] + term[1])
+        states.append(self._merge(acc[NODES[-1]], states[0]))
+        return states
+
+    def _merge(self, acc, like):
+        if acc is None:                                                      # a node whose edges were all pruned
+            return torch.zeros_like(like)
+        return channel_shuffle(torch.cat(acc, dim=1), self.k) if self.k > 1 else acc[0]
+
+    def _from_node(self, xa, coef, edges):
+        """Σ_o w'_e·w_{e,o}·op_o(xa) for every edge e leaving one node (a list in the order of `edges`)."""
+        out = [None] * len(edges)
+        relu = None
+        for o, name in enumerate(OPS):
+            has = [n for n, e in enumerate(edges) if name in self.edges[str(edges[n])].ops]
+            if not has:
+                continue
+            mods = [self.edges[str(edges[n])].ops[name] for n in has]
+            if name == "skip_connect":
+                ys = [xa] * len(has)
+            elif name in ("max_pool_3x3", "avg_pool_3x3"):
+                y = mods[0][0](xa)                                           # one pool and BN for all edges
+                ys = [_shared_batch_norm(y, [m[1] for m in mods])] * len(has)
+            else:
+                relu = F.relu(xa) if relu is None else relu                  # the ReLU each conv op begins with
+                ys = _batched_conv_op(mods, relu)
+            for n, y in zip(has, ys):
+                term = coef[edges[n], o] * y
+                out[n] = term if out[n] is None else out[n] + term
+        return out
 
 
 @torch.no_grad()
@@ -218,27 +283,72 @@ def zero_output(cell):
     cell.out.bias.zero_()
 
 
+def _shared_batch_norm(y, bns):
+    """The training-mode BatchNorm of `y` for several BN modules that see the same input: normalised once, every
+    module's running statistics updated as its own forward would update them."""
+    out = bns[0](y)
+    if len(bns) > 1:
+        with torch.no_grad():
+            var, mean = torch.var_mean(y, dim=[d for d in range(y.dim()) if d != 1], correction=1)
+            for bn in bns[1:]:
+                bn.running_mean.lerp_(mean, bn.momentum)
+                bn.running_var.lerp_(var, bn.momentum)
+                bn.num_batches_tracked.add_(1)
+    return out
+
+
+def _batched_conv_op(mods, x):
+    """One convolution op (SepConv / DilConv, after its first ReLU) of several edges on the same input `x`, run as
+    one grouped convolution chain over their concatenated weights; returns each edge's output."""
+    if len(mods) == 1:
+        for layer in list(mods[0])[1:]:
+            x = layer(x)
+        return [x]
+    n = len(mods)
+    y = x.repeat(1, n, *[1] * (x.dim() - 2))                                 # (B, n·C/K, *spatial)
+    for layers in zip(*[list(m)[1:] for m in mods]):
+        first = layers[0]
+        if isinstance(first, nn.ReLU):
+            y = F.relu(y)
+        elif isinstance(first, nn.modules.batchnorm._BatchNorm):
+            rm = torch.cat([b.running_mean for b in layers])
+            rv = torch.cat([b.running_var for b in layers])
+            y = F.batch_norm(y, rm, rv, None, None, True, first.momentum, first.eps)
+            with torch.no_grad():
+                for b, m, v in zip(layers, rm.chunk(n), rv.chunk(n)):
+                    b.running_mean.copy_(m)
+                    b.running_var.copy_(v)
+                    b.num_batches_tracked.add_(1)
+        else:                                                                # depthwise or 1x1 conv, no bias
+            conv = F.conv2d if isinstance(first, nn.Conv2d) else F.conv3d
+            y = conv(y, torch.cat([c.weight for c in layers]), None, first.stride, first.padding, first.dilation,
+                     first.groups * n)
+    return list(y.chunk(n, dim=1))
+
+
 def _weighted_edge(edge, x, op_w, edge_w):
     return edge_w * edge(x, op_w)                                            # Eq. (9): w'_e · mixed op
 
 
 @contextlib.contextmanager
-def _bn_stats_frozen(module):
+def _bn_stats_frozen(*modules):
     """While an edge is recomputed in the backward pass, its BatchNorms must not update their running
-    statistics a second time: momentum 0 leaves them as the forward pass left them."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
+    statistics a second time: momentum 0 leaves them as the forward pass left them, and their batch counts
+    are put back."""
+    bns = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
     for m in bns:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(bns, saved):
+        for m, (momentum, count) in zip(bns, saved):
             m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
-def _recompute_without_bn_update(module):
-    return contextlib.nullcontext(), _bn_stats_frozen(module)
+def _recompute_without_bn_update(*modules):
+    return contextlib.nullcontext(), _bn_stats_frozen(*modules)
 
 
 def _widths(skip_channels, cell_channels):
@@ -252,14 +362,16 @@ def _widths(skip_channels, cell_channels):
 class IACSearchSkips(nn.Module):
     """The supernet: one search cell per skip level, α and β shared by all levels.
 
-    Called as `skips(level, skip, up)`; `prepare(features)` is the identity. `checkpoint_edges`: keep only each
-    edge's input and recompute its ops in the backward pass (torch.utils.checkpoint): the same gradients and
-    BatchNorm statistics for several times less activation memory, at the cost of a second forward of the ops.
+    Called as `skips(level, skip, up)`; `prepare(features)` is the identity. `checkpoint_edges` (one bool, or one
+    per level): keep only each edge's input and recompute its ops in the backward pass (torch.utils.checkpoint): the
+    same gradients and BatchNorm statistics for several times less activation memory, for a second forward of the ops.
     `dims`: 2 or 3 (volumetric cells: 3-D convolutions and pools, the same α, β, genotype and θ0 layout).
-    `output`: how each cell's output enters the decoder (CELL_OUTPUTS); `residual` searches from the identity skip."""
+    `output`: how each cell's output enters the decoder (CELL_OUTPUTS); `residual` searches from the identity skip.
+    `lean`: the step regrouped by source node (Cell._lean_nodes: shared parameter-free ops, grouped convolutions,
+    one merge per node), the same math as `lean=False`, edge by edge as Eq. (4) and (9) are written."""
 
     def __init__(self, skip_channels, up_channels, cell_channels=None, pc_k=4, beta_fn="tanh",
-                 checkpoint_edges=False, dims=2, output="replace"):
+                 checkpoint_edges=False, dims=2, output="replace", lean=True):
         super().__init__()
         self.pc_k, self.beta_fn = pc_k, beta_fn
         self.alpha = nn.Parameter(torch.zeros(len(EDGES), len(OPS)))     # constant init (paper)
@@ -267,8 +379,10 @@ class IACSearchSkips(nn.Module):
         self.register_buffer("op_mask", torch.ones(len(EDGES), len(OPS), dtype=torch.bool))
         self.register_buffer("edge_mask", torch.ones(len(EDGES), dtype=torch.bool))
         widths = _widths(skip_channels, cell_channels)
-        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, checkpoint_edges, dims, output)
-                                    for cs, cu, C in zip(skip_channels, up_channels, widths)])
+        ckpt = list(checkpoint_edges) if isinstance(checkpoint_edges, (list, tuple)) else \
+            [checkpoint_edges] * len(skip_channels)                          # one flag for all levels, or per level
+        self.cells = nn.ModuleList([Cell(cs, cu, C, FULL_GENOTYPE_EDGES, True, pc_k, ck, dims, output, lean)
+                                    for cs, cu, C, ck in zip(skip_channels, up_channels, widths, ckpt)])
 
     def arch_parameters(self):
         return [self.alpha, self.beta]

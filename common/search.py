@@ -49,6 +49,9 @@ SEARCH_SETTINGS = (
             "them (activation checkpointing): same result, far less GPU memory, ~1/3 more compute; at the paper's "
             "batch 128 and 256x256 the supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md); "
             "auto: on CUDA, off on the CPU", ("auto", "on", "off")),
+    Setting("lean_step", str, "on", "on: the supernet step regrouped by source node (shared pools, skip and ReLU, "
+            "grouped convolutions over the edges leaving a node, one partial-channel merge per node); off: edge by "
+            "edge as Eq. (4), (9) are written. The same math (a test pins every gradient in float64)", ("on", "off")),
     Setting("edge_rule", str, "w", "rank a node's incoming edges by w' (paper Sec. 3.4) or by "
             "max_o softmax(α)·w' (max_importance, PC-DARTS)", EDGE_RULES),
     Setting("cell_output", str, "replace", "how the supernet's cells enter the frozen decoder during the search: "
@@ -58,7 +61,7 @@ SEARCH_SETTINGS = (
 )
 DEFAULTS = {s.name: s.default for s in SEARCH_SETTINGS}
 # what changes a search's result besides SEARCH_SETTINGS: --resume refuses to change these
-RESULT_FLAGS = tuple(s.name for s in SEARCH_SETTINGS if s.name != "checkpoint_edges") + (
+RESULT_FLAGS = tuple(s.name for s in SEARCH_SETTINGS if s.name not in ("checkpoint_edges", "lean_step")) + (
     "mode", "batch_size", "seed", "cell_channels")
 
 

@@ -288,7 +288,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")     # (auto: on where nnU-Net takes CUDA)
         return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn,
                                            checkpoint_edges(s.checkpoint_edges, gpu), dims=net_dims(net),
-                                           output=s.cell_output))
+                                           output=s.cell_output, lean=s.lean_step == "on"))
 
     def _do_i_compile(self):
         return False                          # pruning changes the graph; no torch.compile for the search

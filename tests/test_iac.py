@@ -230,6 +230,102 @@ def test_checkpointed_edges_same_gradients_and_bn_statistics():
     assert any(not torch.all(v == 0) for n, v in stats[1].items() if "running_mean" in n)   # they did update
 
 
+@pytest.mark.parametrize("mode", ["lth", "full"])
+def test_lean_step_pins_today_step_in_float64(mode):
+    """The lean supernet step (shared parameter-free ops, grouped convolutions, one merge per node) against the
+    edge-by-edge step of Eq. (4) and (9), in float64 over several search steps with ops and a whole edge pruned
+    between them, checkpointed and not, 2-D and 3-D: the same losses, every gradient of α, β and the cell
+    weights, the updated weights and the BatchNorm running statistics."""
+    from common.search import arch_optimizer, search_step, weight_optimizer
+    for dims, ckpt in ((2, False), (2, True), (3, False)):
+        size = (12, 12) if dims == 2 else (6, 6, 6)
+        torch.manual_seed(0)
+        plain = IACSearchSkips([8, 12], [16, 8], dims=dims, lean=False).double()
+        with torch.no_grad():
+            plain.alpha.normal_()
+            plain.beta.normal_()
+        lean = IACSearchSkips([8, 12], [16, 8], dims=dims, lean=True, checkpoint_edges=ckpt).double()
+        lean.load_state_dict(plain.state_dict())
+        torch.manual_seed(1)
+        batches = [[(torch.randn(3, cs, *size, dtype=torch.float64), torch.randn(3, cu, *size, dtype=torch.float64))
+                    for cs, cu in ((8, 16), (12, 8))] for _ in range(3)]
+        prunes = [[], [(0, 1), (0, 2), (4, 3), (4, 6), (7, 0)], [(1, o) for o in range(6)]]
+        runs = []
+        for s in (plain, lean):
+            w_opt, a_opt = weight_optimizer(s, 0.05), arch_optimizer(s, 0.01, (0.5, 0.999), 1e-3)
+
+            def loss_of(batch, s=s):
+                s.prepare(None)
+                return sum(s(level, *xs).square().mean() for level, xs in enumerate(batch))
+
+            record = []
+            for step, batch in enumerate(batches):
+                for e, o in prunes[step]:
+                    s.prune_op(e, o)
+                if step == 2:
+                    s.prune_edge(9)
+                w_opt = weight_optimizer(s, 0.05)
+                losses = search_step(mode, True, s, w_opt, a_opt, loss_of, batch, lambda b=batches[step - 1]: b)
+                record.append((losses, {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}))
+            runs.append((record, {n: t.clone() for n, t in s.state_dict().items()}))
+        (rec_p, state_p), (rec_l, state_l) = runs
+        for (loss_p, grad_p), (loss_l, grad_l) in zip(rec_p, rec_l):
+            assert [v is None for v in loss_p] == [v is None for v in loss_l] == [False, mode == "lth"]
+            assert [v for v in loss_l if v is not None] == pytest.approx([v for v in loss_p if v is not None],
+                                                                         rel=1e-12, abs=1e-14)
+            assert grad_p.keys() == grad_l.keys() and {"alpha", "beta"} <= set(grad_p)
+            for n in grad_p:
+                torch.testing.assert_close(grad_l[n], grad_p[n], rtol=1e-10, atol=1e-13, msg=f"{dims}-D {n}")
+        assert state_p.keys() == state_l.keys()
+        for n in state_p:                                  # weights after the updates, BN statistics, masks
+            torch.testing.assert_close(state_l[n], state_p[n], rtol=1e-10, atol=1e-13, msg=f"{dims}-D {n}")
+
+
+def test_memory_estimate_counts_what_backward_keeps():
+    """common/memory.py: the meta-device count (shapes only, used at batch 128 and 256x256) equals the same count on
+    real CPU tensors; checkpointing keeps less at every level, the lean step less than the edge-by-edge one; the
+    plan checkpoints nothing when the step fits, the levels that save most first, and says when nothing fits."""
+    from common.backbones import UNet
+    from common.memory import checkpoint_plan, search_memory, step_bytes
+    torch.manual_seed(0)
+    net = UNet("base", 1, 3, "ref", width=4)
+    net.freeze_backbone()
+    ests = {}
+    for lean in (False, True):
+        skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=lean)
+        ests[lean] = search_memory(net, skips, 2, 1, (32, 32))
+        cpu = search_memory(net, skips, 2, 1, (32, 32), device="cpu")
+        assert cpu["levels"] == ests[lean]["levels"] and cpu["params"] == ests[lean]["params"]
+        assert cpu["rest"] == pytest.approx(ests[lean]["rest"], rel=0.01)     # eval BN: (C,) stats on meta, () on CPU
+        assert all(0 < lv["checkpointed"] < lv["stored"] / 2 for lv in ests[lean]["levels"])
+        assert ests[lean]["rest"] > 0 and isinstance(skips.cells[0].checkpoint_edges, bool)   # skips untouched
+    assert all(a["stored"] < b["stored"] for a, b in zip(ests[True]["levels"], ests[False]["levels"]))
+    doubled = search_memory(net, skips, 4, 1, (32, 32))                 # activations scale with the batch
+    assert doubled["levels"][0]["stored"] == pytest.approx(2 * ests[True]["levels"][0]["stored"], rel=0.01)
+    est = ests[True]
+    assert checkpoint_plan(est, 10 ** 12)[0] == [False] * 4
+    plan, need, fits = checkpoint_plan(est, 0)
+    assert plan == [True] * 4 and not fits and need == step_bytes(est, plan)
+    one = step_bytes(est, [True, False, False, False])                 # level 0 saves the most
+    assert checkpoint_plan(est, one) == ([True, False, False, False], one, True)
+    from common.memory import plan_for_run                             # --checkpoint_edges auto on a GPU ...
+    gpu = torch.device("cuda")
+    assert plan_for_run("auto", gpu, net, skips, 2, (32, 32), False, free=10 ** 12)[0] == [False] * 4
+    plan, lines = plan_for_run("auto", gpu, net, skips, 2, (32, 32), False, free=one / 0.9)
+    assert plan == [True, False, False, False] and "checkpointed" in lines[1]
+    assert plan_for_run("auto", torch.device("cpu"), net, skips, 2, (32, 32), False) == ([False] * 4, [])   # ... CPU
+    assert plan_for_run("on", torch.device("cpu"), net, skips, 2, (32, 32), False) == ([True] * 4, [])
+
+
+def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, scripts, acdc, backbone, capsys):
+    s = scripts["03_search"]
+    out = str(tmp_path / "dry")
+    s.main(s.get_args(search_args(acdc, backbone, out, "lth", "--dry_run")))
+    text = capsys.readouterr().out
+    assert "backward memory estimate at batch 32" in text and "cell level 3" in text and "no GPU memory" in text
+    assert not os.path.exists(out)
+
+
 def test_full_step_frees_the_arch_graph_before_the_weight_forward():
     """Bilevel step: autograd.grad on α, β never reaches the ops' internal activations; they must be freed
     before the weight step's forward, not held beside it (measured on an H200: ~20 GB at batch 128)."""

@@ -1,0 +1,171 @@
+"""What a search step keeps for its backward pass, counted before it runs (the plan for --checkpoint_edges auto and
+03_search.py --dry_run).
+
+    est = search_memory(model, skips, batch, in_channels, size, dtype)         # on the meta device: no memory used
+    est["levels"][l] = {"stored": bytes, "checkpointed": bytes}; est["rest"], est["params"]
+    levels = checkpoint_plan(est, budget)                                        # which levels to checkpoint
+
+The count: one forward of the U-Net with its search cells and the loss, on the meta device (shapes only), under
+saved_tensors_hooks; every storage the autograd graph keeps counts once (views share their storage), parameters
+and buffers not at all, and the inputs a checkpointed region keeps for its recomputation are added. Bytes saved
+inside cell l's forward are level l's, the rest (the frozen decoder's activations, the loss) are "rest".
+"""
+import contextlib
+import copy
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import common.iac as iac
+
+GIB = 2 ** 30
+
+
+def _key(t):
+    return t.untyped_storage()._cdata
+
+
+class SavedBytes:
+    """saved_tensors_hooks counting each kept storage once, by the tag active when it was first saved."""
+
+    def __init__(self, exclude=()):
+        self.exclude = {_key(t) for t in exclude}
+        self.kept, self.tag = {}, "rest"
+
+    def add(self, t):
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            k = _key(t)
+            if k not in self.exclude and k not in self.kept:
+                self.kept[k] = (t.untyped_storage().nbytes(), self.tag, t)    # held: the key stays unique
+        return t
+
+    def by_tag(self):
+        out = {}
+        for nbytes, tag, _ in self.kept.values():
+            out[tag] = out.get(tag, 0) + nbytes
+        return out
+
+    @contextlib.contextmanager
+    def counting(self, cells=()):
+        """Count inside this block; `cells[l]`'s forward is tagged l; checkpointed regions add their inputs."""
+        real = iac.checkpoint
+
+        def checkpoint(fn, *args, **kw):
+            for a in args:
+                self.add(a)
+            return real(fn, *args, **kw)
+
+        def enter(level):
+            def pre(*_):
+                self.tag = level
+            return pre
+
+        def leave(*_):
+            self.tag = "rest"
+
+        hooks = [h for level, cell in enumerate(cells) for h in
+                 (cell.register_forward_pre_hook(enter(level)), cell.register_forward_hook(leave))]
+        try:
+            with mock.patch.object(iac, "checkpoint", checkpoint), \
+                    torch.autograd.graph.saved_tensors_hooks(self.add, lambda t: t):
+                yield self
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, device="meta"):
+    """Bytes kept for the backward pass of one search step, per cell level stored and checkpointed, and the rest.
+
+    `model`, `skips`: the frozen U-Net and its IACSearchSkips (on the CPU; copied to meta, left as they are);
+    `dtype`: bfloat16 to stand for AMP (its convolutions keep bf16 activations); `device`: meta (shapes only, any
+    size) or a real one (the same count, with the memory it takes: for checking the meta count)."""
+    net = copy.deepcopy(model).to(device, dtype)
+    skips = copy.deepcopy(skips)
+    skips.cells.to(device, dtype)                             # α, β and the masks stay on the CPU (read in Python)
+    net.train()
+    net.freeze_backbone()                                     # as 03_search.py: backbone frozen, in eval mode
+    n_levels = len(net.skip_channels)
+    x = torch.randn(batch, in_channels, *size, device=device, dtype=dtype)
+    y = torch.randint(0, net.config["num_classes"], (batch, *size), device=device)
+    runs = {}
+    for ckpt in (False, True):
+        for cell in skips.cells:
+            cell.checkpoint_edges = ckpt
+        net.set_skips(skips)
+        params = [*net.parameters(), *net.buffers()]
+        counter = SavedBytes(exclude=params)
+        with counter.counting(skips.cells):
+            skips.prepare(None)
+            logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)                          # stands for SegLoss (same shapes)
+            loss = loss + logits.float().softmax(1).mean()
+        runs[ckpt] = counter.by_tag()
+        runs[ckpt]["params"] = sum(p.numel() * p.element_size() for p in params)
+        runs[ckpt]["cell_params"] = sum(p.numel() * p.element_size() for p in skips.parameters())
+    levels = [{"stored": runs[False].get(level, 0), "checkpointed": runs[True].get(level, 0)} for level in
+              range(n_levels)]
+    return {"levels": levels, "rest": runs[False].get("rest", 0), "params": runs[False]["params"],
+            "cell_params": runs[False]["cell_params"], "batch": batch, "size": list(size), "dtype": str(dtype)}
+
+
+# What a checkpointed step holds besides its kept bytes while it recomputes a region in the backward pass, as a
+# fraction of the largest checkpointed level's stored-minus-kept bytes. 1/6 matches the H200 peaks of the
+# edge-by-edge checkpointed LTH step (bench_gpu.py in RESULTS.md: base 29.8 GiB, VGG-16 49.1, ResNet-50 17.0, against
+# 20.1, 32.2 and 13.7 GiB kept by this count); bench_step_memory.py --calibrate checks the estimate on a CPU step.
+RECOMPUTE_SHARE = 1 / 6
+
+
+def step_bytes(est, checkpoint_levels):
+    """The plan's kept bytes plus what a step holds besides: weights, the cells' gradients (α, β are tiny; SGD keeps
+    no state), and while a checkpointed level is recomputed in backward, RECOMPUTE_SHARE of its stored bytes."""
+    kept = est["rest"] + sum(lv["checkpointed" if c else "stored"] for lv, c in zip(est["levels"], checkpoint_levels))
+    recompute = max([lv["stored"] - lv["checkpointed"] for lv, c in zip(est["levels"], checkpoint_levels) if c] or [0])
+    return est["params"] + est["cell_params"] + kept + int(recompute * RECOMPUTE_SHARE)
+
+
+def checkpoint_plan(est, budget):
+    """Levels to checkpoint so the step fits `budget` bytes: none if it fits stored, else the levels that save the
+    most first. Returns (checkpoint_levels, bytes, fits)."""
+    n = len(est["levels"])
+    plan = [False] * n
+    order = sorted(range(n), key=lambda lv: est["levels"][lv]["checkpointed"] - est["levels"][lv]["stored"])
+    for lv in [None, *order]:
+        if lv is not None:
+            plan[lv] = True
+        need = step_bytes(est, plan)
+        if need <= budget:
+            return plan, need, True
+    return plan, step_bytes(est, plan), False
+
+
+def describe(est, plan=None, budget=None):
+    """The estimate as lines of text (GiB), for --dry_run and the log."""
+    lines = [f"backward memory estimate at batch {est['batch']}, {'x'.join(map(str, est['size']))}, {est['dtype']}: "
+             f"weights {est['params'] / GIB:.2f} GiB, frozen decoder and loss {est['rest'] / GIB:.2f} GiB"]
+    for lv, e in enumerate(est["levels"]):
+        mark = "" if plan is None else ("  <- checkpointed" if plan[lv] else "  <- stored")
+        lines.append(f"  cell level {lv}: stored {e['stored'] / GIB:.2f} GiB, checkpointed {e['checkpointed'] / GIB:.2f}"
+                     f" GiB{mark}")
+    if plan is not None:
+        lines.append(f"  step total (with this plan) ~{step_bytes(est, plan) / GIB:.1f} GiB"
+                     + (f" of {budget / GIB:.1f} GiB available" if budget is not None else ""))
+    return lines
+
+
+def plan_for_run(setting, device, model, skips, batch, size, amp, free=None):
+    """--checkpoint_edges on | off: every level; auto: none on the CPU, on CUDA the levels this estimate says must be
+    checkpointed for the step to fit 90% of the free GPU memory (`free` bytes: the device's, unless given).
+    Returns (one flag per level, lines for the log; none unless auto ran on CUDA)."""
+    n = len(skips.cells)
+    if setting != "auto" or device.type != "cuda":
+        return [setting == "on"] * n, []
+    est = search_memory(model, skips, batch, model.config["in_channels"], size, torch.bfloat16 if amp else
+                        torch.float32)
+    free = torch.cuda.mem_get_info(device)[0] if free is None else free
+    plan, need, fits = checkpoint_plan(est, 0.9 * free)
+    lines = describe(est, plan, 0.9 * free)
+    if not fits:
+        lines.append("  does not fit even with every level checkpointed: lower --batch_size (or --cell_channels)")
+    return plan, lines
