@@ -121,7 +121,7 @@ def dry_run(args):
     if args.checkpoint_edges == "auto" and budget is not None:
         plan, _, fits = checkpoint_plan(est, budget)
     else:                                                              # on / off, or auto on the CPU (off)
-        plan = [args.checkpoint_edges == "on"] * n
+        plan = [{"on": True, "cell": "cell"}.get(args.checkpoint_edges, False)] * n
         fits = budget is None or step_bytes(est, plan) <= budget
     print("\n".join(describe(est, plan, budget)))
     if budget is None:
@@ -147,9 +147,10 @@ def main(args):
     skips = search_skips(args, model)
     init_from_theta0(skips, theta0)                                    # partial-channel ops = slices of θ0
     plan, lines = plan_for_run(args.checkpoint_edges, device, model, skips, args.batch_size, meta["crop"], amp)
-    for cell, on in zip(skips.cells, plan):                            # --checkpoint_edges: per level
-        cell.checkpoint_edges = on
-    print("\n".join(lines + [f"checkpointed cell levels: {[lv for lv, on in enumerate(plan) if on] or 'none'}"]))
+    for cell, mode in zip(skips.cells, plan):                          # --checkpoint_edges: per level
+        cell.checkpoint_edges = mode
+    print("\n".join(lines + ["checkpointing per cell level: " + ", ".join(
+        f"{lv} {({False: 'off', True: 'edges', 'cell': 'whole cell'})[m]}" for lv, m in enumerate(plan))]))
     model.set_skips(skips.to(device))
     if cl:
         model = model.to(memory_format=torch.channels_last)

@@ -72,6 +72,9 @@ def calibrate(a):
                f"the weights.\n\n{table}\n")
 
 
+LABEL = {True: "edges", "cell": "cell"}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
@@ -86,9 +89,9 @@ def main():
     if a.calibrate:
         return calibrate(a)
     dtype = getattr(torch, a.dtype)
-    rows = ["| encoder | step | levels stored (GiB) | levels checkpointed (GiB) | decoder + loss (GiB) | "
-            "all stored (GiB) | all checkpointed (GiB) | auto plan for 24 GB | plan total (GiB) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| encoder | step | levels stored (GiB) | levels, edges checkpointed (GiB) | levels, whole cell (GiB) | "
+            "decoder + loss (GiB) | all stored (GiB) | all edges checkpointed (GiB) | all whole cells (GiB) | "
+            "auto plan for 24 GB | plan total (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     t0 = time.time()
     for enc in a.encoders:
         net = UNet(enc, 1, 4, "ref", width=a.width)
@@ -101,9 +104,11 @@ def main():
             g = (lambda b: f"{b / GIB:.1f}")
             row = (f"| {enc} | {'lean' if lean else 'edge by edge'} | "
                    f"{' / '.join(g(lv['stored']) for lv in est['levels'])} | "
-                   f"{' / '.join(g(lv['checkpointed']) for lv in est['levels'])} | {g(est['rest'])} | "
+                   f"{' / '.join(g(lv['checkpointed']) for lv in est['levels'])} | "
+                   f"{' / '.join(g(lv['cell']) for lv in est['levels'])} | {g(est['rest'])} | "
                    f"{g(step_bytes(est, [False] * n))} | {g(step_bytes(est, [True] * n))} | "
-                   f"{'levels ' + ','.join(str(i) for i, c in enumerate(plan) if c) if any(plan) else 'none'}"
+                   f"{g(step_bytes(est, ['cell'] * n))} | "
+                   f"{', '.join(f'{i} {LABEL[m]}' for i, m in enumerate(plan) if m) if any(plan) else 'nothing'}"
                    f"{'' if fits else ' (does not fit)'} | {g(need)} |")
             rows.append(row)
             print(row, flush=True)
@@ -114,8 +119,9 @@ def main():
                f"Machine: {machine()} (a count, not a run: common/memory.py on the meta device). U-Net width "
                f"{a.width}, 4 classes, {a.dtype} activations (standing for AMP), the supernet with all 98 ops. "
                "Levels 0 (shallowest) to the deepest; `all stored` / `all checkpointed` and `plan total` are "
-               "step_bytes(): the kept bytes plus weights and a quarter of the largest checkpointed level's "
-               f"recomputation; the plan fits {a.budget_gib:.1f} GiB (90% of 24 GB).\n\n{table}\n")
+               "step_bytes(): the kept bytes plus weights and the largest checkpointed level's recomputation "
+               f"(common/memory.py); the plan (per level: edges or the whole cell checkpointed) fits "
+               f"{a.budget_gib:.1f} GiB (90% of 24 GB).\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,13 @@ class Cell(nn.Module):
             zero_output(self)
 
     def forward(self, skip, up, op_w=None, edge_w=None):
+        if self.search and self.checkpoint_edges == "cell" and torch.is_grad_enabled():
+            # the whole cell recomputed in backward (its edges checkpointed inside): only skip and up are kept
+            return checkpoint(self._forward, skip, up, op_w, edge_w, use_reentrant=False,
+                              context_fn=functools.partial(_recompute_without_bn_update, self))
+        return self._forward(skip, up, op_w, edge_w)
+
+    def _forward(self, skip, up, op_w=None, edge_w=None):
         states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, *spatial)
         if self.lean:
             return self._output(skip, self._lean_nodes(states, op_w, edge_w))
@@ -362,9 +369,11 @@ def _widths(skip_channels, cell_channels):
 class IACSearchSkips(nn.Module):
     """The supernet: one search cell per skip level, α and β shared by all levels.
 
-    Called as `skips(level, skip, up)`; `prepare(features)` is the identity. `checkpoint_edges` (one bool, or one
-    per level): keep only each edge's input and recompute its ops in the backward pass (torch.utils.checkpoint): the
-    same gradients and BatchNorm statistics for several times less activation memory, for a second forward of the ops.
+    Called as `skips(level, skip, up)`; `prepare(features)` is the identity. `checkpoint_edges` (one value, or one
+    per level): True keeps only each edge's input and recomputes its ops in the backward pass (torch.utils.checkpoint):
+    the same gradients and BatchNorm statistics for several times less activation memory, for a second forward of the
+    ops; "cell" also recomputes the whole cell around those edge checkpoints (only its inputs are kept; a third
+    forward of the ops).
     `dims`: 2 or 3 (volumetric cells: 3-D convolutions and pools, the same α, β, genotype and θ0 layout).
     `output`: how each cell's output enters the decoder (CELL_OUTPUTS); `residual` searches from the identity skip.
     `lean`: the step regrouped by source node (Cell._lean_nodes: shared parameter-free ops, grouped convolutions,

@@ -2,8 +2,8 @@
 03_search.py --dry_run).
 
     est = search_memory(model, skips, batch, in_channels, size, dtype)         # on the meta device: no memory used
-    est["levels"][l] = {"stored": bytes, "checkpointed": bytes}; est["rest"], est["params"]
-    levels = checkpoint_plan(est, budget)                                        # which levels to checkpoint
+    est["levels"][l] = {"stored": bytes, "checkpointed": bytes, "cell": bytes}; est["rest"], est["params"]
+    plan, need, fits = checkpoint_plan(est, budget)          # per level: False, True (edges) or "cell"
 
 The count: one forward of the U-Net with its search cells and the loss, on the meta device (shapes only), under
 saved_tensors_hooks; every storage the autograd graph keeps counts once (views share their storage), parameters
@@ -49,12 +49,17 @@ class SavedBytes:
     @contextlib.contextmanager
     def counting(self, cells=()):
         """Count inside this block; `cells[l]`'s forward is tagged l; checkpointed regions add their inputs."""
-        real = iac.checkpoint
+        real, depth = iac.checkpoint, [0]
 
         def checkpoint(fn, *args, **kw):
-            for a in args:
-                self.add(a)
-            return real(fn, *args, **kw)
+            if depth[0] == 0:                                 # a region inside another one keeps nothing itself
+                for a in args:
+                    self.add(a)
+            depth[0] += 1
+            try:
+                return real(fn, *args, **kw)
+            finally:
+                depth[0] -= 1
 
         def enter(level):
             def pre(*_):
@@ -90,7 +95,7 @@ def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, d
     x = torch.randn(batch, in_channels, *size, device=device, dtype=dtype)
     y = torch.randint(0, net.config["num_classes"], (batch, *size), device=device)
     runs = {}
-    for ckpt in (False, True):
+    for ckpt in (False, True, "cell"):
         for cell in skips.cells:
             cell.checkpoint_edges = ckpt
         net.set_skips(skips)
@@ -104,8 +109,8 @@ def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, d
         runs[ckpt] = counter.by_tag()
         runs[ckpt]["params"] = sum(p.numel() * p.element_size() for p in params)
         runs[ckpt]["cell_params"] = sum(p.numel() * p.element_size() for p in skips.parameters())
-    levels = [{"stored": runs[False].get(level, 0), "checkpointed": runs[True].get(level, 0)} for level in
-              range(n_levels)]
+    levels = [{"stored": runs[False].get(level, 0), "checkpointed": runs[True].get(level, 0),
+               "cell": runs["cell"].get(level, 0)} for level in range(n_levels)]
     return {"levels": levels, "rest": runs[False].get("rest", 0), "params": runs[False]["params"],
             "cell_params": runs[False]["cell_params"], "batch": batch, "size": list(size), "dtype": str(dtype)}
 
@@ -117,27 +122,40 @@ def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, d
 RECOMPUTE_SHARE = 1 / 6
 
 
-def step_bytes(est, checkpoint_levels):
-    """The plan's kept bytes plus what a step holds besides: weights, the cells' gradients (α, β are tiny; SGD keeps
-    no state), and while a checkpointed level is recomputed in backward, RECOMPUTE_SHARE of its stored bytes."""
-    kept = est["rest"] + sum(lv["checkpointed" if c else "stored"] for lv, c in zip(est["levels"], checkpoint_levels))
-    recompute = max([lv["stored"] - lv["checkpointed"] for lv, c in zip(est["levels"], checkpoint_levels) if c] or [0])
-    return est["params"] + est["cell_params"] + kept + int(recompute * RECOMPUTE_SHARE)
+MODES = {False: "stored", True: "checkpointed", "cell": "cell"}
+
+
+def _recompute(lv, mode):
+    """What recomputing one level holds at once in the backward pass: for edges, a share of what they would store;
+    for a whole cell, its edge-checkpointed graph and then that share."""
+    if mode is False:
+        return 0
+    edges = int((lv["stored"] - lv["checkpointed"]) * RECOMPUTE_SHARE)
+    return edges + (lv["checkpointed"] - lv["cell"] if mode == "cell" else 0)
+
+
+def step_bytes(est, plan):
+    """The plan's kept bytes (`plan`: per level False, True or "cell") plus what a step holds besides: weights, the
+    cells' gradients (α, β are tiny; SGD keeps no state), and the largest level's recomputation in backward."""
+    kept = est["rest"] + sum(lv[MODES[m]] for lv, m in zip(est["levels"], plan))
+    recompute = max(_recompute(lv, m) for lv, m in zip(est["levels"], plan))
+    return est["params"] + est["cell_params"] + kept + recompute
 
 
 def checkpoint_plan(est, budget):
-    """Levels to checkpoint so the step fits `budget` bytes: none if it fits stored, else the levels that save the
-    most first. Returns (checkpoint_levels, bytes, fits)."""
+    """Per level False / True / "cell" so the step fits `budget` bytes: nothing if it fits stored, else the level
+    edges checkpointed whose saving is largest first, then whole cells the same way. Returns (plan, bytes, fits)."""
     n = len(est["levels"])
     plan = [False] * n
-    order = sorted(range(n), key=lambda lv: est["levels"][lv]["checkpointed"] - est["levels"][lv]["stored"])
-    for lv in [None, *order]:
-        if lv is not None:
-            plan[lv] = True
+    steps = [None] + [(lv, mode) for mode in (True, "cell") for lv in
+                      sorted(range(n), key=lambda lv: est["levels"][lv][MODES[mode]] - est["levels"][lv]["stored"])]
+    for step in steps:
+        if step is not None:
+            plan[step[0]] = step[1]
         need = step_bytes(est, plan)
         if need <= budget:
             return plan, need, True
-    return plan, step_bytes(est, plan), False
+    return plan, need, False
 
 
 def describe(est, plan=None, budget=None):
@@ -145,9 +163,9 @@ def describe(est, plan=None, budget=None):
     lines = [f"backward memory estimate at batch {est['batch']}, {'x'.join(map(str, est['size']))}, {est['dtype']}: "
              f"weights {est['params'] / GIB:.2f} GiB, frozen decoder and loss {est['rest'] / GIB:.2f} GiB"]
     for lv, e in enumerate(est["levels"]):
-        mark = "" if plan is None else ("  <- checkpointed" if plan[lv] else "  <- stored")
-        lines.append(f"  cell level {lv}: stored {e['stored'] / GIB:.2f} GiB, checkpointed {e['checkpointed'] / GIB:.2f}"
-                     f" GiB{mark}")
+        mark = "" if plan is None else f"  <- {({False: 'stored', True: 'edges checkpointed', 'cell': 'whole cell'})[plan[lv]]}"
+        lines.append(f"  cell level {lv}: stored {e['stored'] / GIB:.2f} GiB, edges checkpointed "
+                     f"{e['checkpointed'] / GIB:.2f} GiB, whole cell {e['cell'] / GIB:.2f} GiB{mark}")
     if plan is not None:
         lines.append(f"  step total (with this plan) ~{step_bytes(est, plan) / GIB:.1f} GiB"
                      + (f" of {budget / GIB:.1f} GiB available" if budget is not None else ""))
@@ -155,17 +173,17 @@ def describe(est, plan=None, budget=None):
 
 
 def plan_for_run(setting, device, model, skips, batch, size, amp, free=None):
-    """--checkpoint_edges on | off: every level; auto: none on the CPU, on CUDA the levels this estimate says must be
-    checkpointed for the step to fit 90% of the free GPU memory (`free` bytes: the device's, unless given).
+    """--checkpoint_edges on | cell | off: every level; auto: none on the CPU, on CUDA what this estimate says each
+    level needs for the step to fit 90% of the free GPU memory (`free` bytes: the device's, unless given).
     Returns (one flag per level, lines for the log; none unless auto ran on CUDA)."""
     n = len(skips.cells)
     if setting != "auto" or device.type != "cuda":
-        return [setting == "on"] * n, []
+        return [{"on": True, "cell": "cell"}.get(setting, False)] * n, []
     est = search_memory(model, skips, batch, model.config["in_channels"], size, torch.bfloat16 if amp else
                         torch.float32)
     free = torch.cuda.mem_get_info(device)[0] if free is None else free
     plan, need, fits = checkpoint_plan(est, 0.9 * free)
     lines = describe(est, plan, 0.9 * free)
     if not fits:
-        lines.append("  does not fit even with every level checkpointed: lower --batch_size (or --cell_channels)")
+        lines.append("  does not fit even with every whole cell checkpointed: lower --batch_size (or --cell_channels)")
     return plan, lines

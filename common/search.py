@@ -46,9 +46,11 @@ SEARCH_SETTINGS = (
     Setting("js_support", str, "common", "JS over the ops active in both epochs (common) or all 7 (all)",
             JS_SUPPORTS),
     Setting("checkpoint_edges", str, "auto", "recompute each edge's ops in the backward pass instead of storing "
-            "them (activation checkpointing): same result, far less GPU memory, ~1/3 more compute; at the paper's "
-            "batch 128 and 256x256 the supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md); "
-            "auto: on CUDA, off on the CPU", ("auto", "on", "off")),
+            "them (activation checkpointing): same result, far less GPU memory, ~1/3 more compute; cell: the whole "
+            "cell recomputed around them (less again, one more forward); at the paper's batch 128 and 256x256 the "
+            "supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md); auto: off on the CPU, on CUDA per "
+            "level from the step's memory estimate and the free GPU memory (03_search.py; every level's edges in the "
+            "nnU-Net trainers)", ("auto", "on", "cell", "off")),
     Setting("lean_step", str, "on", "on: the supernet step regrouped by source node (shared pools, skip and ReLU, "
             "grouped convolutions over the edges leaving a node, one partial-channel merge per node); off: edge by "
             "edge as Eq. (4), (9) are written. The same math (a test pins every gradient in float64)", ("on", "off")),
@@ -75,8 +77,8 @@ def add_search_flags(p):
 
 
 def checkpoint_edges(setting, device):
-    """--checkpoint_edges auto|on|off -> bool for IACSearchSkips (auto: on CUDA, where memory is the limit)."""
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    """--checkpoint_edges auto|on|cell|off -> the nnU-Net trainers' IACSearchSkips flag (auto: edges on CUDA)."""
+    return "cell" if setting == "cell" else setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def resolve_threshold(args):

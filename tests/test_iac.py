@@ -208,10 +208,10 @@ def test_pruned_op_is_gone():
 
 
 def test_checkpointed_edges_same_gradients_and_bn_statistics():
-    """--checkpoint_edges on recomputes the ops in backward: gradients (weights and α, β), the output and the
+    """--checkpoint_edges on (and cell) recomputes the ops in backward: gradients (weights and α, β), the output and the
     BatchNorm running statistics equal those of the stored-activation supernet (one update per step)."""
     grads, stats = [], []
-    for ckpt in (False, True):
+    for ckpt in (False, True, "cell"):
         torch.manual_seed(0)
         s = IACSearchSkips([8, 16], [16, 32], checkpoint_edges=ckpt)
         s.prune_op(2, OPS.index("max_pool_3x3"))
@@ -222,11 +222,12 @@ def test_checkpointed_edges_same_gradients_and_bn_statistics():
         out.backward()
         grads.append({n: p.grad.clone() for n, p in s.named_parameters()})
         stats.append({n: b.clone() for n, b in s.named_buffers() if "running" in n})
-    assert grads[0].keys() == grads[1].keys() and stats[0].keys() == stats[1].keys()
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7, msg=n)
-    for n in stats[0]:
-        torch.testing.assert_close(stats[0][n], stats[1][n], rtol=0, atol=0, msg=n)
+    for other in (1, 2):                                   # edges checkpointed, the whole cell too
+        assert grads[0].keys() == grads[other].keys() and stats[0].keys() == stats[other].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], grads[other][n], rtol=1e-5, atol=1e-7, msg=n)
+        for n in stats[0]:
+            torch.testing.assert_close(stats[0][n], stats[other][n], rtol=0, atol=0, msg=n)
     assert any(not torch.all(v == 0) for n, v in stats[1].items() if "running_mean" in n)   # they did update
 
 
@@ -237,7 +238,7 @@ def test_lean_step_pins_today_step_in_float64(mode):
     between them, checkpointed and not, 2-D and 3-D: the same losses, every gradient of α, β and the cell
     weights, the updated weights and the BatchNorm running statistics."""
     from common.search import arch_optimizer, search_step, weight_optimizer
-    for dims, ckpt in ((2, False), (2, True), (3, False)):
+    for dims, ckpt in ((2, False), (2, True), (2, "cell"), (3, False)):
         size = (12, 12) if dims == 2 else (6, 6, 6)
         torch.manual_seed(0)
         plain = IACSearchSkips([8, 12], [16, 8], dims=dims, lean=False).double()
@@ -297,7 +298,7 @@ def test_memory_estimate_counts_what_backward_keeps():
         cpu = search_memory(net, skips, 2, 1, (32, 32), device="cpu")
         assert cpu["levels"] == ests[lean]["levels"] and cpu["params"] == ests[lean]["params"]
         assert cpu["rest"] == pytest.approx(ests[lean]["rest"], rel=0.01)     # eval BN: (C,) stats on meta, () on CPU
-        assert all(0 < lv["checkpointed"] < lv["stored"] / 2 for lv in ests[lean]["levels"])
+        assert all(0 < lv["cell"] < lv["checkpointed"] < lv["stored"] / 2 for lv in ests[lean]["levels"])
         assert ests[lean]["rest"] > 0 and isinstance(skips.cells[0].checkpoint_edges, bool)   # skips untouched
     assert all(a["stored"] < b["stored"] for a, b in zip(ests[True]["levels"], ests[False]["levels"]))
     doubled = search_memory(net, skips, 4, 1, (32, 32))                 # activations scale with the batch
@@ -305,7 +306,7 @@ def test_memory_estimate_counts_what_backward_keeps():
     est = ests[True]
     assert checkpoint_plan(est, 10 ** 12)[0] == [False] * 4
     plan, need, fits = checkpoint_plan(est, 0)
-    assert plan == [True] * 4 and not fits and need == step_bytes(est, plan)
+    assert plan == ["cell"] * 4 and not fits and need == step_bytes(est, plan)
     one = step_bytes(est, [True, False, False, False])                 # level 0 saves the most
     assert checkpoint_plan(est, one) == ([True, False, False, False], one, True)
     from common.memory import plan_for_run                             # --checkpoint_edges auto on a GPU ...
@@ -315,6 +316,7 @@ def test_memory_estimate_counts_what_backward_keeps():
     assert plan == [True, False, False, False] and "checkpointed" in lines[1]
     assert plan_for_run("auto", torch.device("cpu"), net, skips, 2, (32, 32), False) == ([False] * 4, [])   # ... CPU
     assert plan_for_run("on", torch.device("cpu"), net, skips, 2, (32, 32), False) == ([True] * 4, [])
+    assert plan_for_run("cell", torch.device("cpu"), net, skips, 2, (32, 32), False) == (["cell"] * 4, [])
 
 
 def test_dry_run_prints_the_estimate_and_writes_nothing(tmp_path, scripts, acdc, backbone, capsys):
