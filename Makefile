@@ -53,6 +53,9 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_backbones.py
 	$(PYTHON) benchmarks/bench_search.py
 	$(PYTHON) benchmarks/bench_3d.py
+	$(PYTHON) benchmarks/bench_lean_step.py --record
+	$(PYTHON) benchmarks/bench_step_memory.py --record
+	$(PYTHON) benchmarks/bench_step_memory.py --calibrate --record
 	if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(PYTHON) benchmarks/bench_gpu.py; else echo "no CUDA GPU: bench_gpu.py skipped"; fi
 
@@ -61,10 +64,11 @@ bench-lth: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_lth_invariance.py
 	$(PYTHON) benchmarks/bench_lth_quality.py
 
-# do the cells help? ref / att / nested / IAC / IAC-LTH and the controls on real MRI over 3 seeds (over an hour on 2 cores)
+# do the cells help? ref / att / nested / IAC / IAC-LTH, the controls and the variants in RESULTS.md on real MRI over
+# 3 seeds (about 3 hours on 2 cores; an interrupted study continues where it stopped)
 bench-method: $(VENV)/.installed
 	cd benchmarks && ../$(PYTHON) bench_method.py --jobs 3 --threads 1 --epochs_i 30 --epochs_iii 30 --cap 24 \
-		--warmup 4 --residual --record
+		--warmup 4 --residual --fast_gamma 1.5 --lth_batches 64 8 --search_residual
 
 clean:
 	rm -rf $(DEMO_DIR) bench_runs
