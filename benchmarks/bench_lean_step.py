@@ -3,6 +3,8 @@ its search cells, both steps from the same weights, timed alternately in one pro
 slows both alike), lth and full, with the median of --reps steps each.
 
     python benchmarks/bench_lean_step.py [--width 8 16] [--batch 32] [--size 64] [--reps 7] [--threads 2] [--record]
+    python benchmarks/bench_lean_step.py --encoders base resnet50 --width 32 --batch 128 --size 256 --checkpoint on
+                                         --reps 3 --record        # on a GPU: bf16 autocast, channels_last, peak memory
 """
 import argparse
 import copy
@@ -16,9 +18,10 @@ from common.backbones import UNet
 from common.iac import IACSearchSkips
 from common.losses import SegLoss
 from common.search import arch_optimizer, search_step, weight_optimizer
+from common.utils import autocast
 
 
-def stepper(net, skips, mode, x, y):
+def stepper(net, skips, mode, x, y, amp):
     net = copy.deepcopy(net)
     skips = copy.deepcopy(skips)
     net.set_skips(skips)
@@ -27,14 +30,17 @@ def stepper(net, skips, mode, x, y):
     loss_fn = SegLoss()
 
     def loss_of(_):
-        return loss_fn(net(x), y)
+        with autocast(x.device, amp):
+            return loss_fn(net(x), y)
 
     return lambda: search_step(mode, True, skips, w_opt, a_opt, loss_of, None, lambda: None)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoders", nargs="+", default=["base"])
     p.add_argument("--width", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--checkpoint", choices=["off", "on", "cell"], default="off", help="--checkpoint_edges of both steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
@@ -43,40 +49,56 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = ["| width | mode | edge by edge (s / step) | lean (s / step) | speed-up |", "|---|---|---|---|---|"]
-    for width in a.width:
-        torch.manual_seed(0)
-        net = UNet("base", 1, 3, "ref", width=width).to(device)
-        net.freeze_backbone()
-        skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=False).to(device)
-        x = torch.randn(a.batch, 1, a.size, a.size, device=device)
-        y = torch.randint(0, 3, (a.batch, a.size, a.size), device=device)
-        for mode in ("lth", "full"):
-            steps = {}
-            for lean in (False, True):
-                s = copy.deepcopy(skips)
-                for cell in s.cells:
-                    cell.lean = lean
-                steps[lean] = stepper(net, s, mode, x, y)
-            times = {False: [], True: []}
-            for rep in range(a.reps + 2):                       # two of warm-up, then alternately
+    cuda = device.type == "cuda"
+    ckpt = {"off": False, "on": True, "cell": "cell"}[a.checkpoint]
+    rows = ["| encoder | width | mode | edge by edge (s / step) | lean (s / step) | speed-up |"
+            + (" peak GPU MiB, edge by edge / lean |" if cuda else ""), "|---|---|---|---|---|---|" + ("---|" if cuda else "")]
+    for encoder in a.encoders:
+        for width in a.width:
+            torch.manual_seed(0)
+            net = UNet(encoder, 1, 3, "ref", width=width).to(device)
+            net.freeze_backbone()
+            skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=False, checkpoint_edges=ckpt).to(device)
+            x = torch.randn(a.batch, 1, a.size, a.size, device=device)
+            if cuda:                                            # the stage scripts' CUDA defaults
+                net, skips = net.to(memory_format=torch.channels_last), skips.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 3, (a.batch, a.size, a.size), device=device)
+            for mode in ("lth", "full"):
+                times, peak = {False: [], True: []}, {}
+                steps = {}
                 for lean in (False, True):
+                    s = copy.deepcopy(skips)
+                    for cell in s.cells:
+                        cell.lean = lean
+                    steps[lean] = stepper(net, s, mode, x, y, cuda)
+                order = [(rep, lean) for lean in (False, True) for rep in range(a.reps + 2)] if cuda else \
+                    [(rep, lean) for rep in range(a.reps + 2) for lean in (False, True)]
+                for rep, lean in order:       # two of warm-up each; on a GPU one step kind after the other (memory)
+                    if cuda and rep == 0:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
                     t = time.perf_counter()
                     steps[lean]()
-                    if device.type == "cuda":
+                    if cuda:
                         torch.cuda.synchronize()
+                        peak[lean] = torch.cuda.max_memory_allocated() / 2 ** 20
                     if rep >= 2:
                         times[lean].append(time.perf_counter() - t)
-            old, new = statistics.median(times[False]), statistics.median(times[True])
-            row = f"| {width} | {mode} | {old:.3f} | {new:.3f} | {old / new:.2f}x |"
-            rows.append(row)
-            print(row, flush=True)
+                old, new = statistics.median(times[False]), statistics.median(times[True])
+                row = (f"| {encoder} | {width} | {mode} | {old:.3f} | {new:.3f} | {old / new:.2f}x |"
+                       + (f" {peak[False]:,.0f} / {peak[True]:,.0f} |" if cuda else ""))
+                rows.append(row)
+                print(row, flush=True)
     table = "\n".join(rows)
     if a.record:
-        record(f"Lean supernet step, {device.type} (bench_lean_step.py)",
-               f"Machine: {machine()}, {a.threads} thread(s). A frozen base U-Net (width as given) with its four "
-               f"search cells, all 98 ops, batch {a.batch}, {a.size}x{a.size}, SegLoss; the median of {a.reps} steps, "
-               f"the two steps timed alternately from the same start.\n\n{table}\n")
+        record(f"Lean supernet step, {device.type}{'' if a.checkpoint == 'off' else ', checkpoint ' + a.checkpoint} "
+               "(bench_lean_step.py)",
+               f"Machine: {machine()}, {a.threads} thread(s). A frozen U-Net (encoder and width as given) with its "
+               f"search cells, all 98 ops, batch {a.batch}, {a.size}x{a.size}, SegLoss, --checkpoint_edges "
+               f"{a.checkpoint}{', bf16 autocast and channels_last' if device.type == 'cuda' else ''}; the median of "
+               f"{a.reps} steps after two of warm-up, both steps from the same start (on the CPU timed alternately).\n\n"
+               f"{table}\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: the test suite on CUDA (stage scripts pick the GPU through --device auto,
-# with bf16 autocast and channels_last), then bench_gpu.py. Written for a machine that cannot install
+# with bf16 autocast and channels_last), the lean search step against the edge-by-edge one at the paper's scale
+# (bench_lean_step.py: step time and peak memory, to set beside bench_step_memory.py's estimate), then bench_gpu.py. Written for a machine that cannot install
 # packages: it uses the python3 there, plus wheels in .whl/ when present (nibabel, monai:
 # `pip download --no-deps -d .whl nibabel monai`). Logs, junit.xml and RESULTS.md go to $OUT.
-#   OUT=gpu_out TEST_S=180 BENCH_S=240 bash benchmarks/gpu_check.sh
+#   OUT=gpu_out TEST_S=180 LEAN_S=150 BENCH_S=240 bash benchmarks/gpu_check.sh
 # (TESTS: pytest targets, default tests; BENCH_ARGS: e.g. "--skip precision pruning")
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -22,6 +23,12 @@ workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
 timeout "${TEST_S:-180}" python3 -m pytest -q $workers -p no:cacheprovider --durations=8 \
     --junitxml="$OUT/junit.xml" ${TESTS:-tests} > "$OUT/tests.log" 2>&1
 echo "pytest exit $?"; tail -40 "$OUT/tests.log"
+
+timeout "${LEAN_S:-150}" python3 benchmarks/bench_lean_step.py --encoders ${LEAN_ENCODERS:-base resnet50} --width 32 \
+    --batch 128 --size 256 --checkpoint on --reps 2 --record > "$OUT/bench_lean.log" 2>&1
+echo "bench_lean_step exit $?"; tail -12 "$OUT/bench_lean.log"
+python3 benchmarks/bench_step_memory.py --encoders ${LEAN_ENCODERS:-base resnet50} > "$OUT/bench_memory.log" 2>&1
+tail -6 "$OUT/bench_memory.log"
 
 timeout "${BENCH_S:-240}" python3 benchmarks/bench_gpu.py ${BENCH_ARGS:-} > "$OUT/bench_gpu.log" 2>&1
 echo "bench_gpu exit $?"; tail -60 "$OUT/bench_gpu.log"
