@@ -34,7 +34,7 @@ from common.engine import (EpochTimer, check_finite, make_loader, resume_iterato
                            to_device)
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
-from common.memory import GIB, checkpoint_plan, describe, plan_for_run, search_memory, step_bytes
+from common.memory import GIB, LABELS, choose_plan, describe, plan_for_run, search_memory
 from common.lth import all_edges_single
 from common.runs import add_unfinished_flag, check_stop, cli, mark_done, require_done, write_args
 from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch,
@@ -116,13 +116,8 @@ def dry_run(args):
     amp = args.amp and device.type == "cuda"
     est = search_memory(model, skips, args.batch_size, model.config["in_channels"], meta["crop"],
                         torch.bfloat16 if amp else torch.float32)
-    n = len(skips.cells)
     budget = 0.9 * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    if args.checkpoint_edges == "auto" and budget is not None:
-        plan, _, fits = checkpoint_plan(est, budget)
-    else:                                                              # on / off, or auto on the CPU (off)
-        plan = [{"on": True, "cell": "cell"}.get(args.checkpoint_edges, False)] * n
-        fits = budget is None or step_bytes(est, plan) <= budget
+    plan, _, fits = choose_plan(args.checkpoint_edges, est, budget)
     print("\n".join(describe(est, plan, budget)))
     if budget is None:
         print(f"(device {device}: no GPU memory to compare with; run --dry_run on the GPU machine for the verdict)")
@@ -150,7 +145,7 @@ def main(args):
     for cell, mode in zip(skips.cells, plan):                          # --checkpoint_edges: per level
         cell.checkpoint_edges = mode
     print("\n".join(lines + ["checkpointing per cell level: " + ", ".join(
-        f"{lv} {({False: 'off', True: 'edges', 'cell': 'whole cell'})[m]}" for lv, m in enumerate(plan))]))
+        f"{lv} {LABELS[m]}" for lv, m in enumerate(plan))]))
     model.set_skips(skips.to(device))
     if cl:
         model = model.to(memory_format=torch.channels_last)

@@ -22,7 +22,7 @@ import torch
 from _common import ROOT, machine, record
 from common.backbones import ENCODERS, UNet
 from common.iac import IACSearchSkips
-from common.memory import GIB, checkpoint_plan, search_memory, step_bytes
+from common.memory import GIB, LABELS, checkpoint_plan, search_memory, step_bytes
 
 
 CHILD = r"""
@@ -72,9 +72,6 @@ def calibrate(a):
                f"the weights.\n\n{table}\n")
 
 
-LABEL = {True: "edges", "cell": "cell"}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
@@ -108,7 +105,7 @@ def main():
                    f"{' / '.join(g(lv['cell']) for lv in est['levels'])} | {g(est['rest'])} | "
                    f"{g(step_bytes(est, [False] * n))} | {g(step_bytes(est, [True] * n))} | "
                    f"{g(step_bytes(est, ['cell'] * n))} | "
-                   f"{', '.join(f'{i} {LABEL[m]}' for i, m in enumerate(plan) if m) if any(plan) else 'nothing'}"
+                   f"{', '.join(f'{i} {LABELS[m]}' for i, m in enumerate(plan) if m) if any(plan) else 'nothing'}"
                    f"{'' if fits else ' (does not fit)'} | {g(need)} |")
             rows.append(row)
             print(row, flush=True)

@@ -4,6 +4,7 @@
     est = search_memory(model, skips, batch, in_channels, size, dtype)         # on the meta device: no memory used
     est["levels"][l] = {"stored": bytes, "checkpointed": bytes, "cell": bytes}; est["rest"], est["params"]
     plan, need, fits = checkpoint_plan(est, budget)          # per level: False, True (edges) or "cell"
+    plan, need, fits = choose_plan("auto" | "on" | "cell" | "off", est, budget)    # what --checkpoint_edges runs
 
 The count: one forward of the U-Net with its search cells and the loss, on the meta device (shapes only), under
 saved_tensors_hooks; every storage the autograd graph keeps counts once (views share their storage), parameters
@@ -122,7 +123,9 @@ def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, d
 RECOMPUTE_SHARE = 1 / 6
 
 
-MODES = {False: "stored", True: "checkpointed", "cell": "cell"}
+MODES = {False: "stored", True: "checkpointed", "cell": "cell"}    # a level's mode -> its key in the estimate
+LABELS = {False: "stored", True: "edges checkpointed", "cell": "whole cell"}   # ... and its name in logs and tables
+SETTINGS = {"off": False, "on": True, "cell": "cell"}                # --checkpoint_edges (auto: see choose_plan)
 
 
 def _recompute(lv, mode):
@@ -163,7 +166,7 @@ def describe(est, plan=None, budget=None):
     lines = [f"backward memory estimate at batch {est['batch']}, {'x'.join(map(str, est['size']))}, {est['dtype']}: "
              f"weights {est['params'] / GIB:.2f} GiB, frozen decoder and loss {est['rest'] / GIB:.2f} GiB"]
     for lv, e in enumerate(est["levels"]):
-        mark = "" if plan is None else f"  <- {({False: 'stored', True: 'edges checkpointed', 'cell': 'whole cell'})[plan[lv]]}"
+        mark = "" if plan is None else f"  <- {LABELS[plan[lv]]}"
         lines.append(f"  cell level {lv}: stored {e['stored'] / GIB:.2f} GiB, edges checkpointed "
                      f"{e['checkpointed'] / GIB:.2f} GiB, whole cell {e['cell'] / GIB:.2f} GiB{mark}")
     if plan is not None:
@@ -172,18 +175,28 @@ def describe(est, plan=None, budget=None):
     return lines
 
 
+def choose_plan(setting, est, budget=None):
+    """--checkpoint_edges `setting` for the estimate `est`: auto with a budget (bytes) is checkpoint_plan's choice;
+    on / cell / off, or auto without a budget (the CPU: off), the same mode at every level. Returns (plan, bytes,
+    fits; fits is True without a budget)."""
+    if setting == "auto" and budget is not None:
+        return checkpoint_plan(est, budget)
+    plan = [SETTINGS.get(setting, False)] * len(est["levels"])
+    need = step_bytes(est, plan)
+    return plan, need, budget is None or need <= budget
+
+
 def plan_for_run(setting, device, model, skips, batch, size, amp, free=None):
-    """--checkpoint_edges on | cell | off: every level; auto: none on the CPU, on CUDA what this estimate says each
-    level needs for the step to fit 90% of the free GPU memory (`free` bytes: the device's, unless given).
-    Returns (one flag per level, lines for the log; none unless auto ran on CUDA)."""
-    n = len(skips.cells)
+    """The plan 03_search.py runs with: on CUDA with auto, choose_plan for 90% of the free GPU memory (`free`
+    bytes: the device's, unless given); otherwise the fixed plan, without counting. Returns (one mode per level,
+    lines for the log; none unless auto ran on CUDA)."""
     if setting != "auto" or device.type != "cuda":
-        return [{"on": True, "cell": "cell"}.get(setting, False)] * n, []
+        return [SETTINGS.get(setting, False)] * len(skips.cells), []
     est = search_memory(model, skips, batch, model.config["in_channels"], size, torch.bfloat16 if amp else
                         torch.float32)
-    free = torch.cuda.mem_get_info(device)[0] if free is None else free
-    plan, need, fits = checkpoint_plan(est, 0.9 * free)
-    lines = describe(est, plan, 0.9 * free)
+    budget = 0.9 * (torch.cuda.mem_get_info(device)[0] if free is None else free)
+    plan, need, fits = choose_plan(setting, est, budget)
+    lines = describe(est, plan, budget)
     if not fits:
         lines.append("  does not fit even with every whole cell checkpointed: lower --batch_size (or --cell_channels)")
     return plan, lines
