@@ -8,7 +8,7 @@ level stored and checkpointed, for the edge-by-edge step (--lean_step off) and t
 
 --calibrate checks the estimate where it can be measured without a GPU: one lth search step on the CPU (base U-Net,
 batch 16, 128x128, float32) in a fresh process per setting, its peak resident memory above the memory held just
-before the step, against step_bytes() less the weights (already held before the step).
+before the step, against step_bytes() less the weights (already held before the step) and the CUDA reserve.
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ import torch
 from _common import ROOT, machine, record
 from common.backbones import ENCODERS, UNet
 from common.iac import IACSearchSkips
-from common.memory import GIB, LABELS, checkpoint_plan, search_memory, step_bytes
+from common.memory import CUDA_RESERVE, GIB, LABELS, checkpoint_plan, search_memory, step_bytes
 
 
 CHILD = r"""
@@ -56,7 +56,7 @@ def calibrate(a):
         skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=lean)
         est = search_memory(net, skips, batch, 1, (size, size), torch.float32)
         for ckpt in (False, True):
-            want = step_bytes(est, [ckpt] * len(est["levels"])) - est["params"]
+            want = step_bytes(est, [ckpt] * len(est["levels"])) - est["params"] - CUDA_RESERVE
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([lean, ckpt, batch, size])], check=True,
                                  capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
             got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -69,7 +69,15 @@ def calibrate(a):
                f"Machine: {machine()}. One lth step of the base U-Net (width 16) with its search cells, batch {batch}, "
                f"{size}x{size}, float32, on the CPU, each setting in a fresh process: the peak resident memory (ru_maxrss) "
                "above what the process held after a no-grad forward, against common/memory.py's step_bytes() less "
-               f"the weights.\n\n{table}\n")
+               f"the weights and the CUDA reserve.\n\n{table}\n")
+
+
+def largest_batch(est, budget):
+    """The largest batch whose step fits `budget` with every whole cell recomputed: what the step holds besides the
+    weights and the CUDA reserve grows with the batch (every tensor counted has the batch as its first dimension)."""
+    fixed = est["params"] + est["cell_params"] + CUDA_RESERVE
+    per_sample = (step_bytes(est, ["cell"] * len(est["levels"])) - fixed) / est["batch"]
+    return max(0, int((budget - fixed) // per_sample))
 
 
 def main():
@@ -87,8 +95,9 @@ def main():
         return calibrate(a)
     dtype = getattr(torch, a.dtype)
     rows = ["| encoder | step | levels stored (GiB) | levels, edges checkpointed (GiB) | levels, whole cell (GiB) | "
-            "decoder + loss (GiB) | all stored (GiB) | all edges checkpointed (GiB) | all whole cells (GiB) | "
-            "auto plan for 24 GB | plan total (GiB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "level 0's largest region recomputed, edges / whole cell (GiB) | decoder + loss (GiB) | all stored (GiB) | "
+            "all edges checkpointed (GiB) | all whole cells (GiB) | auto plan for 24 GB | plan total (GiB) | "
+            "largest batch for 24 GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     t0 = time.time()
     for enc in a.encoders:
         net = UNet(enc, 1, 4, "ref", width=a.width)
@@ -102,11 +111,12 @@ def main():
             row = (f"| {enc} | {'lean' if lean else 'edge by edge'} | "
                    f"{' / '.join(g(lv['stored']) for lv in est['levels'])} | "
                    f"{' / '.join(g(lv['checkpointed']) for lv in est['levels'])} | "
-                   f"{' / '.join(g(lv['cell']) for lv in est['levels'])} | {g(est['rest'])} | "
+                   f"{' / '.join(g(lv['cell']) for lv in est['levels'])} | "
+                   f"{g(est['levels'][0]['region'])} / {g(est['levels'][0]['cell_region'])} | {g(est['rest'])} | "
                    f"{g(step_bytes(est, [False] * n))} | {g(step_bytes(est, [True] * n))} | "
                    f"{g(step_bytes(est, ['cell'] * n))} | "
                    f"{', '.join(f'{i} {LABELS[m]}' for i, m in enumerate(plan) if m) if any(plan) else 'nothing'}"
-                   f"{'' if fits else ' (does not fit)'} | {g(need)} |")
+                   f"{'' if fits else ' (does not fit)'} | {g(need)} | {largest_batch(est, a.budget_gib * GIB)} |")
             rows.append(row)
             print(row, flush=True)
     table = "\n".join(rows)
@@ -116,9 +126,11 @@ def main():
                f"Machine: {machine()} (a count, not a run: common/memory.py on the meta device). U-Net width "
                f"{a.width}, 4 classes, {a.dtype} activations (standing for AMP), the supernet with all 98 ops. "
                "Levels 0 (shallowest) to the deepest; `all stored` / `all checkpointed` and `plan total` are "
-               "step_bytes(): the kept bytes plus weights and the largest checkpointed level's recomputation "
-               f"(common/memory.py); the plan (per level: edges or the whole cell checkpointed) fits "
-               f"{a.budget_gib:.1f} GiB (90% of 24 GB).\n\n{table}\n")
+               "step_bytes(): the kept bytes plus weights, the largest recomputation in the backward pass "
+               "(RECOMPUTE_FACTOR x the most one checkpointed region saves inside, plus a whole cell's own graph) and "
+               "the 1 GiB CUDA reserve (common/memory.py, fitted to H200 peaks); the plan (per level: edges or the whole cell checkpointed) fits "
+               f"{a.budget_gib:.1f} GiB (90% of 24 GB); the largest batch is for that budget with every whole cell "
+               f"recomputed (the activations scale with the batch).\n\n{table}\n")
 
 
 if __name__ == "__main__":

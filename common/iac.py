@@ -200,9 +200,10 @@ class Cell(nn.Module):
         return self._forward(skip, up, op_w, edge_w)
 
     def _forward(self, skip, up, op_w=None, edge_w=None):
-        states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, *spatial)
         if self.lean:
-            return self._output(skip, self._lean_nodes(states, op_w, edge_w))
+            return self._lean_output(skip, self._lean_nodes([self._pre(self.pre0, skip), self._pre(self.pre1, up)],
+                                                            op_w, edge_w))
+        states = [self.pre0(skip), self.pre1(up)]                            # x0, x1: (B, C, *spatial)
         for j in NODES:
             terms = []
             for e in IN_EDGES[j]:
@@ -231,6 +232,26 @@ class Cell(nn.Module):
     # (their weights concatenated, grouped convolutions: the same sums per channel). The channel shuffle is a
     # fixed permutation, so Σ_e w'_e·shuffle(cat(op_e, xb_e)) = shuffle(cat(Σ_e w'_e·op_e, Σ_e w'_e·xb_e)): one
     # concatenation and shuffle per node instead of one per edge. Parameters and buffers stay where they are.
+    # Checkpointed (edges or the whole cell), the lean step keeps less than the edge-by-edge one and recomputes in
+    # smaller pieces: the pre-processing is recomputed too (only skip and up are kept, not its ReLU and conv
+    # outputs), each op of a node is its own region (the backward recomputes one op of the edges leaving a node at a
+    # time, not all seven), and the output conv is a sum over the nodes (no 4C-wide concatenation is kept).
+    def _pre(self, pre, x):
+        if self.checkpoint_edges and torch.is_grad_enabled():                # recomputed in backward
+            return checkpoint(pre, x, use_reentrant=False,
+                              context_fn=functools.partial(_recompute_without_bn_update, pre))
+        return pre(x)
+
+    def _lean_output(self, skip, states):
+        """Eq. (1) as Σ_j conv(x_j, W_j) + b over the nodes' slices W_j of the 1x1 conv's weight: the same sum as the
+        conv of the concatenation, without keeping the concatenation for the backward pass."""
+        conv = F.conv2d if isinstance(self.out, nn.Conv2d) else F.conv3d
+        weights = self.out.weight.chunk(len(NODES), dim=1)
+        out = conv(states[N_INPUTS], weights[0], self.out.bias)
+        for x, w in zip(states[N_INPUTS + 1:], weights[1:]):
+            out = out + conv(x, w)
+        return skip + out if self.residual else out
+
     def _lean_nodes(self, states, op_w, edge_w):
         coef = op_w * edge_w[:, None]                                        # w'_e · softmax(α_e)_o, Eq. (2), (9)
         acc = {j: None for j in NODES}                                       # node j: (Σ w'·op(xa), Σ w'·xb)
@@ -242,10 +263,18 @@ class Cell(nn.Module):
                 continue
             c = states[i].shape[1] // self.k
             xa, xb = states[i][:, :c], states[i][:, c:]                      # Eq. (4): C/K channels in
-            if self.checkpoint_edges and torch.is_grad_enabled():           # recomputed in backward
-                mods = [self.edges[str(e)] for e in edges]
-                ys = checkpoint(self._from_node, xa, coef, edges, use_reentrant=False,
-                                context_fn=functools.partial(_recompute_without_bn_update, *mods))
+            if self.checkpoint_edges and torch.is_grad_enabled():           # one region per op, see above
+                ys = [None] * len(edges)
+                for name in OPS:
+                    mods = [self.edges[str(e)].ops[name] for e in edges if name in self.edges[str(e)].ops]
+                    if not mods:
+                        continue
+                    if name == "skip_connect":                               # nothing to recompute
+                        part = self._from_node(xa, coef, edges, (name,))
+                    else:
+                        part = checkpoint(self._from_node, xa, coef, edges, (name,), use_reentrant=False,
+                                          context_fn=functools.partial(_recompute_without_bn_update, *mods))
+                    ys = [y if p is None else p if y is None else y + p for y, p in zip(ys, part)]
             else:
                 ys = self._from_node(xa, coef, edges)
             for e, y in zip(edges, ys):
@@ -260,11 +289,14 @@ class Cell(nn.Module):
             return torch.zeros_like(like)
         return channel_shuffle(torch.cat(acc, dim=1), self.k) if self.k > 1 else acc[0]
 
-    def _from_node(self, xa, coef, edges):
-        """Σ_o w'_e·w_{e,o}·op_o(xa) for every edge e leaving one node (a list in the order of `edges`)."""
+    def _from_node(self, xa, coef, edges, names=OPS):
+        """Σ_o w'_e·w_{e,o}·op_o(xa) over the ops `names` for every edge e leaving one node (a list in the order of
+        `edges`; None for an edge without any of them)."""
         out = [None] * len(edges)
         relu = None
         for o, name in enumerate(OPS):
+            if name not in names:
+                continue
             has = [n for n, e in enumerate(edges) if name in self.edges[str(edges[n])].ops]
             if not has:
                 continue
@@ -377,7 +409,8 @@ class IACSearchSkips(nn.Module):
     `dims`: 2 or 3 (volumetric cells: 3-D convolutions and pools, the same α, β, genotype and θ0 layout).
     `output`: how each cell's output enters the decoder (CELL_OUTPUTS); `residual` searches from the identity skip.
     `lean`: the step regrouped by source node (Cell._lean_nodes: shared parameter-free ops, grouped convolutions,
-    one merge per node), the same math as `lean=False`, edge by edge as Eq. (4) and (9) are written."""
+    one merge per node), the same math as `lean=False`, edge by edge as Eq. (4) and (9) are written; checkpointed, it
+    also recomputes the pre-processing, one op of a node's edges at a time, and keeps no output concatenation."""
 
     def __init__(self, skip_channels, up_channels, cell_channels=None, pc_k=4, beta_fn="tanh",
                  checkpoint_edges=False, dims=2, output="replace", lean=True):

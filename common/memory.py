@@ -2,15 +2,18 @@
 03_search.py --dry_run).
 
     est = search_memory(model, skips, batch, in_channels, size, dtype)         # on the meta device: no memory used
-    est["levels"][l] = {"stored": bytes, "checkpointed": bytes, "cell": bytes}; est["rest"], est["params"]
+    est["levels"][l] = {"stored": bytes, "checkpointed": bytes, "cell": bytes,    # kept per mode
+                        "region": bytes, "cell_region": bytes}     # the most one region saves when recomputed
+    est["rest"], est["params"]
     plan, need, fits = checkpoint_plan(est, budget)          # per level: False, True (edges) or "cell"
     plan, need, fits = choose_plan("auto" | "on" | "cell" | "off", est, budget)    # what --checkpoint_edges runs
 
 The count: one forward of the U-Net with its search cells and the loss, on the meta device (shapes only), under
 saved_tensors_hooks; every storage the autograd graph keeps counts once (views share their storage), parameters
-and buffers not at all, and the inputs a checkpointed region keeps for its recomputation are added. Bytes saved
-inside cell l's forward are level l's, the rest (the frozen decoder's activations, the loss) are "rest".
-"""
+and buffers not at all, and the inputs a checkpointed region keeps for its recomputation are added; each outermost
+region is run once more, unchecked, to count what it saves when the backward pass recomputes it. Bytes saved inside
+cell l's forward are level l's, the rest (the frozen decoder's activations, the loss) are "rest". step_bytes() adds
+what a step holds besides (the largest recomputation, weights, a CUDA reserve), fitted to H200 peaks."""
 import contextlib
 import copy
 from unittest import mock
@@ -33,6 +36,7 @@ class SavedBytes:
     def __init__(self, exclude=()):
         self.exclude = {_key(t) for t in exclude}
         self.kept, self.tag = {}, "rest"
+        self.regions = {}                          # tag -> the most one outermost checkpointed region saves inside
 
     def add(self, t):
         if isinstance(t, torch.Tensor) and t.layout == torch.strided:
@@ -49,18 +53,29 @@ class SavedBytes:
 
     @contextlib.contextmanager
     def counting(self, cells=()):
-        """Count inside this block; `cells[l]`'s forward is tagged l; checkpointed regions add their inputs."""
-        real, depth = iac.checkpoint, [0]
+        """Count inside this block; `cells[l]`'s forward is tagged l; checkpointed regions add their inputs, and each
+        outermost region is run once more, unchecked, to count what its recomputation in backward saves (its own
+        inner regions: their inputs) into `regions`."""
+        real, state = iac.checkpoint, {"depth": 0, "into": self}
 
         def checkpoint(fn, *args, **kw):
-            if depth[0] == 0:                                 # a region inside another one keeps nothing itself
-                for a in args:
-                    self.add(a)
-            depth[0] += 1
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            into, depth = state["into"], state["depth"]
+            if into is not None:                              # a region inside a checkpointed one keeps nothing itself
+                for t in tensors:
+                    into.add(t)
             try:
+                if depth == 0:
+                    inner = SavedBytes(exclude=tensors)
+                    inner.exclude |= self.exclude
+                    state.update(depth=1, into=inner)
+                    with torch.autograd.graph.saved_tensors_hooks(inner.add, lambda t: t):
+                        fn(*args)                             # the recomputation (BN statistics: on a copy)
+                    self.regions[self.tag] = max(self.regions.get(self.tag, 0), sum(inner.by_tag().values()))
+                state.update(depth=depth + 1, into=None)
                 return real(fn, *args, **kw)
             finally:
-                depth[0] -= 1
+                state.update(depth=depth, into=into)
 
         def enter(level):
             def pre(*_):
@@ -108,19 +123,24 @@ def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, d
             loss = F.cross_entropy(logits.float(), y)                          # stands for SegLoss (same shapes)
             loss = loss + logits.float().softmax(1).mean()
         runs[ckpt] = counter.by_tag()
+        runs[ckpt]["regions"] = counter.regions
         runs[ckpt]["params"] = sum(p.numel() * p.element_size() for p in params)
         runs[ckpt]["cell_params"] = sum(p.numel() * p.element_size() for p in skips.parameters())
     levels = [{"stored": runs[False].get(level, 0), "checkpointed": runs[True].get(level, 0),
-               "cell": runs["cell"].get(level, 0)} for level in range(n_levels)]
+               "cell": runs["cell"].get(level, 0), "region": runs[True]["regions"].get(level, 0),
+               "cell_region": runs["cell"]["regions"].get(level, 0)} for level in range(n_levels)]
     return {"levels": levels, "rest": runs[False].get("rest", 0), "params": runs[False]["params"],
             "cell_params": runs[False]["cell_params"], "batch": batch, "size": list(size), "dtype": str(dtype)}
 
 
-# What a checkpointed step holds besides its kept bytes while it recomputes a region in the backward pass, as a
-# fraction of the largest checkpointed level's stored-minus-kept bytes. 1/6 matches the H200 peaks of the
-# edge-by-edge checkpointed LTH step (bench_gpu.py in RESULTS.md: base 29.8 GiB, VGG-16 49.1, ResNet-50 17.0, against
-# 20.1, 32.2 and 13.7 GiB kept by this count); bench_step_memory.py --calibrate checks the estimate on a CPU step.
-RECOMPUTE_SHARE = 1 / 6
+# What a step holds besides its kept bytes, fitted to the H200 peaks of the edge-by-edge LTH step with every edge
+# checkpointed (bench_gpu.py in RESULTS.md, torch 2.11: base 29.8 GiB, VGG-16 49.1, ResNet-50 17.0, MobileNetV3 8.4,
+# EfficientNetV2-S 9.4, -M 9.6; this model gives them within 7%): while a checkpointed region is recomputed in the
+# backward pass, RECOMPUTE_FACTOR x what it saves inside (its activations, then their gradients and the backward's
+# temporaries), and CUDA_RESERVE at any time (cuDNN workspaces, the allocator's rounding). bench_step_memory.py
+# --calibrate checks the count on a CPU step (without the reserve).
+RECOMPUTE_FACTOR = 1.6
+CUDA_RESERVE = GIB
 
 
 MODES = {False: "stored", True: "checkpointed", "cell": "cell"}    # a level's mode -> its key in the estimate
@@ -129,20 +149,20 @@ SETTINGS = {"off": False, "on": True, "cell": "cell"}                # --checkpo
 
 
 def _recompute(lv, mode):
-    """What recomputing one level holds at once in the backward pass: for edges, a share of what they would store;
-    for a whole cell, its edge-checkpointed graph and then that share."""
+    """What recomputing one level holds at once in the backward pass: for edges, its largest region's recomputation;
+    for a whole cell, the cell's own recomputed graph (its edges checkpointed inside) and then that."""
     if mode is False:
         return 0
-    edges = int((lv["stored"] - lv["checkpointed"]) * RECOMPUTE_SHARE)
-    return edges + (lv["checkpointed"] - lv["cell"] if mode == "cell" else 0)
+    return int(RECOMPUTE_FACTOR * lv["region"]) + (lv["cell_region"] if mode == "cell" else 0)
 
 
 def step_bytes(est, plan):
     """The plan's kept bytes (`plan`: per level False, True or "cell") plus what a step holds besides: weights, the
-    cells' gradients (α, β are tiny; SGD keeps no state), and the largest level's recomputation in backward."""
+    cells' gradients (α, β are tiny; SGD keeps no state), the largest level's recomputation in backward and the
+    CUDA reserve."""
     kept = est["rest"] + sum(lv[MODES[m]] for lv, m in zip(est["levels"], plan))
     recompute = max(_recompute(lv, m) for lv, m in zip(est["levels"], plan))
-    return est["params"] + est["cell_params"] + kept + recompute
+    return est["params"] + est["cell_params"] + kept + recompute + CUDA_RESERVE
 
 
 def checkpoint_plan(est, budget):

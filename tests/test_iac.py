@@ -301,6 +301,8 @@ def test_memory_estimate_counts_what_backward_keeps():
         assert all(0 < lv["cell"] < lv["checkpointed"] < lv["stored"] / 2 for lv in ests[lean]["levels"])
         assert ests[lean]["rest"] > 0 and isinstance(skips.cells[0].checkpoint_edges, bool)   # skips untouched
     assert all(a["stored"] < b["stored"] for a, b in zip(ests[True]["levels"], ests[False]["levels"]))
+    for a, b in zip(ests[True]["levels"], ests[False]["levels"]):     # lean, checkpointed: less kept and recomputed
+        assert a["checkpointed"] < b["checkpointed"] and a["cell_region"] < b["cell_region"] and a["region"] > 0
     doubled = search_memory(net, skips, 4, 1, (32, 32))                 # activations scale with the batch
     assert doubled["levels"][0]["stored"] == pytest.approx(2 * ests[True]["levels"][0]["stored"], rel=0.01)
     est = ests[True]
