@@ -57,7 +57,8 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_step_memory.py --record
 	$(PYTHON) benchmarks/bench_step_memory.py --calibrate --record
 	if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
-		$(PYTHON) benchmarks/bench_gpu.py; else echo "no CUDA GPU: bench_gpu.py skipped"; fi
+		$(PYTHON) benchmarks/bench_gpu.py && $(PYTHON) benchmarks/bench_epochs.py --record; \
+	else echo "no CUDA GPU: bench_gpu.py and bench_epochs.py skipped"; fi
 
 # the JS test's defaults: stop epoch across steps per epoch, and LTH vs full on three seeds (~1 h on 2 cores)
 bench-lth: $(VENV)/.installed
