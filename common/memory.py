@@ -190,7 +190,8 @@ def describe(est, plan=None, budget=None):
         lines.append(f"  cell level {lv}: stored {e['stored'] / GIB:.2f} GiB, edges checkpointed "
                      f"{e['checkpointed'] / GIB:.2f} GiB, whole cell {e['cell'] / GIB:.2f} GiB{mark}")
     if plan is not None:
-        lines.append(f"  step total (with this plan) ~{step_bytes(est, plan) / GIB:.1f} GiB"
+        lines.append(f"  step total (with this plan, and {CUDA_RESERVE / GIB:.0f} GiB for cuDNN and the allocator) "
+                     f"~{step_bytes(est, plan) / GIB:.1f} GiB"
                      + (f" of {budget / GIB:.1f} GiB available" if budget is not None else ""))
     return lines
 
