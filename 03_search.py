@@ -34,7 +34,7 @@ from common.engine import (EpochTimer, check_finite, make_loader, resume_iterato
                            to_device)
 from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
 from common.losses import SegLoss
-from common.memory import GIB, LABELS, choose_plan, describe, plan_for_run, search_memory
+from common.memory import GIB, LABELS, choose_plan, describe, gpu_budget, plan_for_run, search_memory
 from common.lth import all_edges_single
 from common.runs import add_unfinished_flag, check_stop, cli, mark_done, require_done, write_args
 from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch,
@@ -116,7 +116,7 @@ def dry_run(args):
     amp = args.amp and device.type == "cuda"
     est = search_memory(model, skips, args.batch_size, model.config["in_channels"], meta["crop"],
                         torch.bfloat16 if amp else torch.float32)
-    budget = 0.9 * torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    budget = gpu_budget(device)
     plan, _, fits = choose_plan(args.checkpoint_edges, est, budget)
     print("\n".join(describe(est, plan, budget)))
     if budget is None:

@@ -22,11 +22,9 @@ import statistics
 import sys
 import time
 
-import h5py
-import numpy as np
-
 from _common import machine, record, run
 from common.backbones import ENCODERS
+from common.data import load_splits, read_meta
 
 ACDC_TRAIN_SLICES = 1700                 # the issue's figure: 90 training patients x 2 frames x ~9.5 slices
 PAPER_TABLE4_ACDC = {"full_min": 16.3, "lth_epochs": 43, "lth_min": 3.7}   # mean over the six backbones, RTX 3090 Ti
@@ -43,12 +41,9 @@ def last_epoch(run_dir):
 
 def train_slices(data_dir):
     """Training slices of a preprocessed data set (the cases of splits.json's train list)."""
-    with open(os.path.join(data_dir, "splits.json")) as f:
-        train = set(json.load(f)["train"])
-    with h5py.File(os.path.join(data_dir, "slices.h5"), "r") as f:
-        ids = [c.decode() if isinstance(c, bytes) else str(c) for c in f["cases/case_id"][()]]
-        cases = f["slice_case"][()]
-    return int(np.isin(cases, [i for i, c in enumerate(ids) if c in train]).sum())
+    meta = read_meta(os.path.join(data_dir, "slices.h5"))
+    train = load_splits(os.path.join(data_dir, "splits.json"), meta)["train"]
+    return int(sum(meta["cases"]["n_slices"][meta["case_index"][c]] for c in train))
 
 
 def main():
@@ -77,18 +72,18 @@ def main():
     scale = ACDC_TRAIN_SLICES / n_train
     print(f"phantom: {a.patients} patients, {n_train} training slices, {a.size}x{a.size} ({time.time() - t_all:.0f} s)",
           flush=True)
-    common = ["--data", f"{data}/slices.h5", "--splits", f"{data}/splits.json", "--batch_size", str(a.batch),
+    flags = ["--data", f"{data}/slices.h5", "--splits", f"{data}/splits.json", "--batch_size", str(a.batch),
               "--epochs", str(a.epochs), *(["--workers", str(a.workers)] if a.workers is not None else [])]
     rows, full_min, lth_min = [], [], []
     mib = (lambda m: "-" if m is None else f"{m:,.0f}")
     for enc in a.encoders:
         ref = os.path.join(a.out, enc, "ref")
         t = time.time()
-        run(["02_pretrain.py", *common, "--encoder", enc, "--width", str(a.width), "--out", ref, "--overwrite"])
+        run(["02_pretrain.py", *flags, "--encoder", enc, "--width", str(a.width), "--out", ref, "--overwrite"])
         walls = {"ref": time.time() - t}
         for mode in ("full", "lth"):
             t = time.time()
-            run(["03_search.py", *common, "--backbone", f"{ref}/ckpt_best.pt", "--mode", mode, "--warmup", "0",
+            run(["03_search.py", *flags, "--backbone", f"{ref}/ckpt_best.pt", "--mode", mode, "--warmup", "0",
                  "--out", os.path.join(a.out, enc, f"search_{mode}"), "--overwrite"])
             walls[mode] = time.time() - t
         r1, rf, rl = (last_epoch(os.path.join(a.out, enc, d)) for d in ("ref", "search_full", "search_lth"))
@@ -106,18 +101,21 @@ def main():
     table = "\n".join(["| encoder | stage I epoch (s) | full search epoch (s) | "
                        "LTH epoch (s; its ops after the epoch) | peak GPU MiB (I / full / LTH) | "
                        "process wall time (s, I / full / LTH) | "
-                       "ACDC full search, 200 epochs (min) | ACDC IAC-LTH, 43 epochs (min) |",
+                       f"ACDC full search, 200 epochs (min) | ACDC IAC-LTH, {PAPER_TABLE4_ACDC['lth_epochs']} epochs "
+                       "(min) |",
                        "|---|---|---|---|---|---|---|---|", *rows])
     print(table)
     print(f"{time.time() - t_all:.0f} s in all")
     if a.record:
         record(f"Whole epochs and the projected ACDC search (bench_epochs.py, {a.size}x{a.size})",
                f"Machine: {machine()}. ACDC-layout phantom, {a.patients} patients, {n_train} training slices, "
-               f"{a.size}x{a.size} crops (phantom {a.phantom_size or a.size} px, padded); each stage its own process with the default flags (batch {a.batch}, --device auto, "
-               f"U-Net width {a.width}), {a.epochs} epochs, the last one reported (02's includes its validation); "
-               f"searches with --warmup 0 and all 98 ops. Projection to ACDC ({ACDC_TRAIN_SLICES} training slices): "
-               f"epoch seconds x {ACDC_TRAIN_SLICES}/{n_train} x 200 (full) or x 43 (IAC-LTH, Table 4's epochs; an "
-               "upper bound, as pruned epochs are cheaper); the paper's Table 4 gives the mean over the six "
+               f"{a.size}x{a.size} crops (phantom {a.phantom_size or a.size} px, padded); each stage its own process "
+               f"with the default flags (batch {a.batch}, --device auto, U-Net width {a.width}), {a.epochs} epochs, "
+               "the last one reported (02's includes its validation); searches with --warmup 0 from all 98 ops "
+               "(the LTH column gives the ops left after its epoch). Projection to ACDC "
+               f"({ACDC_TRAIN_SLICES} training slices): epoch seconds x {ACDC_TRAIN_SLICES}/{n_train} x 200 (full) "
+               f"or x {PAPER_TABLE4_ACDC['lth_epochs']} (IAC-LTH, Table 4's epochs; an upper bound, as pruned epochs "
+               "are cheaper); the paper's Table 4 gives the mean over the six "
                f"backbones on one RTX 3090 Ti.\n\n{table}\n")
 
 

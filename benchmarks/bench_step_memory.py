@@ -22,7 +22,8 @@ import torch
 from _common import ROOT, machine, record
 from common.backbones import ENCODERS, UNet
 from common.iac import IACSearchSkips
-from common.memory import CUDA_RESERVE, GIB, LABELS, checkpoint_plan, search_memory, step_bytes
+from common.memory import (BUDGET_SHARE, CUDA_RESERVE, GIB, LABELS, checkpoint_plan, held_bytes, search_memory,
+                           step_bytes)
 
 
 CHILD = r"""
@@ -75,7 +76,7 @@ def calibrate(a):
 def largest_batch(est, budget):
     """The largest batch whose step fits `budget` with every whole cell recomputed: what the step holds besides the
     weights and the CUDA reserve grows with the batch (every tensor counted has the batch as its first dimension)."""
-    fixed = est["params"] + est["cell_params"] + CUDA_RESERVE
+    fixed = held_bytes(est)
     per_sample = (step_bytes(est, ["cell"] * len(est["levels"])) - fixed) / est["batch"]
     return max(0, int((budget - fixed) // per_sample))
 
@@ -87,7 +88,8 @@ def main():
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--budget_gib", type=float, default=24 * 0.9, help="what the plan may use (90% of a 24 GB card)")
+    p.add_argument("--budget_gib", type=float, default=24 * BUDGET_SHARE,
+                   help="what the plan may use (as 03_search.py does on a 24 GB card)")
     p.add_argument("--calibrate", action="store_true", help="the estimate against a measured CPU step")
     p.add_argument("--record", action="store_true")
     a = p.parse_args()
@@ -128,8 +130,9 @@ def main():
                "Levels 0 (shallowest) to the deepest; `all stored` / `all checkpointed` and `plan total` are "
                "step_bytes(): the kept bytes plus weights, the largest recomputation in the backward pass "
                "(RECOMPUTE_FACTOR x the most one checkpointed region saves inside, plus a whole cell's own graph) and "
-               "the 1 GiB CUDA reserve (common/memory.py, fitted to H200 peaks); the plan (per level: edges or the whole cell checkpointed) fits "
-               f"{a.budget_gib:.1f} GiB (90% of 24 GB); the largest batch is for that budget with every whole cell "
+               f"the {CUDA_RESERVE / GIB:.0f} GiB CUDA reserve (common/memory.py, fitted to H200 peaks); the plan "
+               f"(per level: edges or the whole cell checkpointed) fits {a.budget_gib:.1f} GiB "
+               f"({BUDGET_SHARE:.0%} of 24 GB); the largest batch is for that budget with every whole cell "
                f"recomputed (the activations scale with the batch).\n\n{table}\n")
 
 

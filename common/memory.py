@@ -141,6 +141,7 @@ def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, d
 # --calibrate checks the count on a CPU step (without the reserve).
 RECOMPUTE_FACTOR = 1.6
 CUDA_RESERVE = GIB
+BUDGET_SHARE = 0.9                     # of the free GPU memory, what a plan may use
 
 
 MODES = {False: "stored", True: "checkpointed", "cell": "cell"}    # a level's mode -> its key in the estimate
@@ -156,13 +157,18 @@ def _recompute(lv, mode):
     return int(RECOMPUTE_FACTOR * lv["region"]) + (lv["cell_region"] if mode == "cell" else 0)
 
 
+def held_bytes(est):
+    """What a step holds whatever its batch: weights, the cells' gradients (α, β are tiny; SGD keeps no state) and
+    the CUDA reserve."""
+    return est["params"] + est["cell_params"] + CUDA_RESERVE
+
+
 def step_bytes(est, plan):
-    """The plan's kept bytes (`plan`: per level False, True or "cell") plus what a step holds besides: weights, the
-    cells' gradients (α, β are tiny; SGD keeps no state), the largest level's recomputation in backward and the
-    CUDA reserve."""
+    """The plan's kept bytes (`plan`: per level False, True or "cell") plus what a step holds besides: held_bytes()
+    and the largest level's recomputation in backward."""
     kept = est["rest"] + sum(lv[MODES[m]] for lv, m in zip(est["levels"], plan))
     recompute = max(_recompute(lv, m) for lv, m in zip(est["levels"], plan))
-    return est["params"] + est["cell_params"] + kept + recompute + CUDA_RESERVE
+    return held_bytes(est) + kept + recompute
 
 
 def checkpoint_plan(est, budget):
@@ -196,26 +202,37 @@ def describe(est, plan=None, budget=None):
     return lines
 
 
+def gpu_budget(device, free=None):
+    """What a plan may use on `device`: BUDGET_SHARE of its free memory (`free` bytes, unless the device's); None
+    off CUDA (nothing to compare with)."""
+    if device.type != "cuda":
+        return None
+    return BUDGET_SHARE * (torch.cuda.mem_get_info(device)[0] if free is None else free)
+
+
+def fixed_plan(setting, n_levels):
+    """--checkpoint_edges on / cell / off: the same mode at every level (auto without a budget: off)."""
+    return [SETTINGS.get(setting, False)] * n_levels
+
+
 def choose_plan(setting, est, budget=None):
-    """--checkpoint_edges `setting` for the estimate `est`: auto with a budget (bytes) is checkpoint_plan's choice;
-    on / cell / off, or auto without a budget (the CPU: off), the same mode at every level. Returns (plan, bytes,
-    fits; fits is True without a budget)."""
+    """--checkpoint_edges `setting` for the estimate `est`: auto with a budget (bytes) is checkpoint_plan's choice,
+    otherwise fixed_plan. Returns (plan, bytes, fits; fits is True without a budget)."""
     if setting == "auto" and budget is not None:
         return checkpoint_plan(est, budget)
-    plan = [SETTINGS.get(setting, False)] * len(est["levels"])
+    plan = fixed_plan(setting, len(est["levels"]))
     need = step_bytes(est, plan)
     return plan, need, budget is None or need <= budget
 
 
 def plan_for_run(setting, device, model, skips, batch, size, amp, free=None):
-    """The plan 03_search.py runs with: on CUDA with auto, choose_plan for 90% of the free GPU memory (`free`
-    bytes: the device's, unless given); otherwise the fixed plan, without counting. Returns (one mode per level,
-    lines for the log; none unless auto ran on CUDA)."""
+    """The plan 03_search.py runs with: on CUDA with auto, choose_plan for gpu_budget(device, free); otherwise
+    fixed_plan, without counting. Returns (one mode per level, lines for the log; none unless auto ran on CUDA)."""
     if setting != "auto" or device.type != "cuda":
-        return [SETTINGS.get(setting, False)] * len(skips.cells), []
+        return fixed_plan(setting, len(skips.cells)), []
     est = search_memory(model, skips, batch, model.config["in_channels"], size, torch.bfloat16 if amp else
                         torch.float32)
-    budget = 0.9 * (torch.cuda.mem_get_info(device)[0] if free is None else free)
+    budget = gpu_budget(device, free)
     plan, need, fits = choose_plan(setting, est, budget)
     lines = describe(est, plan, budget)
     if not fits:

@@ -311,14 +311,14 @@ def test_memory_estimate_counts_what_backward_keeps():
     assert plan == ["cell"] * 4 and not fits and need == step_bytes(est, plan)
     one = step_bytes(est, [True, False, False, False])                 # level 0 saves the most
     assert checkpoint_plan(est, one) == ([True, False, False, False], one, True)
-    from common.memory import choose_plan, plan_for_run               # the fixed settings, and auto without a GPU
+    from common.memory import BUDGET_SHARE, choose_plan, plan_for_run   # the fixed settings, auto without a GPU
     every = step_bytes(est, [True] * 4)
     assert choose_plan("on", est, every) == ([True] * 4, every, True) and not choose_plan("on", est, every - 1)[2]
     assert choose_plan("auto", est)[0] == [False] * 4 and choose_plan("cell", est)[2]
     assert choose_plan("auto", est, one) == checkpoint_plan(est, one)
     gpu = torch.device("cuda")                                         # --checkpoint_edges auto on a GPU ...
     assert plan_for_run("auto", gpu, net, skips, 2, (32, 32), False, free=10 ** 12)[0] == [False] * 4
-    plan, lines = plan_for_run("auto", gpu, net, skips, 2, (32, 32), False, free=one / 0.9)
+    plan, lines = plan_for_run("auto", gpu, net, skips, 2, (32, 32), False, free=one / BUDGET_SHARE)
     assert plan == [True, False, False, False] and "checkpointed" in lines[1]
     assert plan_for_run("auto", torch.device("cpu"), net, skips, 2, (32, 32), False) == ([False] * 4, [])   # ... CPU
     assert plan_for_run("on", torch.device("cpu"), net, skips, 2, (32, 32), False) == ([True] * 4, [])
