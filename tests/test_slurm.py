@@ -55,9 +55,13 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", SCRIPT, "stop", str(d)], capture_output=True, timeout=60)
 
 
+def grid_env(env=None):
+    return dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+
+
 def grid(*args, env=None, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    r = subprocess.run([sys.executable, GRID, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([sys.executable, GRID, *args], cwd=ROOT, capture_output=True, text=True, env=grid_env(env),
+                       timeout=900)
     if check and r.returncode:
         raise AssertionError(f"grid.py {' '.join(args)} exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r.stdout
@@ -108,10 +112,27 @@ def test_grid_on_a_real_slurm_cluster(tmp_path, cluster):
     out = grid("run", cfg, "--backend", "slurm", env=cluster)
     assert out.count("[submit]") == 18 and "after" in out, out
     local = write_config(tmp_path / "local.json", tmp_path / "L", {"acdc": raws["acdc"]})
-    local_log = open(tmp_path / "local.log", "w")                 # the same grid on the local backend, meanwhile
-    local_run = subprocess.Popen([sys.executable, GRID, "run", local], cwd=ROOT, stdout=local_log,
-                                 stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    with open(tmp_path / "local.log", "w") as local_log:           # the same grid on the local backend, meanwhile
+        local_run = subprocess.Popen([sys.executable, GRID, "run", local], cwd=ROOT, stdout=local_log,
+                                     stderr=subprocess.STDOUT, env=grid_env())
+    try:
+        check_slurm_run(tmp_path, cluster, cfg)
+        assert local_run.wait(timeout=900) == 0, (tmp_path / "local.log").read_text()[-3000:]
+    finally:
+        if local_run.poll() is None:                               # a failed check: stop it, not the rest of the suite
+            local_run.kill()
+            local_run.wait()
+    tables = []
+    for c in (cfg, local):
+        grid("report", c)
+        root = json.load(open(c))["root"]
+        tables.append([pd.read_csv(os.path.join(root, "acdc", "report", f)) for f in ("summary.csv", "paired.csv")])
+    for a, b in zip(*tables):
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9)
 
+
+def check_slurm_run(tmp_path, cluster, cfg):
+    """The SLURM grid to its end, with one search requeued by hand, and what its stages logged."""
     lth = tmp_path / "S" / "acdc" / "base" / "seed0" / "search_lth"
     by_hand, t0 = None, time.time()
     while time.time() - t0 < 900:
@@ -157,11 +178,3 @@ def test_grid_on_a_real_slurm_cluster(tmp_path, cluster):
     assert stopped >= 2 and by_signal.get("SIGTERM", 0) >= 1, (stopped, by_signal)   # time limit(s) + the preemption
     print(f"requeues: {stopped}, stop signals seen by the stages: {by_signal}")
 
-    assert local_run.wait(timeout=900) == 0, (tmp_path / "local.log").read_text()[-3000:]
-    tables = []
-    for c in (cfg, local):
-        grid("report", c)
-        root = json.load(open(c))["root"]
-        tables.append([pd.read_csv(os.path.join(root, "acdc", "report", f)) for f in ("summary.csv", "paired.csv")])
-    for a, b in zip(*tables):
-        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9)
