@@ -21,13 +21,15 @@ Where a skip module plugs in (one place per level, the same for every skip type)
 `model.skip_channels[l]` and `model.up_channels[l]` give the channels of `skip` and `up`
 at level l, which is all a skip module needs to know (see common/skips.py, common/iac.py).
 `model.set_skips(new)` swaps the skip modules; `model.freeze_backbone()` freezes every
-weight that is not a skip module and keeps those modules in eval mode.
+weight that is not a skip module and keeps those modules in eval mode; frozen, the decoder
+blocks and the head keep only their ReLU masks for the backward pass (common/frozen.py).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from common.frozen import frozen_apply
 from common.skips import ConvBlock, build_skips
 from common.utils import InputError, require_file
 
@@ -177,10 +179,10 @@ class UNet(nn.Module):
             skip = feats[level]
             up = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             s = self.skips(level, skip, up)                          # the skip module's place
-            x = self.decoder[level](torch.cat([s, up], dim=1))
+            x = frozen_apply(self.decoder[level], torch.cat([s, up], dim=1))    # decoder[level](...)
         if self.final_up is not None:
-            x = self.final_up(F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False))
-        return self.head(x)                                          # (B, K, H, W)
+            x = frozen_apply(self.final_up, F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False))
+        return frozen_apply(self.head, x)                            # (B, K, H, W)
 
 
 def build_unet(config, encoder_weights=None):

@@ -12,8 +12,9 @@ The count: one forward of the U-Net with its search cells and the loss, on the m
 saved_tensors_hooks; every storage the autograd graph keeps counts once (views share their storage), parameters
 and buffers not at all, and the inputs a checkpointed region keeps for its recomputation are added; each outermost
 region is run once more, unchecked, to count what it saves when the backward pass recomputes it. Bytes saved inside
-cell l's forward are level l's, the rest (the frozen decoder's activations, the loss) are "rest". step_bytes() adds
-what a step holds besides (the largest recomputation, weights, a CUDA reserve), fitted to H200 peaks."""
+cell l's forward are level l's, the rest (the frozen decoder's ReLU masks, common/frozen.py; the loss) are "rest".
+step_bytes() adds what a step holds besides (the largest recomputation, weights, a CUDA reserve), fitted to H200
+peaks."""
 import contextlib
 import copy
 from unittest import mock

@@ -40,6 +40,56 @@ def test_skip_modules_keep_shapes(skip):
     assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
 
 
+@pytest.mark.parametrize("encoder", ["base", "resnet50"])
+def test_frozen_decoder_keeps_only_relu_masks(encoder, monkeypatch):
+    """common/frozen.py: with the backbone frozen, the decoder blocks, final_up and the head run with a backward that
+    keeps one bool mask per ReLU: the same logits, bit for bit, and the same gradients of every skip weight and of the
+    input in float64 as autograd's own backward (which keeps every convolution's and BatchNorm's input)."""
+    import common.backbones as backbones
+    from common.frozen import frozen_apply, supported
+    from common.iac import IACSearchSkips
+    torch.manual_seed(0)
+    net = UNet(encoder, 1, 3, "ref", width=4).double()
+    with torch.no_grad():                                  # pre-trained-like BN statistics and affine weights
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.normal_()
+            bn.bias.normal_()
+    net.freeze_backbone()
+    net.train()
+    skips = IACSearchSkips(net.skip_channels, net.up_channels).double()
+    x = torch.randn(2, 1, 64, 64, dtype=torch.float64)
+    runs = {}
+    for plain in (True, False):
+        s = IACSearchSkips(net.skip_channels, net.up_channels).double()
+        s.load_state_dict(skips.state_dict())
+        net.set_skips(s)
+        with monkeypatch.context() as m:
+            if plain:
+                m.setattr(backbones, "frozen_apply", lambda module, t: module(t))
+            out = net(x)
+        (out.square().mean() + out[:, 1].mean()).backward()
+        runs[plain] = out.detach(), {n: p.grad.clone() for n, p in s.named_parameters() if p.grad is not None}
+    assert torch.equal(runs[True][0], runs[False][0]) and len(runs[True][1]) > 100
+    for n, g in runs[True][1].items():
+        torch.testing.assert_close(runs[False][1][n], g, rtol=1e-12, atol=1e-15, msg=n)
+    block = net.decoder[0]                                 # what the backward keeps: one bool mask per ReLU
+    t = torch.randn(2, block[0].in_channels, 16, 16, dtype=torch.float64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: kept.append(v) or v, lambda v: v):
+        y = frozen_apply(block, t)
+    assert [v.dtype for v in kept] == [torch.bool, torch.bool] and [v.shape for v in kept] == [y.shape] * 2
+    g = torch.randn_like(y)
+    want = torch.autograd.grad(block(t), t, g)[0]
+    torch.testing.assert_close(torch.autograd.grad(y, t, g)[0], want, rtol=1e-12, atol=1e-15)
+    assert supported(net.head) and not supported(net.skips)           # trainable: autograd's own backward
+    net.train(True)
+    net.backbone_frozen = False
+    net.train()
+    assert not supported(block)                            # a block in training mode (stage 02) runs as it is
+
+
 def test_encoder_weights_from_local_file(tmp_path):
     import torchvision
     m = torchvision.models.mobilenet_v3_large(weights=None)
