@@ -123,7 +123,7 @@ def dry_run(args):
         print(f"(device {device}: no GPU memory to compare with; run --dry_run on the GPU machine for the verdict)")
         return
     print("fits" if fits else f"does not fit in {budget / GIB:.1f} GiB: lower --batch_size, use --checkpoint_edges "
-          "auto or on, or a smaller --cell_channels")
+          "auto (or on / cell / fine), or a smaller --cell_channels")
     if not fits:
         raise SystemExit(1)
 

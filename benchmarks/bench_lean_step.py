@@ -17,6 +17,7 @@ from _common import machine, record
 from common.backbones import UNet
 from common.iac import IACSearchSkips
 from common.losses import SegLoss
+from common.memory import SETTINGS
 from common.search import arch_optimizer, search_step, weight_optimizer
 from common.utils import autocast
 
@@ -40,7 +41,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoders", nargs="+", default=["base"])
     p.add_argument("--width", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--checkpoint", choices=["off", "on", "cell"], default="off", help="--checkpoint_edges of both steps")
+    p.add_argument("--checkpoint", choices=list(SETTINGS), default="off", help="--checkpoint_edges of both steps")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--reps", type=int, default=7)
@@ -50,7 +51,7 @@ def main():
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    ckpt = {"off": False, "on": True, "cell": "cell"}[a.checkpoint]
+    ckpt = SETTINGS[a.checkpoint]
     rows = ["| encoder | width | mode | edge by edge (s / step) | lean (s / step) | speed-up |"
             + (" peak GPU MiB, edge by edge / lean |" if cuda else ""), "|---|---|---|---|---|---|" + ("---|" if cuda else "")]
     for encoder in a.encoders:

@@ -56,12 +56,12 @@ def calibrate(a):
     for lean in (False, True):
         skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=lean)
         est = search_memory(net, skips, batch, 1, (size, size), torch.float32)
-        for ckpt in (False, True):
+        for ckpt in LABELS:
             want = step_bytes(est, [ckpt] * len(est["levels"])) - est["params"] - CUDA_RESERVE
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([lean, ckpt, batch, size])], check=True,
                                  capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
             got = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(f"| {'lean' if lean else 'edge by edge'} | {'on' if ckpt else 'off'} | {want / 2**20:,.0f} | "
+            rows.append(f"| {'lean' if lean else 'edge by edge'} | {LABELS[ckpt]} | {want / 2**20:,.0f} | "
                         f"{got / 2**20:,.0f} | {got / want:.2f} |")
             print(rows[-1], flush=True)
     table = "\n".join(rows)
@@ -74,10 +74,11 @@ def calibrate(a):
 
 
 def largest_batch(est, budget):
-    """The largest batch whose step fits `budget` with every whole cell recomputed: what the step holds besides the
-    weights and the CUDA reserve grows with the batch (every tensor counted has the batch as its first dimension)."""
+    """The largest batch whose step fits `budget` with every whole cell recomputed edge by edge (the least memory):
+    what the step holds besides the weights and the CUDA reserve grows with the batch (every tensor counted has the
+    batch as its first dimension)."""
     fixed = held_bytes(est)
-    per_sample = (step_bytes(est, ["cell"] * len(est["levels"])) - fixed) / est["batch"]
+    per_sample = (step_bytes(est, ["fine"] * len(est["levels"])) - fixed) / est["batch"]
     return max(0, int((budget - fixed) // per_sample))
 
 
@@ -97,9 +98,10 @@ def main():
         return calibrate(a)
     dtype = getattr(torch, a.dtype)
     rows = ["| encoder | step | levels stored (GiB) | levels, edges checkpointed (GiB) | levels, whole cell (GiB) | "
-            "level 0's largest region recomputed, edges / whole cell (GiB) | decoder + loss (GiB) | all stored (GiB) | "
-            "all edges checkpointed (GiB) | all whole cells (GiB) | auto plan for 24 GB | plan total (GiB) | "
-            "largest batch for 24 GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "level 0's largest region recomputed, edges / whole cell / edge by edge (GiB) | decoder + loss (GiB) | "
+            "all stored (GiB) | all edges checkpointed (GiB) | all whole cells (GiB) | all whole cells, edge by edge "
+            "(GiB) | auto plan for 24 GB | plan total (GiB) | largest batch for 24 GB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     t0 = time.time()
     for enc in a.encoders:
         net = UNet(enc, 1, 4, "ref", width=a.width)
@@ -114,9 +116,10 @@ def main():
                    f"{' / '.join(g(lv['stored']) for lv in est['levels'])} | "
                    f"{' / '.join(g(lv['checkpointed']) for lv in est['levels'])} | "
                    f"{' / '.join(g(lv['cell']) for lv in est['levels'])} | "
-                   f"{g(est['levels'][0]['region'])} / {g(est['levels'][0]['cell_region'])} | {g(est['rest'])} | "
+                   f"{g(est['levels'][0]['region'])} / {g(est['levels'][0]['cell_region'])} / "
+                   f"{g(est['levels'][0]['fine_region'])} | {g(est['rest'])} | "
                    f"{g(step_bytes(est, [False] * n))} | {g(step_bytes(est, [True] * n))} | "
-                   f"{g(step_bytes(est, ['cell'] * n))} | "
+                   f"{g(step_bytes(est, ['cell'] * n))} | {g(step_bytes(est, ['fine'] * n))} | "
                    f"{', '.join(f'{i} {LABELS[m]}' for i, m in enumerate(plan) if m) if any(plan) else 'nothing'}"
                    f"{'' if fits else ' (does not fit)'} | {g(need)} | {largest_batch(est, a.budget_gib * GIB)} |")
             rows.append(row)
@@ -131,9 +134,10 @@ def main():
                "step_bytes(): the kept bytes plus weights, the largest recomputation in the backward pass "
                "(RECOMPUTE_FACTOR x the most one checkpointed region saves inside, plus a whole cell's own graph) and "
                f"the {CUDA_RESERVE / GIB:.0f} GiB CUDA reserve (common/memory.py, fitted to H200 peaks); the plan "
-               f"(per level: edges or the whole cell checkpointed) fits {a.budget_gib:.1f} GiB "
-               f"({BUDGET_SHARE:.0%} of 24 GB); the largest batch is for that budget with every whole cell "
-               f"recomputed (the activations scale with the batch).\n\n{table}\n")
+               f"(per level: edges or the whole cell checkpointed, or the whole cell edge by edge: 'fine') fits "
+               f"{a.budget_gib:.1f} GiB ({BUDGET_SHARE:.0%} of 24 GB); the largest batch is for that budget with "
+               f"every whole cell recomputed edge by edge (the activations scale with the batch). The frozen "
+               f"decoder keeps only its ReLU masks (common/frozen.py).\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def supported(module):
     layers = _layers(module)
     return (bool(layers) and isinstance(layers[0], _CONV) and not module.training
             and all(isinstance(m, (*_CONV, *_BN, nn.ReLU)) for m in layers)
-            and all(m.padding_mode == "zeros" and not isinstance(m.padding, str) for m in layers if isinstance(m, _CONV))
+            and all(m.padding_mode == "zeros" and not isinstance(m.padding, str)
+                    for m in layers if isinstance(m, _CONV))
             and all(m.track_running_stats for m in layers if isinstance(m, _BN))
             and not any(p.requires_grad for p in module.parameters()))
 

@@ -49,6 +49,9 @@ FULL_GENOTYPE_EDGES = {e: OPS for e in range(len(EDGES))}         # every op on 
 # nodes takes the identity skip's place) or `residual` (skip + that conv, the conv starting at zero, so the
 # frozen decoder first sees the skip tensor it was trained with; this project's option, not the paper's).
 CELL_OUTPUTS = ("replace", "residual")
+# checkpoint_edges values that also recompute the whole cell: "cell" (inside it, one region per op of a node's edges
+# in the lean step) and "fine" (one region per op of each edge: the least memory, no grouped convolution there)
+WHOLE_CELL = ("cell", "fine")
 
 
 # --------------------------------------------------------------------------- operations
@@ -193,7 +196,7 @@ class Cell(nn.Module):
             zero_output(self)
 
     def forward(self, skip, up, op_w=None, edge_w=None):
-        if self.search and self.checkpoint_edges == "cell" and torch.is_grad_enabled():
+        if self.search and self.checkpoint_edges in WHOLE_CELL and torch.is_grad_enabled():
             # the whole cell recomputed in backward (its edges checkpointed inside): only skip and up are kept
             return checkpoint(self._forward, skip, up, op_w, edge_w, use_reentrant=False,
                               context_fn=functools.partial(_recompute_without_bn_update, self))
@@ -235,7 +238,8 @@ class Cell(nn.Module):
     # Checkpointed (edges or the whole cell), the lean step keeps less than the edge-by-edge one and recomputes in
     # smaller pieces: the pre-processing is recomputed too (only skip and up are kept, not its ReLU and conv
     # outputs), each op of a node is its own region (the backward recomputes one op of the edges leaving a node at a
-    # time, not all seven), and the output conv is a sum over the nodes (no 4C-wide concatenation is kept).
+    # time, not all seven; with "fine", one op of one edge), and the output conv is a sum over the nodes (no 4C-wide
+    # concatenation is kept).
     def _pre(self, pre, x):
         if self.checkpoint_edges and torch.is_grad_enabled():                # recomputed in backward
             return checkpoint(pre, x, use_reentrant=False,
@@ -264,17 +268,21 @@ class Cell(nn.Module):
             c = states[i].shape[1] // self.k
             xa, xb = states[i][:, :c], states[i][:, c:]                      # Eq. (4): C/K channels in
             if self.checkpoint_edges and torch.is_grad_enabled():           # one region per op, see above
-                ys = [None] * len(edges)
+                ys = {e: None for e in edges}
+                # "fine": one region per op of each edge (no grouped convolution across the node's edges)
                 for name in OPS:
-                    mods = [self.edges[str(e)].ops[name] for e in edges if name in self.edges[str(e)].ops]
-                    if not mods:
-                        continue
-                    if name == "skip_connect":                               # nothing to recompute
-                        part = self._from_node(xa, coef, edges, (name,))
-                    else:
-                        part = checkpoint(self._from_node, xa, coef, edges, (name,), use_reentrant=False,
-                                          context_fn=functools.partial(_recompute_without_bn_update, *mods))
-                    ys = [y if p is None else p if y is None else y + p for y, p in zip(ys, part)]
+                    for chunk in [[e] for e in edges] if self.checkpoint_edges == "fine" else [edges]:
+                        mods = [self.edges[str(e)].ops[name] for e in chunk if name in self.edges[str(e)].ops]
+                        if not mods:
+                            continue
+                        if name == "skip_connect":                           # nothing to recompute
+                            part = self._from_node(xa, coef, chunk, (name,))
+                        else:
+                            part = checkpoint(self._from_node, xa, coef, chunk, (name,), use_reentrant=False,
+                                              context_fn=functools.partial(_recompute_without_bn_update, *mods))
+                        for e, p in zip(chunk, part):
+                            ys[e] = ys[e] if p is None else p if ys[e] is None else ys[e] + p
+                ys = [ys[e] for e in edges]
             else:
                 ys = self._from_node(xa, coef, edges)
             for e, y in zip(edges, ys):
@@ -405,7 +413,9 @@ class IACSearchSkips(nn.Module):
     per level): True keeps only each edge's input and recomputes its ops in the backward pass (torch.utils.checkpoint):
     the same gradients and BatchNorm statistics for several times less activation memory, for a second forward of the
     ops; "cell" also recomputes the whole cell around those edge checkpoints (only its inputs are kept; a third
-    forward of the ops).
+    forward of the ops); "fine" is "cell" with, in the lean step, one recomputed region per op of each edge instead of
+    per op of a node's edges (its grouped convolutions given up there: the smallest recomputation; edge by edge, the
+    same as "cell").
     `dims`: 2 or 3 (volumetric cells: 3-D convolutions and pools, the same α, β, genotype and θ0 layout).
     `output`: how each cell's output enters the decoder (CELL_OUTPUTS); `residual` searches from the identity skip.
     `lean`: the step regrouped by source node (Cell._lean_nodes: shared parameter-free ops, grouped convolutions,

@@ -2,16 +2,18 @@
 03_search.py --dry_run).
 
     est = search_memory(model, skips, batch, in_channels, size, dtype)         # on the meta device: no memory used
-    est["levels"][l] = {"stored": bytes, "checkpointed": bytes, "cell": bytes,    # kept per mode
-                        "region": bytes, "cell_region": bytes}     # the most one region saves when recomputed
+    est["levels"][l] = {"stored": bytes, "checkpointed": bytes, "cell": bytes, "fine": bytes,    # kept per mode
+                        "region": bytes, "cell_region": bytes, "fine_region": bytes}   # the most one region saves
+                                                                                       # when recomputed
     est["rest"], est["params"]
-    plan, need, fits = checkpoint_plan(est, budget)          # per level: False, True (edges) or "cell"
-    plan, need, fits = choose_plan("auto" | "on" | "cell" | "off", est, budget)    # what --checkpoint_edges runs
+    plan, need, fits = checkpoint_plan(est, budget)          # per level: False, True (edges), "cell" or "fine"
+    plan, need, fits = choose_plan("auto" | "on" | "cell" | "fine" | "off", est, budget)  # what --checkpoint_edges runs
 
 The count: one forward of the U-Net with its search cells and the loss, on the meta device (shapes only), under
 saved_tensors_hooks; every storage the autograd graph keeps counts once (views share their storage), parameters
 and buffers not at all, and the inputs a checkpointed region keeps for its recomputation are added; each outermost
-region is run once more, unchecked, to count what it saves when the backward pass recomputes it. Bytes saved inside
+region (and, for "fine", each region directly inside it) is run once more, unchecked, to count what it saves when the
+backward pass recomputes it. Bytes saved inside
 cell l's forward are level l's, the rest (the frozen decoder's ReLU masks, common/frozen.py; the loss) are "rest".
 step_bytes() adds what a step holds besides (the largest recomputation, weights, a CUDA reserve), fitted to H200
 peaks."""
@@ -38,6 +40,7 @@ class SavedBytes:
         self.exclude = {_key(t) for t in exclude}
         self.kept, self.tag = {}, "rest"
         self.regions = {}                          # tag -> the most one outermost checkpointed region saves inside
+        self.inner_regions = {}                    # ... one region directly inside an outermost one (if counted)
 
     def add(self, t):
         if isinstance(t, torch.Tensor) and t.layout == torch.strided:
@@ -53,11 +56,12 @@ class SavedBytes:
         return out
 
     @contextlib.contextmanager
-    def counting(self, cells=()):
+    def counting(self, cells=(), depth=1):
         """Count inside this block; `cells[l]`'s forward is tagged l; checkpointed regions add their inputs, and each
         outermost region is run once more, unchecked, to count what its recomputation in backward saves (its own
-        inner regions: their inputs) into `regions`."""
-        real, state = iac.checkpoint, {"depth": 0, "into": self}
+        inner regions: their inputs) into `regions`; with depth 2, each region directly inside it the same way, into
+        `inner_regions`."""
+        real, state, max_depth = iac.checkpoint, {"depth": 0, "into": self}, depth
 
         def checkpoint(fn, *args, **kw):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -66,13 +70,14 @@ class SavedBytes:
                 for t in tensors:
                     into.add(t)
             try:
-                if depth == 0:
+                if depth < max_depth:
                     inner = SavedBytes(exclude=tensors)
                     inner.exclude |= self.exclude
-                    state.update(depth=1, into=inner)
+                    state.update(depth=depth + 1, into=inner)
                     with torch.autograd.graph.saved_tensors_hooks(inner.add, lambda t: t):
                         fn(*args)                             # the recomputation (BN statistics: on a copy)
-                    self.regions[self.tag] = max(self.regions.get(self.tag, 0), sum(inner.by_tag().values()))
+                    into_regions = self.inner_regions if depth else self.regions
+                    into_regions[self.tag] = max(into_regions.get(self.tag, 0), sum(inner.by_tag().values()))
                 state.update(depth=depth + 1, into=None)
                 return real(fn, *args, **kw)
             finally:
@@ -112,24 +117,24 @@ def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, d
     x = torch.randn(batch, in_channels, *size, device=device, dtype=dtype)
     y = torch.randint(0, net.config["num_classes"], (batch, *size), device=device)
     runs = {}
-    for ckpt in (False, True, "cell"):
+    for ckpt in MODES:
         for cell in skips.cells:
             cell.checkpoint_edges = ckpt
         net.set_skips(skips)
         params = [*net.parameters(), *net.buffers()]
         counter = SavedBytes(exclude=params)
-        with counter.counting(skips.cells):
+        with counter.counting(skips.cells, depth=2 if ckpt == "fine" else 1):
             skips.prepare(None)
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y)                          # stands for SegLoss (same shapes)
             loss = loss + logits.float().softmax(1).mean()
         runs[ckpt] = counter.by_tag()
-        runs[ckpt]["regions"] = counter.regions
+        runs[ckpt]["regions"], runs[ckpt]["inner_regions"] = counter.regions, counter.inner_regions
         runs[ckpt]["params"] = sum(p.numel() * p.element_size() for p in params)
         runs[ckpt]["cell_params"] = sum(p.numel() * p.element_size() for p in skips.parameters())
-    levels = [{"stored": runs[False].get(level, 0), "checkpointed": runs[True].get(level, 0),
-               "cell": runs["cell"].get(level, 0), "region": runs[True]["regions"].get(level, 0),
-               "cell_region": runs["cell"]["regions"].get(level, 0)} for level in range(n_levels)]
+    levels = [{**{key: runs[mode].get(level, 0) for mode, key in MODES.items()},
+               "region": runs[True]["regions"].get(level, 0), "cell_region": runs["cell"]["regions"].get(level, 0),
+               "fine_region": runs["fine"]["inner_regions"].get(level, 0)} for level in range(n_levels)]
     return {"levels": levels, "rest": runs[False].get("rest", 0), "params": runs[False]["params"],
             "cell_params": runs[False]["cell_params"], "batch": batch, "size": list(size), "dtype": str(dtype)}
 
@@ -145,17 +150,20 @@ CUDA_RESERVE = GIB
 BUDGET_SHARE = 0.9                     # of the free GPU memory, what a plan may use
 
 
-MODES = {False: "stored", True: "checkpointed", "cell": "cell"}    # a level's mode -> its key in the estimate
-LABELS = {False: "stored", True: "edges checkpointed", "cell": "whole cell"}   # ... and its name in logs and tables
-SETTINGS = {"off": False, "on": True, "cell": "cell"}                # --checkpoint_edges (auto: see choose_plan)
+MODES = {False: "stored", True: "checkpointed", "cell": "cell", "fine": "fine"}   # a level's mode -> its key
+LABELS = {False: "stored", True: "edges checkpointed", "cell": "whole cell",          # ... its name in logs, tables
+          "fine": "whole cell, edge by edge"}
+SETTINGS = {"off": False, "on": True, "cell": "cell", "fine": "fine"}   # --checkpoint_edges (auto: see choose_plan)
 
 
 def _recompute(lv, mode):
     """What recomputing one level holds at once in the backward pass: for edges, its largest region's recomputation;
-    for a whole cell, the cell's own recomputed graph (its edges checkpointed inside) and then that."""
+    for a whole cell, the cell's own recomputed graph (its edges checkpointed inside) and then that ("fine": its
+    smaller regions inside)."""
     if mode is False:
         return 0
-    return int(RECOMPUTE_FACTOR * lv["region"]) + (lv["cell_region"] if mode == "cell" else 0)
+    region = int(RECOMPUTE_FACTOR * lv["fine_region" if mode == "fine" else "region"])
+    return region + (lv["cell_region"] if mode in iac.WHOLE_CELL else 0)
 
 
 def held_bytes(est):
@@ -173,12 +181,15 @@ def step_bytes(est, plan):
 
 
 def checkpoint_plan(est, budget):
-    """Per level False / True / "cell" so the step fits `budget` bytes: nothing if it fits stored, else the level
-    edges checkpointed whose saving is largest first, then whole cells the same way. Returns (plan, bytes, fits)."""
+    """Per level False / True / "cell" / "fine" so the step fits `budget` bytes: nothing if it fits stored, else the
+    level edges checkpointed whose saving is largest first, then whole cells the same way, then (the slowest, with
+    the same kept bytes) the whole cells whose recomputation holds most, edge by edge. Returns (plan, bytes, fits)."""
     n = len(est["levels"])
+    lvs = est["levels"]
     plan = [False] * n
     steps = [None] + [(lv, mode) for mode in (True, "cell") for lv in
-                      sorted(range(n), key=lambda lv: est["levels"][lv][MODES[mode]] - est["levels"][lv]["stored"])]
+                      sorted(range(n), key=lambda lv: lvs[lv][MODES[mode]] - lvs[lv]["stored"])]
+    steps += [(lv, "fine") for lv in sorted(range(n), key=lambda lv: -_recompute(lvs[lv], "cell"))]
     for step in steps:
         if step is not None:
             plan[step[0]] = step[1]
@@ -195,7 +206,8 @@ def describe(est, plan=None, budget=None):
     for lv, e in enumerate(est["levels"]):
         mark = "" if plan is None else f"  <- {LABELS[plan[lv]]}"
         lines.append(f"  cell level {lv}: stored {e['stored'] / GIB:.2f} GiB, edges checkpointed "
-                     f"{e['checkpointed'] / GIB:.2f} GiB, whole cell {e['cell'] / GIB:.2f} GiB{mark}")
+                     f"{e['checkpointed'] / GIB:.2f} GiB, whole cell {e['cell'] / GIB:.2f} GiB (recomputing "
+                     f"{_recompute(e, 'cell') / GIB:.2f}, edge by edge {_recompute(e, 'fine') / GIB:.2f}){mark}")
     if plan is not None:
         lines.append(f"  step total (with this plan, and {CUDA_RESERVE / GIB:.0f} GiB for cuDNN and the allocator) "
                      f"~{step_bytes(est, plan) / GIB:.1f} GiB"
@@ -212,7 +224,7 @@ def gpu_budget(device, free=None):
 
 
 def fixed_plan(setting, n_levels):
-    """--checkpoint_edges on / cell / off: the same mode at every level (auto without a budget: off)."""
+    """--checkpoint_edges on / cell / fine / off: the same mode at every level (auto without a budget: off)."""
     return [SETTINGS.get(setting, False)] * n_levels
 
 
@@ -237,5 +249,6 @@ def plan_for_run(setting, device, model, skips, batch, size, amp, free=None):
     plan, need, fits = choose_plan(setting, est, budget)
     lines = describe(est, plan, budget)
     if not fits:
-        lines.append("  does not fit even with every whole cell checkpointed: lower --batch_size (or --cell_channels)")
+        lines.append("  does not fit even with every whole cell recomputed edge by edge: lower --batch_size (or "
+                     "--cell_channels)")
     return plan, lines

@@ -47,10 +47,11 @@ SEARCH_SETTINGS = (
             JS_SUPPORTS),
     Setting("checkpoint_edges", str, "auto", "recompute each edge's ops in the backward pass instead of storing "
             "them (activation checkpointing): same result, far less GPU memory, ~1/3 more compute; cell: the whole "
-            "cell recomputed around them (less again, one more forward); at the paper's batch 128 and 256x256 the "
-            "supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md); auto: off on the CPU, on CUDA per "
-            "level from the step's memory estimate and the free GPU memory (03_search.py; every level's edges in the "
-            "nnU-Net trainers)", ("auto", "on", "cell", "off")),
+            "cell recomputed around them (less again, one more forward); fine: cell with each op of each edge "
+            "recomputed on its own (the least memory; no grouped convolutions across a node's edges); at the "
+            "paper's batch 128 and 256x256 the supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md); "
+            "auto: off on the CPU, on CUDA per level from the step's memory estimate and the free GPU memory "
+            "(03_search.py; every level's edges in the nnU-Net trainers)", ("auto", "on", "cell", "fine", "off")),
     Setting("lean_step", str, "on", "on: the supernet step regrouped by source node (shared pools, skip and ReLU, "
             "grouped convolutions over the edges leaving a node, one partial-channel merge per node); off: edge by "
             "edge as Eq. (4), (9) are written. The same math (a test pins every gradient in float64)", ("on", "off")),
@@ -77,8 +78,8 @@ def add_search_flags(p):
 
 
 def checkpoint_edges(setting, device):
-    """--checkpoint_edges auto|on|cell|off -> the nnU-Net trainers' IACSearchSkips flag (auto: edges on CUDA)."""
-    return "cell" if setting == "cell" else setting == "on" or (setting == "auto" and device.type == "cuda")
+    """--checkpoint_edges auto|on|cell|fine|off -> the nnU-Net trainers' IACSearchSkips flag (auto: edges on CUDA)."""
+    return setting if setting in ("cell", "fine") else setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def resolve_threshold(args):
