@@ -43,8 +43,9 @@ def record(section, body):
     block = f"## {section}\n\n{body.strip()}\n\n"
     pattern = re.compile(rf"## {re.escape(section)}\n.*?(?=\n## |\Z)", re.S)
     text = pattern.sub(lambda m: block.rstrip() + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-    with open(RESULTS, "w") as f:
+    with open(RESULTS + ".tmp", "w") as f:                  # a cut-off run leaves RESULTS.md as it was
         f.write(text)
+    os.replace(RESULTS + ".tmp", RESULTS)
     print(block)
 
 

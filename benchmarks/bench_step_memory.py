@@ -74,7 +74,7 @@ def calibrate(a):
 
 
 def largest_batch(est, budget):
-    """The largest batch whose step fits `budget` with every whole cell recomputed edge by edge (the least memory):
+    """The largest batch whose step fits `budget` with every whole cell recomputed op by op (the least memory):
     what the step holds besides the weights and the CUDA reserve grows with the batch (every tensor counted has the
     batch as its first dimension)."""
     fixed = held_bytes(est)
@@ -98,8 +98,8 @@ def main():
         return calibrate(a)
     dtype = getattr(torch, a.dtype)
     rows = ["| encoder | step | levels stored (GiB) | levels, edges checkpointed (GiB) | levels, whole cell (GiB) | "
-            "level 0's largest region recomputed, edges / whole cell / edge by edge (GiB) | decoder + loss (GiB) | "
-            "all stored (GiB) | all edges checkpointed (GiB) | all whole cells (GiB) | all whole cells, edge by edge "
+            "level 0's largest region recomputed, edges / whole cell / op by op (GiB) | decoder + loss (GiB) | "
+            "all stored (GiB) | all edges checkpointed (GiB) | all whole cells (GiB) | all whole cells, op by op "
             "(GiB) | auto plan for 24 GB | plan total (GiB) | largest batch for 24 GB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     t0 = time.time()
@@ -134,9 +134,10 @@ def main():
                "step_bytes(): the kept bytes plus weights, the largest recomputation in the backward pass "
                "(RECOMPUTE_FACTOR x the most one checkpointed region saves inside, plus a whole cell's own graph) and "
                f"the {CUDA_RESERVE / GIB:.0f} GiB CUDA reserve (common/memory.py, fitted to H200 peaks); the plan "
-               f"(per level: edges or the whole cell checkpointed, or the whole cell edge by edge: 'fine') fits "
+               "(per level: edges or the whole cell checkpointed, or the whole cell op by op: 'fine', one region per "
+               f"op of each edge in the lean step) fits "
                f"{a.budget_gib:.1f} GiB ({BUDGET_SHARE:.0%} of 24 GB); the largest batch is for that budget with "
-               f"every whole cell recomputed edge by edge (the activations scale with the batch). The frozen "
+               f"every whole cell recomputed op by op (the activations scale with the batch). The frozen "
                f"decoder keeps only its ReLU masks (common/frozen.py).\n\n{table}\n")
 
 

@@ -152,7 +152,7 @@ BUDGET_SHARE = 0.9                     # of the free GPU memory, what a plan may
 
 MODES = {False: "stored", True: "checkpointed", "cell": "cell", "fine": "fine"}   # a level's mode -> its key
 LABELS = {False: "stored", True: "edges checkpointed", "cell": "whole cell",          # ... its name in logs, tables
-          "fine": "whole cell, edge by edge"}
+          "fine": "whole cell (op by op)"}
 SETTINGS = {"off": False, "on": True, "cell": "cell", "fine": "fine"}   # --checkpoint_edges (auto: see choose_plan)
 
 
@@ -207,7 +207,7 @@ def describe(est, plan=None, budget=None):
         mark = "" if plan is None else f"  <- {LABELS[plan[lv]]}"
         lines.append(f"  cell level {lv}: stored {e['stored'] / GIB:.2f} GiB, edges checkpointed "
                      f"{e['checkpointed'] / GIB:.2f} GiB, whole cell {e['cell'] / GIB:.2f} GiB (recomputing "
-                     f"{_recompute(e, 'cell') / GIB:.2f}, edge by edge {_recompute(e, 'fine') / GIB:.2f}){mark}")
+                     f"{_recompute(e, 'cell') / GIB:.2f}, op by op {_recompute(e, 'fine') / GIB:.2f}){mark}")
     if plan is not None:
         lines.append(f"  step total (with this plan, and {CUDA_RESERVE / GIB:.0f} GiB for cuDNN and the allocator) "
                      f"~{step_bytes(est, plan) / GIB:.1f} GiB"
