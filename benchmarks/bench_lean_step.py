@@ -23,7 +23,7 @@ from _common import machine, record
 from common.backbones import UNet
 from common.iac import IACSearchSkips
 from common.losses import SegLoss
-from common.memory import GIB, LABELS, SETTINGS, checkpoint_plan, search_memory
+from common.memory import GIB, SETTINGS, checkpoint_plan, plan_summary, search_memory
 from common.search import arch_optimizer, search_step, weight_optimizer
 from common.utils import autocast
 
@@ -108,9 +108,8 @@ def main():
                     if rep >= 2:
                         times[lean].append(time.perf_counter() - t)
                 old, new = statistics.median(times[False]), statistics.median(times[True])
-                plan = (lambda lean: ", ".join(f"{lv} {LABELS[m]}" for lv, m in enumerate(plans[lean]) if m) or "nothing")
                 row = (f"| {encoder} | {width} | {mode} | {old:.3f} | {new:.3f} | {old / new:.2f}x |"
-                       + (f" {plan(False)} / {plan(True)} | {need[False] / GIB:.1f} / {need[True] / GIB:.1f} |"
+                       + (f" {plan_summary(plans[False])} / {plan_summary(plans[True])} | {need[False] / GIB:.1f} / {need[True] / GIB:.1f} |"
                           if budget else "")
                        + (f" {peak[False]:,.0f} / {peak[True]:,.0f} |" if cuda else ""))
                 rows.append(row)

@@ -22,8 +22,8 @@ import torch
 from _common import ROOT, machine, record
 from common.backbones import ENCODERS, UNet
 from common.iac import IACSearchSkips
-from common.memory import (BUDGET_SHARE, CUDA_RESERVE, GIB, LABELS, checkpoint_plan, held_bytes, search_memory,
-                           step_bytes)
+from common.memory import (BUDGET_SHARE, CUDA_RESERVE, GIB, LABELS, checkpoint_plan, held_bytes, plan_summary,
+                           search_memory, step_bytes)
 
 
 CHILD = r"""
@@ -120,7 +120,7 @@ def main():
                    f"{g(est['levels'][0]['fine_region'])} | {g(est['rest'])} | "
                    f"{g(step_bytes(est, [False] * n))} | {g(step_bytes(est, [True] * n))} | "
                    f"{g(step_bytes(est, ['cell'] * n))} | {g(step_bytes(est, ['fine'] * n))} | "
-                   f"{', '.join(f'{i} {LABELS[m]}' for i, m in enumerate(plan) if m) if any(plan) else 'nothing'}"
+                   f"{plan_summary(plan)}"
                    f"{'' if fits else ' (does not fit)'} | {g(need)} | {largest_batch(est, a.budget_gib * GIB)} |")
             rows.append(row)
             print(row, flush=True)

@@ -8,8 +8,8 @@
 # packages: it uses the python3 there, plus wheels in .whl/ when present (nibabel, monai:
 # `pip download --no-deps -d .whl nibabel monai`). Logs, junit.xml and RESULTS.md go to $OUT.
 #   OUT=gpu_out LEAN_S=120 PLAN_S=100 EPOCH_S=270 TEST_S=90 [BENCH_S=240] bash benchmarks/gpu_check.sh
-# (TESTS: pytest targets, default tests; PLAN_ENCODERS: default vgg16; EPOCH_ENCODERS, EPOCH_PATIENTS: bench_epochs.py's --encoders, --patients;
-# BENCH_ARGS: e.g. "--skip precision pruning")
+# (TESTS: pytest targets, default tests; PLAN_ENCODERS: default vgg16; EPOCH_ENCODERS, EPOCH_PATIENTS:
+# bench_epochs.py's --encoders, --patients; BENCH_ARGS: e.g. "--skip precision pruning")
 set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 OUT=${OUT:-gpu_check_out}

@@ -156,6 +156,11 @@ LABELS = {False: "stored", True: "edges checkpointed", "cell": "whole cell",    
 SETTINGS = {"off": False, "on": True, "cell": "cell", "fine": "fine"}   # --checkpoint_edges (auto: see choose_plan)
 
 
+def plan_summary(plan):
+    """The levels a plan checkpoints, for tables: "0 edges checkpointed, 2 whole cell", or "nothing"."""
+    return ", ".join(f"{lv} {LABELS[m]}" for lv, m in enumerate(plan) if m) or "nothing"
+
+
 def _recompute(lv, mode):
     """What recomputing one level holds at once in the backward pass: for edges, its largest region's recomputation;
     for a whole cell, the cell's own recomputed graph (its edges checkpointed inside) and then that ("fine": its
