@@ -56,6 +56,7 @@ bench: $(VENV)/.installed
 	$(PYTHON) benchmarks/bench_lean_step.py --record
 	$(PYTHON) benchmarks/bench_step_memory.py --record
 	$(PYTHON) benchmarks/bench_step_memory.py --calibrate --record
+	$(PYTHON) benchmarks/bench_selective_checkpoint.py --record
 	if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(PYTHON) benchmarks/bench_gpu.py && $(PYTHON) benchmarks/bench_epochs.py --record; \
 	else echo "no CUDA GPU: bench_gpu.py and bench_epochs.py skipped"; fi
