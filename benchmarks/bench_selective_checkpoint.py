@@ -19,7 +19,7 @@ import time
 from unittest import mock
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import common.iac as iac
 from _common import machine, record
@@ -28,7 +28,7 @@ from common.backbones import UNet
 from common.iac import IACSearchSkips
 from common.memory import GIB, search_memory
 
-REAL_CHECKPOINT = iac.checkpoint
+SELECTIVE = "selective (convolutions kept)"
 
 
 def keep_convolutions(ctx, op, *args, **kwargs):
@@ -50,10 +50,10 @@ def _selective_context(context_fn):
 def selective(through_hooks=False):
     """iac.checkpoint with the convolutions' outputs kept; `through_hooks`: those outputs pass through any
     saved_tensors_hooks around the region (for common/memory.py's count)."""
-    def checkpoint(fn, *args, context_fn, **kw):
-        return REAL_CHECKPOINT(fn, *args, context_fn=functools.partial(_selective_context, context_fn),
-                               respect_saved_tensors_hooks=through_hooks, **kw)
-    return mock.patch.object(iac, "checkpoint", checkpoint)
+    def selective_checkpoint(fn, *args, context_fn, **kw):
+        return checkpoint(fn, *args, context_fn=functools.partial(_selective_context, context_fn),
+                          respect_saved_tensors_hooks=through_hooks, **kw)
+    return mock.patch.object(iac, "checkpoint", selective_checkpoint)
 
 
 def main():
@@ -72,17 +72,15 @@ def main():
     net = UNet("base", 1, 4, "ref", width=a.width)
     net.freeze_backbone()
     x, y = torch.randn(a.batch, 1, a.size, a.size), torch.randint(0, 4, (a.batch, a.size, a.size))
-    kinds = {"stored": False, "edges checkpointed (on)": True, "selective (convolutions kept)": True}
+    kinds = {"stored": False, "edges checkpointed (on)": True, SELECTIVE: True}   # kind -> its checkpoint_edges
 
     def run(kind, fn):
-        if kind.startswith("selective"):
-            with selective():
-                return fn()
-        return fn()
+        with selective() if kind == SELECTIVE else contextlib.nullcontext():
+            return fn()
 
-    # the same gradients as `on`, one lth step from the same weights
+    # the same gradients as `on`: one forward and backward from the same weights
     grads = {}
-    for kind in ("edges checkpointed (on)", "selective (convolutions kept)"):
+    for kind in ("edges checkpointed (on)", SELECTIVE):
         torch.manual_seed(1)
         skips = IACSearchSkips(net.skip_channels, net.up_channels, checkpoint_edges=True)
         net.set_skips(skips)
