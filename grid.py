@@ -47,6 +47,7 @@ FLAG_KEYS = {"preprocess": "preprocess", "pretrain": "pretrain", "baseline": "pr
              "finetune": "finetune", "score": "score"}
 SLURM_FLAGS = {"partition": str, "gres": str, "time_min": int, "mem_gb": int, "cpus_per_task": int, "account": str,
                "array_parallelism": int}
+SQUEUE_TRIES, SQUEUE_WAIT_S = 4, 5                  # `run --backend slurm` asks squeue this often before it gives up
 STATE = "grid_job.json"                              # written by the runner into each job's folder
 SUBMIT = "grid_submit.json"                          # written by `run --backend slurm`: the SLURM job it submitted
 Job = collections.namedtuple("Job", "id stage dataset backbone seed out command deps")
@@ -156,18 +157,27 @@ def recorded(j):
     return rec
 
 
-def slurm_states(ids):
+def slurm_states(ids, tries=1, wait_s=5):
     """{SLURM job id: (STATE, reason)} for the jobs the scheduler still knows (squeue keeps finished jobs for
-    MinJobAge; sacct, where accounting runs, for longer); None where there is no SLURM to ask."""
+    MinJobAge; sacct, where accounting runs, for longer); None where there is no SLURM to ask: no squeue, or
+    squeue failed `tries` times, `wait_s` seconds apart (a busy slurmctld times out now and then)."""
     ids = sorted({str(i) for i in ids if i})
     if not ids:
         return {}
     out = {}
-    try:
-        r = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if r.returncode:
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(wait_s)
+        try:
+            r = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True, text=True,
+                               timeout=60)
+        except OSError:
+            return None
+        except subprocess.SubprocessError:
+            continue
+        if r.returncode == 0:
+            break
+    else:
         return None
     for ln in r.stdout.splitlines():
         parts = ln.strip().split("|")
@@ -187,9 +197,9 @@ def slurm_states(ids):
     return out
 
 
-def live_states(jobs):
+def live_states(jobs, tries=1, wait_s=5):
     """slurm_states of the SLURM jobs the run folders record."""
-    return slurm_states(recorded(j).get("slurm_job") for j in jobs)
+    return slurm_states((recorded(j).get("slurm_job") for j in jobs), tries, wait_s)
 
 
 def job_states(jobs, live=None):
@@ -444,8 +454,15 @@ def run_slurm(c, jobs, selected, a):
     instead of pending forever; requeue on time limit / preemption through submitit's checkpointing.
 
     Safe to re-run: a job whose recorded SLURM job is still queued or running is left alone (and its dependants
-    wait on it), one that failed, was cancelled or vanished is submitted again. Returns the new handles."""
-    live = live_states(jobs) if a.cluster != "local" else None
+    wait on it), one that failed, was cancelled or vanished is submitted again; while squeue does not answer,
+    nothing is (a failed squeue must not read as an empty queue). Returns the new handles."""
+    live = live_states(jobs, SQUEUE_TRIES, SQUEUE_WAIT_S) if a.cluster != "local" else None
+    queued = [j.id for j in jobs if (r := recorded(j)).get("state") in ALIVE and r.get("slurm_job")]
+    if live is None and a.cluster != "local" and queued:
+        raise InputError(f"squeue failed {SQUEUE_TRIES} times, so it is not known which of the {len(queued)} SLURM "
+                         f"jobs the run folders record (e.g. {queued[0]}) are still queued; nothing was submitted (a "
+                         "second copy of a queued job would run it twice). Check `squeue` and SLURM_CONF, then run "
+                         "again.")
     states = job_states(jobs, live)
     s = dict(c.get("slurm", {}))
     ex = slurm_executor(c, a, os.path.join(c["root"], "grid", "submitit", "%j"))

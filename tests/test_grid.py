@@ -143,6 +143,12 @@ subs = [json.loads(ln) for ln in open(log) if '"sbatch"' in ln] if os.path.exist
 if name == "sbatch":
     rec["script"] = open(sys.argv[-1]).read()
     print(f"Submitted batch job {1000 + len(subs)}")
+fails = os.environ.get("FAKE_SQUEUE_FAILS")   # a file: how many of the next squeue calls fail (a busy slurmctld)
+left = int(open(fails).read()) if name == "squeue" and fails else 0
+if left > 0:
+    open(fails, "w").write(str(left - 1))
+    print("slurm_load_jobs error: Socket timed out on send/recv operation", file=sys.stderr)
+    sys.exit(1)
 if name == "squeue":                        # every job submitted so far is still pending
     for i in range(len(subs)):
         print(f"{1000 + i}|PENDING|Dependency")
@@ -151,10 +157,11 @@ with open(log, "a") as f:
 """
 
 
-def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path, raws):
+def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path, raws, monkeypatch, capsys):
     """Fake sbatch/squeue/sacct/scontrol/srun on PATH record what grid.py --backend slurm gives them: one job per
     grid job, each `afterok` on exactly the jobs it needs, `--kill-on-invalid-dep`; a second `run` while they
-    are queued submits nothing."""
+    are queued submits nothing, also when squeue fails a few times first, and one while squeue keeps failing
+    submits nothing and says so (a failed squeue is not an empty queue)."""
     pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
     from conftest import load_script
     g = load_script("grid")
@@ -187,6 +194,18 @@ def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path,
     status = grid("status", cfg, env=env).stdout
     line = {ln.split()[0]: ln.split()[1:] for ln in status.splitlines()[2:] if ln.strip() and ":" not in ln}
     assert line["search"][g.STATES.index("submitted")] == "8", status
+
+    fails = tmp_path / "squeue_fails"
+    for k, v in {**env, "FAKE_SQUEUE_FAILS": str(fails)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(g, "SQUEUE_WAIT_S", 0)
+    fails.write_text(str(g.SQUEUE_TRIES - 1))                          # the last try answers: all kept
+    g.main(g.get_args(["run", cfg, "--backend", "slurm"]))
+    assert "0 jobs submitted" in capsys.readouterr().out and fails.read_text() == "0"
+    fails.write_text(str(g.SQUEUE_TRIES))                              # no answer at all: nothing submitted
+    with pytest.raises(g.InputError, match="squeue failed 4 times.*nothing was submitted"):
+        g.main(g.get_args(["run", cfg, "--backend", "slurm"]))
+    assert sum(json.loads(ln)["tool"] == "sbatch" for ln in log.read_text().splitlines()) == 34
 
 
 STAGE = """import sys, time
