@@ -83,10 +83,32 @@ def write_config(path, root, raws):
     return str(path)
 
 
-def squeue(env):
-    out = subprocess.run(["squeue", "-h", "-o", "%i|%T"], capture_output=True, text=True, env=dict(os.environ, **env),
-                         timeout=60).stdout
-    return dict(ln.split("|") for ln in out.split())
+def squeue(env, tries=5):
+    """{job id: state} of the queued jobs; a failed squeue (a busy slurmctld) is asked again, never read as an
+    empty queue."""
+    for _ in range(tries):
+        r = subprocess.run(["squeue", "-h", "-o", "%i|%T"], capture_output=True, text=True,
+                           env=dict(os.environ, **env), timeout=60)
+        if r.returncode == 0:
+            return dict(ln.split("|") for ln in r.stdout.split())
+        time.sleep(3)
+    raise AssertionError(f"squeue failed {tries} times: {r.stderr}")
+
+
+def why_not_done(tmp_path, cluster, cfg):
+    """For a failure message: grid status, and for every job without done.json its grid_job.json, the end of its
+    grid.log and what slurmctld logged about its SLURM job."""
+    out = [grid("status", cfg, env=cluster, check=False)]
+    ctld = open(os.path.join(os.path.dirname(cluster["SLURM_CONF"]), "slurmctld.log")).read().splitlines()
+    for run in sorted({p.parent for p in (tmp_path / "S" / "acdc").rglob("grid_*.json")}):
+        if not (run / "done.json").exists():
+            recs = [json.loads((run / f).read_text()) for f in ("grid_submit.json", "grid_job.json")
+                    if (run / f).exists()]
+            ids = {str(r["slurm_job"]) for r in recs if r.get("slurm_job")}
+            log = run / "grid.log"
+            out += [f"--- {run}: {recs}", log.read_text()[-1500:] if log.exists() else "(no grid.log)",
+                    *[ln for ln in ctld if any(re.search(rf"JobId={i}\b", ln) for i in ids)][-15:]]
+    return "\n".join(out)
 
 
 def stage_runs(log_text):
@@ -150,7 +172,7 @@ def check_slurm_run(tmp_path, cluster, cfg):
     assert by_hand is not None, "the LTH search never ran long enough to be requeued by hand"
 
     again = grid("run", cfg, "--backend", "slurm", "--only", "acdc", env=cluster)   # all done: nothing to submit
-    assert "0 jobs submitted" in again, again
+    assert "0 jobs submitted" in again, f"{again}\n{why_not_done(tmp_path, cluster, cfg)}"
     status = grid("status", cfg, env=cluster)
     assert "failed: broken/data" in status, status
     assert status.count("blocked: broken/") == 8, status
