@@ -6,7 +6,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # common/ is installed: `pip install -e .`
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)   # `make test` runs two workers
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from _common import load_script  # noqa: E402  (one loader of scripts by path, for tests and benchmarks)
 
@@ -38,3 +38,9 @@ def backbone(tmp_path_factory, scripts, acdc):
 
 def data_args(acdc):
     return ["--data", os.path.join(acdc[1], "slices.h5"), "--splits", os.path.join(acdc[1], "splits.json")]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-SLURM test first: the longest, and bound by SLURM's clock (time limits, requeue holds), so under
+    `pytest -n 2 --dist loadfile` the other worker runs the rest of the suite meanwhile."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_slurm.py"))
