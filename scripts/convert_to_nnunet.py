@@ -13,6 +13,10 @@ our train / val division) is written beside dataset.json and, when $nnUNet_prepr
 into $nnUNet_preprocessed/NAME/ where nnU-Net reads it (run plan_and_preprocess first or after:
 it keeps the file). Train fold 0 (`nnUNetv2_train D 2d 0`), predict imagesTs, and give
 05_evaluate.py `--nnunet_gt .../labelsTs` beside `--run`: both tracks land in one table.
+
+Without `--splits`, where a patient has several cases (ACDC: the ED and ES frames), splits_final.json holds
+nnU-Net's five folds drawn over patients instead of cases (seeded as nnU-Net's own, 12345), so that no fold
+trains on one frame of a patient and validates on the other; nnU-Net's default split draws cases.
 """
 import argparse
 import json
@@ -71,19 +75,41 @@ def main(args):
         json.dump(meta, f, indent=2)
     if args.splits:                                                  # fold 0 = our train / val division
         folds = [{k: sorted(c for c, v in part.items() if v == k) for k in ("train", "val")}]
+        what = "fold 0 is our train / val division"
+    else:
+        folds = patient_folds(meta["patients"])                      # None where every patient has one case
+        what = f"{len(folds or [])} folds drawn over patients, each patient's cases on one side"
+    if folds:
         atomic_write_json(os.path.join(tmp, "splits_final.json"), folds)
     os.replace(tmp, args.out)
     print(f"{len(info.cases)} cases written to {args.out}"
           + (f" ({sum(v == 'test' for v in part.values())} test cases in imagesTs/labelsTs)" if args.splits else ""))
     pre = os.environ.get("nnUNet_preprocessed")
-    if args.splits and pre:
+    if folds and pre:
         dest = os.path.join(pre, os.path.basename(args.out.rstrip("/")))
         os.makedirs(dest, exist_ok=True)
         atomic_write_json(os.path.join(dest, "splits_final.json"), folds)
-        print(f"fold 0 of {dest}/splits_final.json is our train / val division")
-    elif args.splits:
+        print(f"{dest}/splits_final.json: {what}")
+    elif folds:
         print("set nnUNet_preprocessed, or copy splits_final.json into $nnUNet_preprocessed/"
-              f"{os.path.basename(args.out.rstrip('/'))}/, so that nnU-Net's fold 0 is our train / val division")
+              f"{os.path.basename(args.out.rstrip('/'))}/, for nnU-Net's folds: {what}")
+
+
+def patient_folds(patients, n_folds=5, seed=12345):
+    """nnU-Net's cross-validation folds drawn over patients: [{"train": cases, "val": cases}] with every patient's
+    cases on one side (case -> patient); None where each patient has one case (nnU-Net's own split is then the
+    same kind) or there are fewer than 2 patients. Fewer patients than folds: one fold per patient."""
+    ids = sorted(set(patients.values()))
+    if len(ids) == len(patients) or len(ids) < 2:
+        return None
+    np.random.RandomState(seed).shuffle(ids)
+    k = min(n_folds, len(ids))
+    folds = []
+    for f in range(k):
+        val = set(ids[f::k])
+        folds.append({"train": sorted(c for c, p in patients.items() if p not in val),
+                      "val": sorted(c for c, p in patients.items() if p in val)})
+    return folds
 
 
 def our_split(path, info):

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import shutil
+from collections import Counter
 
 import h5py
 import nibabel as nib
@@ -287,3 +288,19 @@ def test_split_file_official_split_and_nnunet_converter(tmp_path, scripts, acdc,
     assert folds == [{"train": sorted(splits["train"]), "val": sorted(splits["val"])}]
     assert json.load(open(os.path.join(nn, "dataset.json")))["numTraining"] == len(names["labelsTr"])
     assert len(os.listdir(os.path.join(nn, "imagesTs"))) == len(splits["test"])
+
+    # without --splits: nnU-Net's five folds drawn over patients, the ED and ES frames of a patient on one side
+    nn5 = str(tmp_path / "Dataset502_ACDC")
+    conv.main(conv.get_args(["--dataset", "acdc", "--raw", raw, "--out", nn5]))
+    patient = json.load(open(os.path.join(nn5, "dataset.json")))["patients"]
+    folds = json.load(open(os.path.join(tmp_path, "pre", "Dataset502_ACDC", "splits_final.json")))
+    assert folds == json.load(open(os.path.join(nn5, "splits_final.json"))) and len(folds) == 5
+    assert max(Counter(patient.values()).values()) == 2                          # the phantom has two frames
+    vals = [c for f in folds for c in f["val"]]
+    assert sorted(vals) == sorted(patient)                                       # every case validated once
+    for f in folds:
+        assert sorted(f["train"] + f["val"]) == sorted(patient)
+        assert not {patient[c] for c in f["train"]} & {patient[c] for c in f["val"]}
+    assert conv.patient_folds({"a": "a", "b": "b"}) is None                      # one case each: nnU-Net's own
+    assert conv.patient_folds({"a_1": "a", "a_2": "a"}) is None                  # one patient: no folds
+    assert len(conv.patient_folds({"a_1": "a", "a_2": "a", "b_1": "b"})) == 2    # fewer patients than folds

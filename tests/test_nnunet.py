@@ -1,4 +1,5 @@
-"""IAC / IAC-LTH inside 2-D nnU-Net: the trainer plugin end to end on the nnU-Net-raw phantom (CPU)."""
+"""IAC / IAC-LTH inside nnU-Net: the trainer plugin end to end on an ACDC-layout phantom converted to nnU-Net's raw
+format by scripts/convert_to_nnunet.py (CPU)."""
 import json
 import os
 import subprocess
@@ -75,11 +76,14 @@ def _fold(tmp, trainer, config="2d"):
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
-    """The nnU-Net-raw phantom (6 cases), planned and preprocessed once for 2d and 3d_fullres."""
+    """An ACDC-layout phantom (3 patients, their ED and ES frames: 6 cases) converted by scripts/convert_to_nnunet.py
+    (its folds drawn over patients), planned and preprocessed once for 2d and 3d_fullres, as a user does with ACDC."""
     from common.phantom import write_phantom
     tmp = tmp_path_factory.mktemp("nnunet")
     raw = tmp / "raw" / "Dataset501_Phantom"
-    write_phantom(str(raw), "nnunet", 6, seed=0, size=32)
+    write_phantom(str(tmp / "acdc"), "acdc", 3, seed=0, size=32)
+    _run([sys.executable, "scripts/convert_to_nnunet.py", "--dataset", "acdc", "--raw", str(tmp / "acdc"), "--out",
+          str(raw)], _env(tmp))
     _run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "2d", "3d_fullres", "-np", "1",
           "--verify_dataset_integrity"], _env(tmp))
     return tmp, raw
@@ -111,8 +115,11 @@ def test_nnunet_pipeline(planned):
                                  "js_support": "common"}
     assert lth_search["settings"]["epochs"] == 9 and lth_search["settings"]["edge_rule"] == "w"
     full_log = "".join(open(f).read() for f in _fold(tmp_path, "nnUNetTrainerIACSearchFull").glob("training_log*.txt"))
-    n_train = len(json.load(open(tmp_path / "pre" / "Dataset501_Phantom" / "splits_final.json"))[0]["train"])
-    assert f"full search: {n_train - n_train // 2} train_search, {n_train // 2} val_search cases" in full_log
+    fold0 = json.load(open(tmp_path / "pre" / "Dataset501_Phantom" / "splits_final.json"))[0]
+    patient = json.load(open(raw / "dataset.json"))["patients"]
+    assert {patient[c] for c in fold0["train"]}.isdisjoint(patient[c] for c in fold0["val"])   # the converter's folds
+    assert len(fold0["train"]) == 4           # 2 patients, 2 frames each: a patient per half, the frames together
+    assert "full search: 2 train_search, 2 val_search cases" in full_log
 
     cell_env = dict(env, IAC_GENOTYPE=str(lth_dir / "genotype.json"))
     _train("nnUNetTrainerIACLTH", cell_env)
