@@ -3,8 +3,10 @@ import importlib.util
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -37,14 +39,30 @@ def one_op_per_edge(skips):
                 skips.prune_op(e, o)
 
 
+ARCHIVE = "# Archive"      # RESULTS.md's last part (superseded figures); a new section goes just above it
+
+
 def record(section, body):
-    """Replace (or append) `## section` in RESULTS.md with `body`."""
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n\nWritten by `make bench`.\n"
-    block = f"## {section}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"## {re.escape(section)}\n.*?(?=\n## |\Z)", re.S)
-    text = pattern.sub(lambda m: block.rstrip() + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-    with open(RESULTS + ".tmp", "w") as f:                  # a cut-off run leaves RESULTS.md as it was
-        f.write(text)
+    """Write `## section` of RESULTS.md: replace the section of that heading where it stands, or insert a new one
+    just above the archive (at the end of a file without one). RESULTS.md groups its sections under `# question`
+    headings, so a section ends at the next `#` or `##` heading; headings inside `body` (05's tables bring
+    `## ...`) are demoted to `####` so that they stay inside it. The section starts with the date and the command
+    that wrote it. Written to a temporary name and renamed: a cut-off run leaves RESULTS.md as it was."""
+    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    body = re.sub(r"^#{1,3} ", "#### ", body.strip(), flags=re.M)
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    made = f"*Recorded {time.strftime('%Y-%m-%d')} by `python {shlex.join([script, *sys.argv[1:]])}`.*"
+    block = f"## {section}\n\n{made}\n\n{body}\n\n"
+    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^#{{1,2}} |\Z)", re.S | re.M)
+    archive = re.search(rf"^{re.escape(ARCHIVE)}$", text, re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda m: block, text, count=1)
+    elif archive:
+        text = text[:archive.start()] + block + text[archive.start():]
+    else:
+        text = text.rstrip() + "\n\n" + block
+    with open(RESULTS + ".tmp", "w") as f:
+        f.write(text.rstrip() + "\n")
     os.replace(RESULTS + ".tmp", RESULTS)
     print(block)
 

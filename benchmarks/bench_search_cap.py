@@ -51,7 +51,7 @@ def main():
                          "--out", out]))
     table = open(f"{out}/search_cost.md").read()
     if a.record:
-        record(f"Search cost against the cap on real MRI, cap {a.cap} (bench_search_cap.py)",
+        record(f"Search cost against the cap on the warped-template MRI, cap {a.cap} (bench_search_cap.py)",
                f"Machine: {machine()}; the {len(runs)} searches side by side, one thread each (full and LTH slowed "
                f"alike while both ran). bench_method.py's data and frozen ref U-Nets (seeds {a.seeds}), cap {a.cap}, "
                f"warm-up {a.warmup}, batch {a.batch}, --cell_output {a.cell_output}, the default γ and τ0 rule; "
