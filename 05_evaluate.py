@@ -3,13 +3,15 @@
 In:  slices.h5, splits.json, runs of 02_pretrain.py / 04_finetune.py (`--run NAME=DIR`,
      repeatable; the same NAME for several backbones or seeds), searches of 03_search.py
      (`--search NAME=DIR`) for the search-cost table and the dynamics analysis.
-Out: OUT/per_patient.csv (method, backbone, seed, patient, region, metric, value): Dice, HD95 (mm)
+Out: OUT/per_patient.csv (method, backbone, seed, patient, patient_id, region, metric, value; `patient` is the
+     case, one volume, and `patient_id` the person it belongs to: ACDC's ED and ES frames share one): Dice, HD95 (mm)
      and NSD of every region the data set is scored on (BraTS WT/TC/ET, KiTS kidney+masses /
      masses / tumour, ACDC RV/MYO/LV, else per class), on whole volumes in each case's original
      geometry against its original label file (common/metrics.py states the conventions),
      OUT/summary.csv|md (per region and the mean over regions, mean ± std over seeds, per metric),
-     OUT/paired.csv|md (ΔDice of the case's mean Dice vs the reference: mean, 95% bootstrap CI, Wilcoxon p,
-     Fisher-combined p across backbones; Tables 1-3), OUT/search_cost.csv|md (Tables 4-5),
+     OUT/paired.csv|md (ΔDice of the case's mean Dice vs the reference and the --compare / --primary pairs; Tables
+     1-3), OUT/paired_seeds.csv (each seed's ΔDice), OUT/paired_by_seed.csv (ΔDice of every seed and paired unit,
+     to re-analyse), OUT/search_cost.csv|md (Tables 4-5),
      OUT/inference_cost.csv|md (parameters, MACs per slice, seconds per case of every run),
      OUT/dynamics/ (cosine / top-k Hamming similarity, first-entry epochs; CSV and PNG,
      like Figs 3-7), OUT/overlay.png, and with --save_nifti DIR predictions as NIfTI in
@@ -18,6 +20,23 @@ Out: OUT/per_patient.csv (method, backbone, seed, patient, region, metric, value
     python 05_evaluate.py --data D/slices.h5 --splits D/splits.json --run ref=runs/ref \
         --run iac=runs/iac --run iac_lth=runs/iac_lth --search full=runs/search_full \
         --search lth=runs/search_lth --out runs/eval
+
+Paired comparisons (paper Sec. 6.4), one row of paired.csv per pair and backbone:
+  unit, n        the paired unit (--paired_unit): by default the patient, whose cases' ΔDice are averaged first
+                 (ACDC's two frames are one unit; the patient of each case comes from slices.h5, or from the
+                 "patients" of dataset.json for --nnunet_pred), or the case; n units.
+  mean_delta, ci_low, ci_high, wilcoxon_p
+                 with each method's Dice averaged over its seeds first: 95% paired bootstrap CI and Wilcoxon
+                 signed-rank p over the units. Both are conditional on the trained models (the seeds run).
+  fisher_p       Fisher's combination of the Wilcoxon p across backbones.
+  family, holm_p primary: the paper's two claims (--primary; IAC vs ref, IAC-LTH vs IAC), exploratory: every other
+                 pair; holm_p is the Wilcoxon p adjusted by Holm's method within the row's family.
+  seeds, seed_deltas
+                 the seeds both methods have, and each seed's mean ΔDice (its CI and p in paired_seeds.csv).
+  hier_ci_low, hier_ci_high
+                 95% CI including seed-to-seed variation: a two-stage bootstrap that resamples seeds, then units
+                 within each drawn seed (with one seed: the patient bootstrap).
+  verdict        gain / loss only where the seed-inclusive CI excludes zero, else "no clear difference".
 """
 import argparse
 import json
@@ -32,8 +51,8 @@ from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, backbone_mean, cosine_matrix, fisher_combined,
-                             first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix, importance_tensor,
-                             paired_comparison, topk_masks)
+                             first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix,
+                             hierarchical_bootstrap, holm, importance_tensor, paired_comparison, topk_masks, verdict)
 from common.checkpoints import check_same_data, load_checkpoint, load_genotype, model_from_checkpoint
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
 from common.engine import predict_stack
@@ -45,17 +64,31 @@ from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_wr
                           require_file, run_metadata)
 
 
+PRIMARY = ("ref:iac", "iac:iac_lth")          # the paper's claims: IAC vs the plain skip, IAC-LTH vs IAC
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--data", default=None, help="slices.h5 (needed with --run)")
     p.add_argument("--splits", default=None, help="splits.json (needed with --run)")
     p.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="a trained run (repeatable)")
     p.add_argument("--nnunet_pred", action="append", default=[], metavar="NAME[@SEED]=DIR",
                    help="a folder of nnUNetv2_predict outputs (repeatable)")
     p.add_argument("--nnunet_gt", default=None, help="labelsTr of the nnU-Net raw data set (dataset.json one up)")
-    p.add_argument("--reference", default=None, help="method the others are compared with (default: first --run)")
+    p.add_argument("--reference", default=None, help="method the others are compared with (None: the first input's)")
     p.add_argument("--compare", action="append", default=[], metavar="A:B",
                    help="also compare method B against A (repeatable); iac:iac_lth gives Tables 2-3's IAC -> IAC-LTH")
+    p.add_argument("--primary", nargs="*", default=None, metavar="A:B",
+                   help="the comparisons (B against A, as --compare; added when missing) that are the paper's claims; "
+                        f"every other one is exploratory. None: {' '.join(PRIMARY)}, those whose methods were "
+                        "evaluated; --primary with no pair: all exploratory")
+    p.add_argument("--paired_unit", choices=["patient", "case"], default="patient",
+                   help="unit of the paired statistics: patient (the ΔDice of a patient's cases, e.g. ACDC's ED and "
+                        "ES frames, averaged first) or case (every volume its own unit)")
     p.add_argument("--alternative", choices=["two-sided", "greater"], default="two-sided",
                    help="Wilcoxon (and so Fisher) alternative; greater: the claim is a gain over the other method")
     p.add_argument("--search", action="append", default=[], metavar="NAME=DIR", help="a search run (repeatable)")
@@ -70,8 +103,9 @@ def get_args(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--save_nifti", default=None, metavar="DIR", help="write predictions as NIfTI under DIR/NAME/")
     p.add_argument("--nsd_tolerance", type=float, default=None,
-                   help="NSD tolerance in mm (default: the data set's, common/raw.py NSD_TOLERANCE_MM)")
-    p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples")
+                   help="NSD tolerance in mm (None: the data set's, common/raw.py NSD_TOLERANCE_MM)")
+    p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples (every bootstrap CI)")
+    p.add_argument("--boot_seed", type=int, default=0, help="seed of the bootstrap resampling (fixed: same tables)")
     add_device_flags(p)
     return p.parse_args(argv)
 
@@ -91,7 +125,7 @@ def to_markdown(df, floatfmt=".4f"):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(format_p(v) if c.endswith("_p") and isinstance(v, float) else
-                                       f"{v:{floatfmt}}" if isinstance(v, float) else str(v)
+                                       "" if pd.isna(v) else f"{v:{floatfmt}}" if isinstance(v, float) else str(v)
                                        for c, v in zip(cols, r)) + " |")
     return "\n".join(lines) + "\n"
 
@@ -102,11 +136,12 @@ def scoring(args, dataset, class_names):
     return regions_of(dataset, class_names), tol, BOTH_EMPTY.get(dataset, np.nan)
 
 
-def metric_rows(key, patient, pred, gt, spacing, score):
+def metric_rows(key, case, patient_id, pred, gt, spacing, score):
+    """per_patient.csv rows of one case: `patient` is the case (the column's old name), `patient_id` its patient."""
     regions, tol, both_empty = score
-    return [{"method": key[0], "backbone": key[1], "seed": key[2], "patient": patient, "region": region,
-             "metric": metric, "value": float(v)} for region, metric, v in case_metrics(pred, gt, spacing, regions, tol,
-                                                                                          both_empty)]
+    return [{"method": key[0], "backbone": key[1], "seed": key[2], "patient": case, "patient_id": patient_id,
+             "region": region, "metric": metric, "value": float(v)}
+            for region, metric, v in case_metrics(pred, gt, spacing, regions, tol, both_empty)]
 
 
 def evaluate_runs(args, meta, cases, device):
@@ -128,11 +163,13 @@ def evaluate_runs(args, meta, cases, device):
         cost.append({"method": name, "backbone": backbone, "seed": seed, **inference_cost(model, meta, device),
                      "seconds_per_case": seconds / len(cases), "device": str(device)})
     score = scoring(args, meta["dataset"], meta["class_names"])
+    patient_of = meta["cases"].get("patient_id", meta["cases"]["case_id"])
     rows = []
     for case in cases:                                       # whole volumes, original geometry and label file
         gt, spacing = original_label(meta, case)
+        pid = patient_of[meta["case_index"][case]]
         for key, pr in preds.items():
-            rows += metric_rows(key, case, slices_to_volume(pr[case], meta, case), gt, spacing, score)
+            rows += metric_rows(key, case, pid, slices_to_volume(pr[case], meta, case), gt, spacing, score)
     df = pd.DataFrame(rows)
     dice = case_means(df[df["metric"] == "dice"]).groupby(["method", "backbone", "seed"])["value"].mean()
     for name, _, backbone, seed in info:
@@ -164,6 +201,7 @@ def evaluate_nnunet(args):
     ds = json.load(open(ds_json))
     names = [n for n, v in sorted(ds["labels"].items(), key=lambda kv: kv[1]) if v != 0]
     score = scoring(args, ds.get("source", "nnunet"), names)          # the converter records the data set
+    patient_of = ds.get("patients", {})        # case -> patient (convert_to_nnunet.py); absent: each case its own
     rows = []
     for name, d in parse_pairs(args.nnunet_pred, "--nnunet_pred"):
         name, _, seed = name.partition("@")
@@ -178,15 +216,17 @@ def evaluate_nnunet(args):
             pred, gt = np.asarray(nib.load(os.path.join(d, fn)).dataobj), np.asarray(gt_img.dataobj)
             if pred.shape != gt.shape:
                 raise InputError(f"{fn}: prediction {pred.shape} and label {gt.shape} differ in shape")
-            rows += metric_rows((name, "nnunet_2d", int(seed or 0)), fn[:-len(".nii.gz")], pred, gt,
+            case = fn[:-len(".nii.gz")]
+            rows += metric_rows((name, "nnunet_2d", int(seed or 0)), case, patient_of.get(case, case), pred, gt,
                                 tuple(float(z) for z in gt_img.header.get_zooms()[:3]), score)
         print(f"{name:>12s}  nnU-Net 2d seed {seed or 0}: {len(files)} cases")
     return pd.DataFrame(rows), names
 
 
 def case_means(df):
-    """One value per case and run: the mean over the regions (NaN regions left out)."""
-    return df.groupby(["method", "backbone", "seed", "patient"], sort=False)["value"].mean().reset_index()
+    """One value per case and run: the mean over the regions (NaN regions left out); keeps the case's patient_id."""
+    keys = ["method", "backbone", "seed", "patient"] + (["patient_id"] if "patient_id" in df else [])
+    return df.groupby(keys, sort=False)["value"].mean().reset_index()
 
 
 def summarise(df):
@@ -207,28 +247,116 @@ def summarise(df):
     return pd.concat(tables, ignore_index=True), case_means(df[df["metric"] == "dice"])
 
 
-def paired_table(case_mean, pairs, n_boot, alternative="two-sided"):
-    """ΔDice of `method` vs `vs` for every (vs, method) pair and backbone (case Dice averaged over seeds);
-    Fisher's combination of the Wilcoxon p across backbones; with several backbones, their mean ΔDice
-    (Table 1) with a paired bootstrap CI over patients."""
-    per = case_mean.groupby(["method", "backbone", "patient"], sort=False)["value"].mean().unstack("patient")
-    rows = []
+def unit_dice(a, b):
+    """Both methods' Dice per paired unit over the cases both have a value for.
+    In: a, b: Dice per (case, unit) of the two methods. Out: (a_u, b_u, cases_u) indexed by unit, where
+    b_u − a_u is the mean ΔDice of the unit's cases and cases_u how many were averaged."""
+    both = pd.concat({"a": a, "b": b}, axis=1, join="inner").dropna()
+    g = both.groupby(level="unit", sort=False)
+    return g["a"].mean(), g["b"].mean(), g.size()
+
+
+def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patient", primary=(), boot_seed=0):
+    """ΔDice (case mean over regions) of `method` vs `vs` for every (vs, method) pair and backbone.
+
+    In:  case_mean rows (method, backbone, seed, patient = the case, [patient_id], value); pairs [(vs, method)];
+         unit "patient" (the ΔDice of a patient's cases averaged first; without patient_id each case is its own
+         patient) or "case"; primary: the pairs that are the paper's claims, the others are exploratory.
+    Out: (paired, seeds, units) DataFrames:
+         paired: per pair and backbone, with each method's Dice averaged over its seeds: n units, mean ΔDice,
+                 95% paired bootstrap CI and Wilcoxon p over units (conditional on the trained models); Fisher's
+                 combination across backbones; family and Holm's adjustment within it; the seeds both methods
+                 have, each one's mean ΔDice, the two-stage CI over seeds then units, and the verdict from it.
+                 With several backbones, their mean ΔDice (Table 1) with a paired bootstrap CI over units.
+         seeds:  per pair, backbone and shared seed: n, mean ΔDice, 95% CI and Wilcoxon p over units.
+         units:  per pair, backbone, shared seed and unit: the number of cases averaged and the ΔDice."""
+    key = "patient_id" if unit == "patient" and "patient_id" in case_mean else "patient"
+    cm = case_mean.assign(unit=case_mean[key].astype(str)).set_index(["patient", "unit"])
+    primary = set(primary)
+    rows, seed_rows, unit_rows = [], [], []
     for vs, method in pairs:
         pair, deltas = [], []
-        for backbone in dict.fromkeys(b for m, b in per.index if m == method):
-            if (vs, backbone) not in per.index:
+        for backbone in dict.fromkeys(cm.loc[cm["method"] == method, "backbone"]):
+            A, B = (cm[(cm["method"] == m) & (cm["backbone"] == backbone)] for m in (vs, method))
+            if A.empty:
                 continue
-            ref, vals = per.loc[(vs, backbone)], per.loc[(method, backbone)]
-            r = paired_comparison(ref.values, vals[ref.index].values, n_resamples=n_boot, alternative=alternative)
-            pair.append({"method": method, "vs": vs, "backbone": backbone, **r})
-            deltas.append(vals[ref.index].values - ref.values)
+            name = {"method": method, "vs": vs, "backbone": backbone}
+            a, b, _ = unit_dice(*(X.groupby(level=[0, 1], sort=False)["value"].mean() for X in (A, B)))  # seeds avg
+            r = paired_comparison(a.values, b.values, n_resamples=n_boot, seed=boot_seed, alternative=alternative)
+            per_seed = {}
+            for seed in sorted(set(A["seed"]) & set(B["seed"])):
+                a_s, b_s, cases = unit_dice(*(X.loc[X["seed"] == seed, "value"] for X in (A, B)))
+                per_seed[seed] = b_s - a_s                                        # ΔDice per unit, this seed
+                seed_rows.append({**name, "seed": seed, "unit": unit, **paired_comparison(
+                    a_s.values, b_s.values, n_resamples=n_boot, seed=boot_seed, alternative=alternative)})
+                unit_rows += [{**name, "seed": seed, "unit": unit, "unit_id": u, "cases": int(cases[u]),
+                               "delta_dice": float(d)} for u, d in per_seed[seed].items()]
+            D = pd.DataFrame(per_seed).T                                          # (seeds, units), NaN: missing
+            h = hierarchical_bootstrap(D.values, n_resamples=n_boot, seed=boot_seed)
+            pair.append({**name, "family": "primary" if (vs, method) in primary else "exploratory", "unit": unit,
+                         **r, "seeds": len(per_seed),
+                         "seed_deltas": " / ".join(f"{d.mean():+.4f}" for d in per_seed.values()),
+                         "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"],
+                         "verdict": verdict(h["ci_low"], h["ci_high"])})
+            deltas.append(b - a)
         fisher = fisher_combined([r["wilcoxon_p"] for r in pair])
         rows += [{**r, "fisher_p": fisher} for r in pair]
-        if len(deltas) > 1 and len({len(d) for d in deltas}) == 1:
+        if len(deltas) > 1 and all(d.index.equals(deltas[0].index) for d in deltas):
             rows.append({"method": method, "vs": vs, "backbone": f"mean over {len(deltas)} backbones",
-                         **backbone_mean(np.stack(deltas), n_resamples=n_boot), "wilcoxon_p": float("nan"),
-                         "fisher_p": fisher})
-    return pd.DataFrame(rows)
+                         "family": pair[0]["family"], "unit": unit,
+                         **backbone_mean(np.stack([d.values for d in deltas]), n_resamples=n_boot, seed=boot_seed),
+                         "wilcoxon_p": float("nan"), "fisher_p": fisher})
+    cols = ["method", "vs", "backbone", "family", "unit", "n", "mean_delta", "ci_low", "ci_high", "wilcoxon_p",
+            "fisher_p", "holm_p", "seeds", "seed_deltas", "hier_ci_low", "hier_ci_high", "verdict"]
+    paired = pd.DataFrame(rows, columns=[c for c in cols if c != "holm_p"])
+    paired.insert(cols.index("holm_p"), "holm_p", np.nan)
+    paired["seeds"] = paired["seeds"].astype("Int64")                # empty on the mean-over-backbones rows
+    for _, idx in paired.groupby("family").groups.items():         # Holm within each family of comparisons
+        paired.loc[idx, "holm_p"] = holm(paired.loc[idx, "wilcoxon_p"].values)
+    return paired, pd.DataFrame(seed_rows), pd.DataFrame(unit_rows)
+
+
+def method_pair(item, flag, methods):
+    """A:B of --compare / --primary as (A, B): method B against A, both evaluated."""
+    a, sep, b = item.partition(":")
+    if not sep or not {a, b} <= set(methods):
+        raise InputError(f"{flag} {item}: give A:B with two evaluated methods ({', '.join(methods)})")
+    return a, b
+
+
+def paired_markdown(paired, seeds, reference, primary, args):
+    """paired.md: what the columns are, the table, each seed's ΔDice, and a reading that calls a difference a
+    gain or a loss only where its seed-inclusive CI excludes zero."""
+    unit = ("the patient (the ΔDice of a patient's cases averaged first)" if args.paired_unit == "patient"
+            else "the case (one volume)")
+    claims = ", ".join(f"{b} vs {a}" for a, b in primary) or "none"
+    text = (f"## ΔDice (case mean over regions) of method vs `vs` (reference {reference}); paired unit: {unit}\n\n"
+            "n units; mean ΔDice, 95% paired bootstrap CI and Wilcoxon p "
+            f"({args.alternative}) over units with each method's Dice averaged over its seeds (conditional on the "
+            "trained models); Fisher p across backbones; holm_p: Wilcoxon p adjusted (Holm) within the family "
+            f"(primary: {claims}; exploratory: the rest); seed_deltas: each seed's mean ΔDice; hier_ci: 95% CI over "
+            "seeds, then units (two-stage bootstrap; with one seed, the patient bootstrap); verdict: gain / loss "
+            "only where hier_ci excludes 0. The mean over backbones has a bootstrap CI over units.\n\n")
+    if paired.empty:
+        return text + "no paired comparison\n"
+    text += to_markdown(paired) + "\n"
+    if not seeds.empty and paired["seeds"].max() > 1:
+        text += "### ΔDice of each seed (95% paired bootstrap CI and Wilcoxon p over units)\n\n" + to_markdown(seeds)
+    said = paired[(paired["family"] == "primary") | paired["verdict"].isin(["gain", "loss"])]
+    lines = [f"- {r.family}: {r.method} vs {r.vs} ({r.backbone}): ΔDice {r.mean_delta:+.4f}, "
+             + (f"95% CI with seeds [{r.hier_ci_low:+.4f}, {r.hier_ci_high:+.4f}] over {r.seeds} seed(s) and {r.n} "
+                f"{r.unit}s: {r.verdict}" if r.verdict else "no seed-inclusive CI: no claim")
+             + (f" (Holm p {format_p(r.holm_p)})" if r.family == "exploratory" else "")
+             for r in said.itertuples() if np.isfinite(r.mean_delta) and not pd.isna(r.seeds)]
+    return text + ("\n" + "\n".join(lines) + "\n" if lines else "")
+
+
+def write_text(path, text):
+    """A text file written to a temporary name, then renamed: never half-written."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def search_tables(searches, out_dir):
@@ -359,7 +487,10 @@ def read_rows(paths):
         if missing:
             raise InputError(f"--rows {path}: not a per_patient.csv of 05_evaluate.py "
                              f"(no {', '.join(sorted(missing))})")
-        frames.append(df.astype({"patient": str}))
+        if "patient_id" not in df:             # written before 05 kept each case's patient
+            print(f"note: --rows {path} has no patient_id column; each case counts as its own patient")
+            df.insert(df.columns.get_loc("patient") + 1, "patient_id", df["patient"])
+        frames.append(df.astype({"patient": str, "patient_id": str}))
         cost = os.path.join(os.path.dirname(path), "inference_cost.csv")
         if os.path.isfile(cost):
             costs.append(pd.read_csv(cost))
@@ -416,29 +547,26 @@ def main(args):
         df = pd.concat(frames, ignore_index=True)
         n_cases = df["patient"].nunique()
         dataset = meta["dataset"] if meta else "nnU-Net" if not args.rows else "rows of earlier evaluations"
-        df.to_csv(os.path.join(args.out, "per_patient.csv"), index=False)
+        atomic_to_csv(df, os.path.join(args.out, "per_patient.csv"))
         summary, case_mean = summarise(df)
-        summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
+        atomic_to_csv(summary, os.path.join(args.out, "summary.csv"))
         reference = args.reference or names[0]
-        pairs = [(reference, m) for m in dict.fromkeys(case_mean["method"]) if m != reference]
-        for item in args.compare:
-            a, sep, b = item.partition(":")
-            if not sep or not {a, b} <= set(case_mean["method"]):
-                raise InputError(f"--compare {item}: give A:B with two evaluated methods "
-                                 f"({', '.join(dict.fromkeys(case_mean['method']))})")
-            pairs.append((a, b))
-        paired = paired_table(case_mean, pairs, args.n_boot, args.alternative)
-        paired.to_csv(os.path.join(args.out, "paired.csv"), index=False)
+        methods = list(dict.fromkeys(case_mean["method"]))
+        pairs = [(reference, m) for m in methods if m != reference]
+        pairs += [method_pair(item, "--compare", methods) for item in args.compare]
+        primary = ([method_pair(item, "--primary", methods) for item in args.primary] if args.primary is not None
+                   else [p for p in map(lambda x: tuple(x.split(":")), PRIMARY) if set(p) <= set(methods)])
+        pairs = list(dict.fromkeys(pairs + primary))                 # a primary pair is compared even if not asked
+        paired, seeds, units = paired_table(case_mean, pairs, args.n_boot, args.alternative, args.paired_unit,
+                                            primary, args.boot_seed)
+        for name, table in (("paired", paired), ("paired_seeds", seeds), ("paired_by_seed", units)):
+            atomic_to_csv(table, os.path.join(args.out, f"{name}.csv"))
         titles = {"dice": "Dice", "hd95": "HD95 (mm, lower is better)", "nsd": "NSD (normalised surface Dice)"}
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            for metric, t in summary.groupby("metric", sort=False):
-                f.write(f"## Patient-level {titles[metric]} on {n_cases} {args.split} cases ({dataset}), whole "
-                        "volumes\n\n" + to_markdown(t.drop(columns="metric").dropna(axis=1, how="all")) + "\n")
-        with open(os.path.join(args.out, "paired.md"), "w") as f:
-            f.write(f"## ΔDice (case mean over regions) of method vs `vs` (reference {reference}): mean, 95% paired "
-                    f"bootstrap CI, Wilcoxon p ({args.alternative}), Fisher p across backbones; the mean over "
-                    "backbones has a bootstrap CI over patients\n\n")
-            f.write(to_markdown(paired) if not paired.empty else "no paired comparison\n")
+        write_text(os.path.join(args.out, "summary.md"), "".join(
+            f"## Patient-level {titles[metric]} on {n_cases} {args.split} cases ({dataset}), whole volumes\n\n"
+            + to_markdown(t.drop(columns="metric").dropna(axis=1, how="all")) + "\n"
+            for metric, t in summary.groupby("metric", sort=False)))
+        write_text(os.path.join(args.out, "paired.md"), paired_markdown(paired, seeds, reference, primary, args))
         print("\n" + open(os.path.join(args.out, "summary.md")).read())
         print(open(os.path.join(args.out, "paired.md")).read())
     if args.run:

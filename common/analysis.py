@@ -1,7 +1,8 @@
 """Paired statistics (paper Sec. 6.4) and search-dynamics analysis (Sec. 4), as pure functions.
 
-Statistics come from scipy.stats (bootstrap, wilcoxon, combine_pvalues); nothing is
-re-implemented. Trajectories are the lists of dicts in trajectory.jsonl.
+Statistics come from scipy.stats (bootstrap, wilcoxon, combine_pvalues); what scipy does not have is
+written in numpy: the two-stage bootstrap over seeds, then patients, and Holm's adjustment.
+Trajectories are the lists of dicts in trajectory.jsonl.
 """
 import numpy as np
 import torch
@@ -45,6 +46,57 @@ def backbone_mean(deltas, n_resamples=9999, seed=0):
                              rng=np.random.default_rng(seed)).confidence_interval
         out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
     return out
+
+
+def hierarchical_bootstrap(deltas, n_resamples=9999, seed=0, confidence_level=0.95):
+    """95% CI of the mean ΔDice that includes seed-to-seed variation: a two-stage (hierarchical) bootstrap.
+
+    In:  `deltas` (n_seeds, n_units): ΔDice = other − ref of every paired unit (patient, or case) under every
+         training seed; units with a NaN under any seed are left out.
+    Out: {"seeds", "n", "mean_delta", "ci_low", "ci_high"}; the mean is the mean over seeds of the mean over units.
+    Each resample draws n_seeds seeds with replacement, then, for every drawn seed, n_units units with replacement
+    (paired: a drawn unit keeps both methods' Dice of that seed), and takes the mean over drawn seeds of the mean
+    over their drawn units; the CI is the percentile interval of those means (as scipy's method="percentile").
+    scipy.stats.bootstrap resamples the observations of one level only, so the two stages are written here in
+    numpy. The unit indices are drawn before the seed indices, so with one seed every resample is the one
+    scipy.stats.bootstrap(paired=True) draws from the same `seed`, and the CI is that patient bootstrap's.
+    With few seeds (3) the seed stage is coarse: it can only draw the seeds there are, and understates their
+    variance by a factor (n_seeds − 1) / n_seeds."""
+    d = np.asarray(deltas, float)
+    d = d[:, ~np.isnan(d).any(0)]
+    S, P = d.shape
+    out = {"seeds": int(S), "n": int(P), "mean_delta": float(d.mean()) if d.size else float("nan"),
+           "ci_low": float("nan"), "ci_high": float("nan")}
+    if S == 0 or P < 2 or np.ptp(d) == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    units = rng.integers(0, P, (n_resamples, S, P))             # stage 2: units within each drawn seed
+    seeds = rng.integers(0, S, (n_resamples, S))                # stage 1: seeds
+    theta = d[seeds[:, :, None], units].mean(-1).mean(-1)      # (n_resamples,) mean over seeds of unit means
+    alpha = (1 - confidence_level) / 2
+    out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(theta, [alpha, 1 - alpha]))
+    return out
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p-values (NaN entries are not part of the family and stay NaN):
+    the i-th smallest of m p-values becomes max_{j <= i} min(1, (m − j + 1) p_(j)), j = 1..m (Holm 1979).
+    scipy.stats.false_discovery_control is Benjamini-Hochberg (FDR), not a family-wise correction."""
+    p = np.asarray(pvalues, float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    adjusted = np.minimum(1.0, (m - np.arange(m)) * p[order])   # (m − j + 1) p_(j), j = 1..m
+    out[order] = np.maximum.accumulate(adjusted)                # step-down: never below an earlier one
+    return out
+
+
+def verdict(ci_low, ci_high):
+    """A difference is called a gain or a loss only when its CI (the seed-inclusive one) excludes zero."""
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
+        return ""
+    return "gain" if ci_low > 0 else "loss" if ci_high < 0 else "no clear difference"
 
 
 def fisher_combined(pvalues):

@@ -10,7 +10,8 @@ import torch
 from scipy import stats
 
 from common.analysis import (arch_epochs, backbone_mean, cosine_matrix, fisher_combined, first_entry_epochs, format_p,
-                             genotype_masks, hamming_similarity_matrix, paired_comparison, topk_masks)
+                             genotype_masks, hamming_similarity_matrix, hierarchical_bootstrap, holm, paired_comparison,
+                             topk_masks)
 from common.iac import EDGES, OPS, edge_weights, op_weights, write_genotype
 from common.data import read_meta
 from common.metrics import region_metrics
@@ -73,12 +74,17 @@ def test_evaluate_end_to_end(tmp_path, scripts, acdc, backbone, lth_search):
     e.main(e.get_args([*data_args(acdc), "--run", f"ref={backbone}", "--run", f"iac_lth={iac}", "--run", f"att={att}",
                        "--search", f"lth={lth_search}", "--out", out, "--save_nifti", nii, "--n_boot", "199"]))
     df = pd.read_csv(os.path.join(out, "per_patient.csv"))
-    assert list(df.columns) == ["method", "backbone", "seed", "patient", "region", "metric", "value"]
+    assert list(df.columns) == ["method", "backbone", "seed", "patient", "patient_id", "region", "metric", "value"]
     assert set(df["region"]) == {"RV", "MYO", "LV"} and set(df["metric"]) == {"dice", "hd95", "nsd"}
     splits = json.load(open(os.path.join(acdc[1], "splits.json")))
     assert set(df["patient"]) == set(splits["test"]) and set(df["method"]) == {"ref", "iac_lth", "att"}
+    assert set(df["patient_id"]) == set(splits["patients"]["test"]) and len(splits["test"]) > df["patient_id"].nunique()
     paired = pd.read_csv(os.path.join(out, "paired.csv"))
     assert set(paired["method"]) == {"iac_lth", "att"}
+    assert (paired["unit"] == "patient").all() and (paired["n"] == len(splits["patients"]["test"])).all()
+    assert (paired["family"] == "exploratory").all() and (paired["seeds"] == 1).all()   # no `iac` run: no primary pair
+    units = pd.read_csv(os.path.join(out, "paired_by_seed.csv"))
+    assert set(units["unit_id"]) == set(splits["patients"]["test"]) and (units["cases"] == 2).all()   # ED + ES
     for name in ("summary.md", "paired.md", "search_cost.md", "overlay.png", "dynamics/lth_dynamics.png",
                  "dynamics/lth_fig4.png", "dynamics/lth_fig7.png", "dynamics/lth_first_entry.csv",
                  "dynamics/lth_hamming_genotype.csv"):
@@ -150,12 +156,126 @@ def test_mean_over_backbones_and_extra_pairs(scripts):
     assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high))
     rows = [{"method": m, "backbone": b, "seed": 0, "patient": f"p{i}", "value": 0.8 + 0.01 * k + 0.001 * i}
             for k, m in enumerate(("ref", "iac", "iac_lth")) for b in ("base", "vgg16") for i in range(6)]
-    table = scripts["05_evaluate"].paired_table(pd.DataFrame(rows), [("ref", "iac"), ("ref", "iac_lth"),
-                                                                     ("iac", "iac_lth")], 99)
+    table, _, _ = scripts["05_evaluate"].paired_table(pd.DataFrame(rows), [("ref", "iac"), ("ref", "iac_lth"),
+                                                                           ("iac", "iac_lth")], 99)
     mean_rows = table[table["backbone"] == "mean over 2 backbones"]
     assert len(table) == 9 and len(mean_rows) == 3
     got = table[(table["vs"] == "iac") & (table["backbone"] == "base")]["mean_delta"].item()
     assert got == pytest.approx(0.01)
+
+
+def test_patient_is_the_paired_unit(scripts):
+    """Two frames of a patient are one unit: their ΔDice are averaged first, over the cases both methods have."""
+    cases = {("P1", "P1_f1"): (0.80, 0.84), ("P1", "P1_f2"): (0.80, 0.80), ("P2", "P2_f1"): (0.80, 0.79),
+             ("P2", "P2_f2"): (0.80, 0.83), ("P3", "P3_f1"): (0.80, 0.82), ("P3", "P3_f2"): (0.70, float("nan"))}
+    rows = [{"method": m, "backbone": "base", "seed": 0, "patient": case, "patient_id": pid, "value": v[k]}
+            for k, m in enumerate(("ref", "iac")) for (pid, case), v in cases.items()]
+    table, seeds, units = scripts["05_evaluate"].paired_table(pd.DataFrame(rows), [("ref", "iac")], 999)
+    r = table.iloc[0]
+    # P1: (0.04 + 0.00) / 2, P2: (-0.01 + 0.03) / 2, P3: 0.02 (its second frame has no iac Dice)
+    assert (r["unit"], r["n"]) == ("patient", 3) and r["mean_delta"] == pytest.approx((0.02 + 0.01 + 0.02) / 3)
+    assert r["wilcoxon_p"] == pytest.approx(stats.wilcoxon([0.02, 0.01, 0.02]).pvalue)
+    assert units["unit_id"].tolist() == ["P1", "P2", "P3"] and units["cases"].tolist() == [2, 2, 1]
+    assert units["delta_dice"].tolist() == pytest.approx([0.02, 0.01, 0.02])
+    assert seeds["mean_delta"].tolist() == pytest.approx([r["mean_delta"]])
+    by_case, _, _ = scripts["05_evaluate"].paired_table(pd.DataFrame(rows), [("ref", "iac")], 999, unit="case")
+    assert (by_case["unit"].item(), by_case["n"].item()) == ("case", 5)
+    assert by_case["mean_delta"].item() == pytest.approx((0.04 + 0 - 0.01 + 0.03 + 0.02) / 5)
+
+
+def test_hierarchical_bootstrap_one_seed_is_the_patient_bootstrap(scripts):
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(0.7, 0.9, 15)
+    other = ref + rng.normal(0.01, 0.02, 15)
+    h = hierarchical_bootstrap((other - ref)[None], n_resamples=999, seed=4)
+    r = paired_comparison(ref, other, n_resamples=999, seed=4)                  # scipy.stats.bootstrap, paired
+    assert (h["seeds"], h["n"]) == (1, 15) and h["mean_delta"] == pytest.approx(r["mean_delta"])
+    assert (h["ci_low"], h["ci_high"]) == pytest.approx((r["ci_low"], r["ci_high"]), rel=1e-12)
+    rows = [{"method": m, "backbone": "base", "seed": 7, "patient": f"c{i}", "patient_id": f"p{i}", "value": v[i]}
+            for m, v in (("ref", ref), ("iac", other)) for i in range(15)]
+    table, _, _ = scripts["05_evaluate"].paired_table(pd.DataFrame(rows), [("ref", "iac")], 999)
+    t = table.iloc[0]
+    assert t["seeds"] == 1 and (t["hier_ci_low"], t["hier_ci_high"]) == pytest.approx((t["ci_low"], t["ci_high"]))
+    r0 = paired_comparison(ref, other, n_resamples=999, seed=0)                 # 05's --boot_seed 0
+    assert (t["ci_low"], t["ci_high"]) == pytest.approx((r0["ci_low"], r0["ci_high"]))
+
+
+def seeded_rows(offsets, n=12, noise=0.002, seed=0):
+    """Dice rows of ref and iac over len(offsets) seeds and n patients of two frames each: iac = ref + the seed's
+    offset + a little noise per case (the seeds' trained models differ, the patients barely)."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.7, 0.9, (n, 2))
+    rows = []
+    for s, off in enumerate(offsets):
+        for m, v in (("ref", base), ("iac", base + off + rng.normal(0, noise, base.shape))):
+            rows += [{"method": m, "backbone": "base", "seed": s, "patient": f"p{i}_frame{f}", "patient_id": f"p{i}",
+                      "value": float(v[i, f])} for i in range(n) for f in range(2)]
+    return pd.DataFrame(rows)
+
+
+def test_seed_spread_widens_the_hierarchical_ci(scripts):
+    """Seeds whose mean ΔDice differ a lot: the seed-averaged CI is narrow and excludes 0, the CI over seeds
+    then patients is wide and includes it: no gain is claimed."""
+    table, seeds, units = scripts["05_evaluate"].paired_table(seeded_rows([0.03, -0.02, 0.01]), [("ref", "iac")], 999)
+    t = table.iloc[0]
+    assert t["seeds"] == 3 and t["n"] == 12 and len(units) == 36 and len(seeds) == 3
+    assert t["ci_low"] > 0 and t["hier_ci_low"] < 0 < t["hier_ci_high"]
+    assert t["hier_ci_high"] - t["hier_ci_low"] > 5 * (t["ci_high"] - t["ci_low"])
+    assert t["verdict"] == "no clear difference"
+    assert seeds["mean_delta"].tolist() == pytest.approx([0.03, -0.02, 0.01], abs=0.002)
+    assert t["seed_deltas"] == " / ".join(f"{d:+.4f}" for d in seeds["mean_delta"])
+    D = units.pivot(index="seed", columns="unit_id", values="delta_dice")[list(dict.fromkeys(units["unit_id"]))]
+    h = hierarchical_bootstrap(D.values, 999)                 # paired_by_seed.csv re-analysed, in its row order
+    assert (h["ci_low"], h["ci_high"]) == pytest.approx((t["hier_ci_low"], t["hier_ci_high"]))
+    same, _, _ = scripts["05_evaluate"].paired_table(seeded_rows([0.01, 0.01, 0.01]), [("ref", "iac")], 999)
+    assert same["verdict"].item() == "gain" and same["hier_ci_low"].item() > 0
+
+
+def test_holm_on_a_known_vector():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (never below an earlier one)
+    got = holm([0.01, 0.04, 0.03, 0.005, float("nan")])
+    assert got[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and np.isnan(got[4])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]).size == 0
+
+
+def test_primary_and_exploratory_from_rows(tmp_path, scripts):
+    """05 --rows on a hand-made per_patient.csv of 3 seeds: the paper's two claims are primary (iac:iac_lth added
+    though not asked), the rest exploratory with Holm's p over their family, a gain only where the CI with seeds
+    excludes 0, and the per-seed, per-patient ΔDice written for re-analysis."""
+    e = scripts["05_evaluate"]
+    df, noise = seeded_rows([0.03, -0.02, 0.01]), np.random.default_rng(5).normal(0, 0.002, (2, 72))
+    iac, ref = df[df["method"] == "iac"], df[df["method"] == "ref"]
+    df = pd.concat([df, iac.assign(method="iac_lth", value=iac["value"] + 0.02 + noise[0]),
+                    ref.assign(method="att", value=ref["value"] - 0.01 + noise[1])])
+    path = str(tmp_path / "per_patient.csv")
+    df.assign(region="all", metric="dice")[["method", "backbone", "seed", "patient", "patient_id", "region", "metric",
+                                            "value"]].to_csv(path, index=False)
+    out = str(tmp_path / "eval")
+    e.main(e.get_args(["--rows", path, "--reference", "ref", "--out", out, "--n_boot", "999"]))
+    paired = pd.read_csv(os.path.join(out, "paired.csv")).set_index(["vs", "method"])
+    assert set(paired.index) == {("ref", "iac"), ("ref", "iac_lth"), ("ref", "att"), ("iac", "iac_lth")}
+    assert set(paired.loc[paired["family"] == "primary"].index) == {("ref", "iac"), ("iac", "iac_lth")}
+    explore = paired[paired["family"] == "exploratory"]
+    assert explore["holm_p"].tolist() == pytest.approx(holm(explore["wilcoxon_p"].values).tolist())
+    primary = paired[paired["family"] == "primary"]
+    assert primary["holm_p"].tolist() == pytest.approx(holm(primary["wilcoxon_p"].values).tolist())
+    assert paired.loc[("ref", "iac"), "ci_low"] > 0 and paired.loc[("ref", "iac"), "verdict"] == "no clear difference"
+    assert paired.loc[("iac", "iac_lth"), "verdict"] == "gain" and paired.loc[("ref", "att"), "verdict"] == "loss"
+    assert (paired["unit"] == "patient").all() and (paired["n"] == 12).all() and (paired["seeds"] == 3).all()
+    units = pd.read_csv(os.path.join(out, "paired_by_seed.csv"))
+    assert len(units) == 4 * 3 * 12 and (units["cases"] == 2).all()
+    assert len(pd.read_csv(os.path.join(out, "paired_seeds.csv"))) == 4 * 3
+    md = open(os.path.join(out, "paired.md")).read()
+    assert "- primary: iac vs ref (base)" in md and "no clear difference" in md and "ΔDice of each seed" in md
+    assert "- exploratory: att vs ref (base)" in md and "- exploratory: iac vs ref" not in md
+    e.main(e.get_args(["--rows", path, "--out", out, "--n_boot", "99", "--primary"]))
+    assert (pd.read_csv(os.path.join(out, "paired.csv"))["family"] == "exploratory").all()
+    with pytest.raises(InputError, match="--primary ref:nope"):
+        e.main(e.get_args(["--rows", path, "--out", out, "--n_boot", "99", "--primary", "ref:nope"]))
+    old = str(tmp_path / "old.csv")                      # written before patient_id: each case its own patient
+    pd.read_csv(path).drop(columns="patient_id").to_csv(old, index=False)
+    e.main(e.get_args(["--rows", old, "--out", out, "--n_boot", "99"]))
+    assert (pd.read_csv(os.path.join(out, "paired.csv"))["n"] == 24).all()
 
 
 def _record(epoch, alpha, beta):
