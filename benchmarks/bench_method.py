@@ -1,4 +1,4 @@
-"""Do the cells help? The paper's two claims on real MRI (warped MNI152 subjects), over seeds.
+"""Do the cells help? The paper's two claims on one real MRI volume (MNI152) warped into subjects, over seeds.
 
     python benchmarks/bench_method.py [--seeds 0 1 2] [--jobs 2] [--out bench_runs/method] [--record]
     python benchmarks/bench_method.py --tiny --out /tmp/m          # the suite's one-minute version
@@ -20,8 +20,13 @@ same flags but the seed:
              with --search_residual both searches with --cell_output residual (the supernet starts as the identity
              skip) and their cells trained residual: iac_sres (fresh) and iac_lth_sres (θ0), against iac_res /
              iac_lth_res, whose cells were searched with `replace` (the one change: the search's cell output).
-Then one 05_evaluate.py over all seeds (case Dice averaged over the seeds, Wilcoxon over the test
-subjects), whose tables are the result. The schedule is the paper's scaled down the same way for both
+Then one 05_evaluate.py over all seeds, whose tables are the result: per comparison the ΔDice with each
+method's Dice averaged over the seeds (95% bootstrap CI and Wilcoxon p over the test subjects, conditional on the
+trained models), each seed's ΔDice, and a 95% CI over seeds, then subjects; the paper's two claims (ref -> iac,
+iac -> iac_lth) are primary, every other comparison exploratory with Holm-adjusted p, and a difference is a gain or
+a loss only where the CI with seeds excludes 0. OUT/eval/paired_by_seed.csv holds every seed's ΔDice per subject.
+Every test subject is a warp of the same real volume the training subjects come from, so the p-values measure
+robustness to warping, not generalisation to new people. The schedule is the paper's scaled down the same way for both
 searches (cap, warm-up and stage-I/III epochs are flags, recorded in the table's header).
 """
 import argparse
@@ -230,6 +235,7 @@ def main(a):
                 f"{a.width}; stage I / III {a.epochs_i} / {a.epochs_iii} epochs at batch {a.batch_size}; both searches "
                 f"cap {a.cap}, warm-up {a.warmup}, batch {a.search_batch}; seeds {a.seeds}; study {time.time() - t0:.0f} s."
                 f"\n\n{open(f'{ev}/summary.md').read()}\n{open(f'{ev}/paired.md').read()}\n"
+                f"Every seed's ΔDice per subject: `{ev}/paired_by_seed.csv`.\n\n"
                 f"Stage I (validation plateau):\n\n```\n{st_md}\n```\n\n"
                 f"Searches (seconds of the epochs, same run):\n\n```\n{sr_md}\n```\n\nfull / LTH time: {ratio}\n")
         record("Do the cells help? Real MRI over seeds (bench_method.py)", body)
