@@ -4,12 +4,18 @@ In:  a raw folder in the layout of ACDC, BraTS 2021/2023, KiTS 21/23, AMOS22 or 
 Out: OUT/slices.h5 (normalised, centre-cropped axial slices of every case, with the
      geometry to put predictions back into the original NIfTI space), OUT/splits.json
      (patient-wise train/val/test: 60/20/20 at random, ACDC's own test patients with
-     --split official, or yours with --split_file; and the train_search/val_search halves),
-     OUT/crop_report.json (foreground voxels the crop drops, per case and in total; a warning
-     above 0.5%), OUT/args.json.
+     --split official, or yours with --split_file; and the train_search/val_search halves;
+     patient_of: each case's patient), OUT/crop_report.json (foreground voxels the crop
+     drops, per case and in total; a warning above 0.5%), OUT/args.json.
 
     python 01_preprocess.py --dataset acdc --raw /data/ACDC/database --out runs/acdc/data
+    python 01_preprocess.py --dataset nnunet --raw raw/Dataset777_Mine --out runs/mine/data --subjects '^(sub-\\d+)_'
     python 01_preprocess.py --make_phantom runs/phantom_raw --layout acdc --patients 20
+
+Patients: every split draws patients, never single scans. ACDC's frames share their patient folder and a
+BraTS 2023 case BraTS-GLI-XXXXX-YYY its BraTS-GLI-XXXXX; elsewhere each case is its own patient unless
+--subjects (or "patients": {case: subject} in an nnU-Net dataset.json) says which cases belong to one
+subject. Case ids that look like repeated scans (sub-01_ses-1, sub-01_ses-2) without it get a warning.
 
 Both writes go to a temporary name and are renamed at the end, so an interrupted or
 failed run leaves nothing half-written. Bad input stops with a message naming the case.
@@ -25,7 +31,7 @@ from tqdm import tqdm
 
 from common.data import COMPRESSIONS, check_partition, ct_statistics, foreground_sample_job, process_case_job, write_slices
 from common.phantom import LAYOUTS, write_phantom
-from common.raw import DataError, list_cases
+from common.raw import DataError, apply_subjects, list_cases, read_subjects, repeated_scans
 from common.runs import cli, install_stop_signals, mark_done, mark_unfinished
 from common.utils import InputError, atomic_write_json, read_json, run_metadata
 
@@ -48,6 +54,11 @@ def get_args(argv=None):
                         "testing/), train/val from the rest")
     p.add_argument("--split_file", default=None,
                    help="JSON with lists train / val / test of patient ids (every patient once); overrides --split")
+    p.add_argument("--subjects", default=None, metavar="FILE|REGEX",
+                   help="which cases belong to one subject (several scans of one patient), so that a subject's cases "
+                        "stay in one split: a .json {case: subject} or .csv (columns case, subject) file, or a "
+                        "regular expression whose first group, searched in the case id, is the subject "
+                        "(e.g. '^(sub-\\d+)_'); overrides the layout's own patients (default: the layout's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
                    help="parallel volumes (0: in this process)")
@@ -179,6 +190,10 @@ def main(args):
     remove_stale_tmp(out_h5)
 
     info = list_cases(args.dataset, args.raw, args.modality)
+    if args.subjects:
+        apply_subjects(info.cases, read_subjects(args.subjects, [c.case_id for c in info.cases]))
+    elif warning := repeated_scans(info.cases):
+        print(f"warning: {warning}")
     pids = [c.patient_id for c in info.cases]
     if args.split_file:
         parts = given_split(args.split_file, pids, args.seed)
@@ -214,7 +229,8 @@ def main(args):
     case_parts = {k: [c.case_id for c in info.cases if c.patient_id in set(v)] for k, v in parts.items()}
     atomic_write_json(out_splits, {"dataset": info.dataset, "seed": args.seed, "fractions": args.fractions,
                                    "split": args.split_file or args.split,
-                                   "unit": "case", "patients": parts, **case_parts})
+                                   "unit": "case", "patients": parts, **case_parts,
+                                   "patient_of": {c.case_id: c.patient_id for c in info.cases}})
     atomic_write_json(os.path.join(args.out, "args.json"), run_metadata(args))
     mark_done(args.out, "01_preprocess", cases=len(info.cases))
     print(f"wrote {out_h5} and {out_splits}")

@@ -5,6 +5,15 @@
 cases). `load_case(case, info)` reads one case, validates it (SPEC §6, issue 2) and
 returns canonical (RAS) arrays plus what is needed to put slices back into the
 original geometry. Every problem raises `DataError` naming the case and file.
+
+Cases of one subject (time points, sessions, ACDC's ED / ES frames) share a `patient_id`, the unit every
+split draws: the layouts that name it set it (ACDC: the patient folder; BraTS 2023: BraTS-GLI-XXXXX of
+BraTS-GLI-XXXXX-YYY, YYY the time point), an nnU-Net data set takes it from dataset.json's "patients"
+({case_id: subject_id}), and `read_subjects` reads a user's mapping (01_preprocess.py --subjects).
+`repeated_scans` warns when case ids look like several scans of one subject and nothing says so.
+
+`image_cases(path, dataset, modalities)` finds unlabelled cases to predict (predict.py): the training
+layout's image names or nnU-Net's CASE_0000.nii.gz.
 """
 import glob
 import os
@@ -13,6 +22,7 @@ from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 
 from common.utils import InputError, read_json
 
@@ -51,7 +61,7 @@ class Case:
     case_id: str          # evaluation unit (one 3-D volume)
     patient_id: str       # split unit (both ACDC frames of a patient share it)
     images: list          # one path per modality / channel
-    label: str
+    label: str | None     # None: a case to predict, without a label file
     modality: str         # "mri" or "ct": chooses the normalisation scheme
 
 
@@ -104,8 +114,9 @@ def _brats(raw_dir):
     cases = []
     for d in dirs21 or dirs23:
         cid = os.path.basename(d)
+        pid = cid if dirs21 else cid.rsplit("-", 1)[0]       # BraTS-GLI-XXXXX-YYY: YYY is the time point
         images = [os.path.join(d, f"{cid}{sep}{m}.nii.gz") for m in mods]
-        cases.append(Case(cid, cid, images, os.path.join(d, f"{cid}{sep}seg.nii.gz"), "mri"))
+        cases.append(Case(cid, pid, images, os.path.join(d, f"{cid}{sep}seg.nii.gz"), "mri"))
     return DatasetInfo("brats", mods, ["NCR", "ED", "ET"], label_map, cases)
 
 
@@ -124,6 +135,11 @@ def _read_dataset_json(raw_dir):
     return read_json(path, "the raw data set's dataset.json")
 
 
+def amos_modality(case_id):
+    """AMOS22: ids above 500 are MRI scans, the others CT."""
+    return "mri" if int(case_id.split("_")[1]) > 500 else "ct"
+
+
 def _amos(raw_dir, modality):
     meta = _read_dataset_json(raw_dir)
     labels = {int(k): v for k, v in meta.get("labels", {}).items()}
@@ -133,7 +149,7 @@ def _amos(raw_dir, modality):
     for split in ("Tr", "Va"):
         for lab in sorted(glob.glob(os.path.join(raw_dir, f"labels{split}", "amos_*.nii.gz"))):
             cid = os.path.basename(lab)[:-len(".nii.gz")]
-            mod = "mri" if int(cid.split("_")[1]) > 500 else "ct"
+            mod = amos_modality(cid)
             if modality in ("ct", "mri") and mod != modality:
                 continue
             cases.append(Case(cid, cid, [os.path.join(raw_dir, f"images{split}", f"{cid}.nii.gz")], lab, mod))
@@ -160,6 +176,9 @@ def _nnunet(raw_dir):
         imgs = [os.path.join(raw_dir, "imagesTr", f"{cid}_{c:04d}{ending}") for c in range(n_ch)]
         mod = "ct" if chan_names[0].upper() == "CT" else "mri"
         cases.append(Case(cid, cid, imgs, lab, mod))
+    if "patients" in meta:                   # {case_id: subject_id}, as scripts/convert_to_nnunet.py writes it
+        apply_subjects(cases, check_subjects(meta["patients"], [c.case_id for c in cases],
+                                             f"{raw_dir}/dataset.json 'patients'"))
     values = sorted(by_value)
     return DatasetInfo("nnunet", chan_names, [by_value[v] for v in values if v != 0],
                        {v: i for i, v in enumerate(values)}, cases)
@@ -213,8 +232,10 @@ def from_canonical(data, orig_affine):
     return nib.orientations.apply_orientation(data, nib.orientations.ornt_transform(RAS, ornt))
 
 
-def load_case(case, info):
-    """Read and validate one case -> dict of canonical image (X,Y,Z,C), label (X,Y,Z), geometry."""
+def load_images(case):
+    """Read and validate the image files of one case (one per modality) -> (x, y, z, C) float32, the first
+    file's affine and shape. A missing or unreadable file, a 4-D volume, NaN / inf voxels or modalities of
+    different shapes raise DataError naming the case."""
     images, ref_affine, ref_shape = [], None, None
     for path in case.images:
         data, affine = _load_nifti(path, case.case_id)
@@ -226,6 +247,11 @@ def load_case(case, info):
         if not np.all(np.isfinite(data)):
             raise DataError(f"case {case.case_id}: {path} contains NaN or inf voxels; fix or exclude the case")
         images.append(data)
+    return np.stack(images, axis=-1), ref_affine, ref_shape              # (x, y, z, C)
+
+
+def load_label(case, info, ref_shape, ref_affine):
+    """Read and validate the label file of one case -> (x, y, z) uint8 in our consecutive indices."""
     label, lab_affine = _load_nifti(case.label, case.case_id)
     if label.shape != ref_shape:
         raise DataError(f"case {case.case_id}: label {case.label} has shape {label.shape} but image "
@@ -244,10 +270,190 @@ def load_case(case, info):
     lut = np.zeros(max(info.label_map) + 1, dtype=np.uint8)
     for raw, idx in info.label_map.items():
         lut[raw] = idx
-    label = lut[label.astype(np.int64)]
-    img = np.stack(images, axis=-1)                                   # (x, y, z, C)
+    return lut[label.astype(np.int64)]
+
+
+def load_case(case, info=None):
+    """Read and validate one case -> dict of canonical image (X,Y,Z,C), label (X,Y,Z; None for a case without
+    a label file: one to predict), geometry. `info` (the label map) is needed only with a label."""
+    img, ref_affine, ref_shape = load_images(case)
     can_img, can_affine, _ = to_canonical(img, ref_affine)
-    can_lab, _, _ = to_canonical(label, ref_affine)
-    return {"image": np.ascontiguousarray(can_img), "label": np.ascontiguousarray(can_lab),
+    can_lab = None
+    if case.label is not None:
+        can_lab = np.ascontiguousarray(to_canonical(load_label(case, info, ref_shape, ref_affine), ref_affine)[0])
+    return {"image": np.ascontiguousarray(can_img), "label": can_lab,
             "orig_shape": np.array(ref_shape), "orig_affine": ref_affine,
             "spacing": nib.affines.voxel_sizes(can_affine)}
+
+
+# --------------------------------------------------------------------------- subjects: several cases of one patient
+def check_subjects(mapping, case_ids, where):
+    """A {case_id: subject_id} mapping checked to name every case of `case_ids` (extra entries, e.g. test
+    cases kept elsewhere, are ignored) -> {case_id: subject_id as str} for those cases."""
+    if not isinstance(mapping, dict) or not all(isinstance(v, (str, int)) for v in mapping.values()):
+        raise InputError(f"{where}: needs a mapping {{case id: subject id}}")
+    missing = [c for c in case_ids if c not in mapping]
+    if missing:
+        raise InputError(f"{where}: no subject for case(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
+                         "name the subject of every case")
+    return {c: str(mapping[c]) for c in case_ids}
+
+
+def read_subjects(spec, case_ids, flag="--subjects"):
+    """--subjects -> {case_id: subject_id} for every case of `case_ids`. `spec` is a .json file
+    {case_id: subject_id}, a .csv file with columns `case` and `subject`, or a regular expression whose first
+    group, searched in each case id, is its subject (e.g. '^(sub-\\d+)_')."""
+    if spec.endswith((".json", ".csv")) or os.path.isfile(spec):
+        if not os.path.isfile(spec):
+            raise InputError(f"{flag} {spec}: no such file (a .json or .csv mapping of case id to subject id)")
+        if spec.endswith(".csv"):
+            try:
+                table = pd.read_csv(spec, dtype=str)
+            except (OSError, ValueError) as e:
+                raise InputError(f"{flag} {spec}: cannot read it as CSV ({e})") from e
+            if not {"case", "subject"} <= set(table.columns):
+                raise InputError(f"{flag} {spec}: needs the columns 'case' and 'subject' (found "
+                                 f"{', '.join(table.columns)})")
+            mapping = dict(zip(table["case"], table["subject"]))
+        else:
+            mapping = read_json(spec, flag)
+        return check_subjects(mapping, case_ids, f"{flag} {spec}")
+    try:
+        pattern = re.compile(spec)
+    except re.error as e:
+        raise InputError(f"{flag} {spec!r}: neither a mapping file nor a regular expression ({e})") from e
+    if pattern.groups < 1:
+        raise InputError(f"{flag} {spec!r}: the pattern needs a group (...) around the subject id, e.g. '^(sub-\\d+)_'")
+    found = {c: m.group(1) for c in case_ids if (m := pattern.search(c)) and m.group(1)}
+    unmatched = [c for c in case_ids if c not in found]
+    if unmatched:
+        raise InputError(f"{flag} {spec!r} finds no subject in case id(s) {unmatched[:5]}"
+                         f"{' ...' if len(unmatched) > 5 else ''}; every case id must match")
+    return found
+
+
+def apply_subjects(cases, subjects):
+    """Set each case's patient_id (the split unit) to its subject."""
+    for c in cases:
+        c.patient_id = subjects[c.case_id]
+
+
+# a trailing token that names a repeat of one subject's scan: a time point, session, visit, frame, cardiac phase,
+# or a bare number after an id that ends in a digit (sub-01_2, BraTS-GLI-00000-001; not case_00001)
+REPEAT_TOKEN = re.compile(r"^(?P<subject>.+?)[_\-.](?:(?:t|tp|time|timepoint|ses|session|visit|v|frame|fr|scan|"
+                          r"run|fu|followup|week|day|month|year)[_\-]?\d+|ed|es|bl|baseline|pre|post)$", re.I)
+REPEAT_NUMBER = re.compile(r"^(?P<subject>.*\d)[_\-.]\d+$")
+
+
+def repeated_scans(cases):
+    """A warning (str) when case ids look like several scans of one subject (they share a prefix and differ
+    only in a trailing time point / session / frame token) that are different patients, i.e. no mapping said
+    so; None otherwise. A single prefix shared by every case is plain numbering, not a subject."""
+    groups = {}
+    for c in cases:
+        m = REPEAT_TOKEN.match(c.case_id) or REPEAT_NUMBER.match(c.case_id)
+        groups.setdefault(m.group("subject") if m else c.case_id, []).append(c)
+    split = {s: cs for s, cs in groups.items() if len({c.patient_id for c in cs}) > 1}
+    if not split or len(groups) < 2:
+        return None
+    subject, cs = next(iter(split.items()))
+    return (f"case ids look like repeated scans of one subject ({', '.join(c.case_id for c in cs[:3])} -> {subject}; "
+            f"{len(split)} such subject(s)), but they count as different patients, so one subject's scans can land "
+            "in different splits; say which cases belong together with --subjects (a regular expression whose "
+            "first group is the subject, e.g. --subjects '^(sub-\\d+)_', or a .json / .csv mapping) or "
+            "\"patients\": {case: subject} in an nnU-Net dataset.json")
+
+
+# --------------------------------------------------------------------------- unlabelled cases to predict
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")          # nnU-Net: CASE_0000.nii.gz
+
+
+def _stem(path):
+    name = os.path.basename(path)
+    return next(name[:-len(e)] for e in NIFTI_ENDINGS if name.endswith(e))
+
+
+def _layout_name(path, dataset, modalities):
+    """(case id, channel) of an image file named as in the raw layout of `dataset`, or None."""
+    stem = _stem(path)
+    if dataset == "acdc" and re.fullmatch(r"patient\d{3}_frame\d\d", stem):
+        return stem, 0
+    if dataset == "kits" and stem == "imaging":
+        return os.path.basename(os.path.dirname(os.path.abspath(path))), 0
+    if dataset == "amos" and re.fullmatch(r"amos_\d{4}", stem):
+        return stem, 0
+    if dataset == "brats":
+        m = re.fullmatch(r"(.+)[_-](" + "|".join(map(re.escape, modalities)) + ")", stem)
+        if m:
+            return m.group(1), modalities.index(m.group(2))
+    return None
+
+
+def image_cases(path, dataset, modalities):
+    """Cases to predict under `path` (a NIfTI file or a folder, searched recursively) -> [(case id, {channel:
+    file})], sorted by case id. Files are named as in the raw layout of `dataset` (ACDC patientXXX_frameYY,
+    KiTS case_XXXXX/imaging, AMOS amos_XXXX, BraTS CASE_t1 ... / CASE-t1n ...) or as nnU-Net's
+    CASE_0000.nii.gz (channel 0000, 0001, ... in the order of `modalities`); files named neither way (labels,
+    4-D cine files) are left out. A folder where no file is named so, with one modality, takes every NIfTI file
+    as a case of its own. A file takes the case it belongs to (its other channels beside it). Whether each case
+    has exactly the channels of `modalities` is for `channel_files` to say, case by case."""
+    if os.path.isfile(path):                                          # the file and its siblings
+        folder, only = os.path.dirname(path) or ".", path
+        files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    elif os.path.isdir(path):
+        files, only = sorted(glob.glob(os.path.join(glob.escape(path), "**", "*.nii*"), recursive=True)), None
+    else:
+        raise InputError(f"--input {path}: no such file or folder")
+    files = [f for f in files if f.endswith(NIFTI_ENDINGS) and os.path.isfile(f)]
+    cases, where = {}, {}
+    for f in files:
+        named = _layout_name(f, dataset, modalities)
+        if named is None and (m := NNUNET_CHANNEL.match(_stem(f))):
+            named = m.group("case"), int(m.group("channel"))
+        if named is None:
+            continue
+        case, channel = named
+        if case in where and where[case] != os.path.dirname(f):
+            raise InputError(f"--input {path}: case id {case} is found in {where[case]} and {os.path.dirname(f)}; "
+                             "give each case a name of its own")
+        where[case] = os.path.dirname(f)
+        cases.setdefault(case, {}).setdefault(channel, []).append(f)
+    if only is not None:
+        mine = [c for c, ch in cases.items() if any(os.path.samefile(only, f) for fs in ch.values() for f in fs)]
+        cases = {c: cases[c] for c in mine} or {_case_of_plain(only): {0: [only]}}
+    elif not cases and len(modalities) == 1:
+        for f in files:
+            c = _case_of_plain(f)
+            if c in cases:
+                raise InputError(f"--input {path}: two files give case id {c} ({cases[c][0][0]}, {f}); rename one")
+            cases[c] = {0: [f]}
+    if not cases:
+        raise InputError(f"--input {path}: no images found; name them as in the training layout or as nnU-Net's "
+                         f"CASE_0000.nii.gz ({len(modalities)} modalities: {', '.join(modalities)})")
+    return sorted(cases.items())
+
+
+def _case_of_plain(path):
+    """The case id of a file named in no layout: its name without the ending (and without _0000)."""
+    stem = _stem(path)
+    m = NNUNET_CHANNEL.match(stem)
+    return m.group("case") if m and m.group("channel") == "0000" else stem
+
+
+def channel_files(case_id, channels, modalities):
+    """{channel: [files]} of one case (image_cases) -> its files in channel order; a case without exactly
+    one file per modality raises DataError naming it."""
+    n = len(modalities)
+    dup = {c: fs for c, fs in channels.items() if len(fs) > 1}
+    if dup:
+        c, fs = next(iter(dup.items()))
+        raise DataError(f"case {case_id}: {len(fs)} files for channel {c} ({', '.join(fs)}); keep one")
+    got = sorted(channels)
+    if got != list(range(n)):
+        missing, extra = sorted(set(range(n)) - set(got)), sorted(set(got) - set(range(n)))
+        raise DataError(f"case {case_id}: {len(got)} image file(s) (channels {got}), the run was trained on {n} "
+                        f"modalities ({', '.join(modalities)})"
+                        + (f"; missing channel(s) {missing} (e.g. {case_id}_{missing[0]:04d}.nii.gz)" if missing else "")
+                        + (f"; unexpected channel(s) {extra}" if extra else ""))
+    return [channels[c][0] for c in range(n)]

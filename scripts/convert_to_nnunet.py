@@ -17,6 +17,11 @@ it keeps the file). Train fold 0 (`nnUNetv2_train D 2d 0`), predict imagesTs, an
 Without `--splits`, where a patient has several cases (ACDC: the ED and ES frames), splits_final.json holds
 nnU-Net's five folds drawn over patients instead of cases (seeded as nnU-Net's own, 12345), so that no fold
 trains on one frame of a patient and validates on the other; nnU-Net's default split draws cases.
+
+Which cases are one patient: the layout's own (ACDC's frames, BraTS 2023 time points), `--subjects` (as in
+01_preprocess.py: a .json / .csv mapping or a regular expression), or, with `--splits`, the `patient_of`
+that 01_preprocess.py recorded there. dataset.json's "patients" ({case: patient}) keeps it for nnunet_iac's
+search halves and for 01_preprocess.py --dataset nnunet on the converted folder.
 """
 import argparse
 import json
@@ -28,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.data import check_partition, load_splits
-from common.raw import list_cases, load_case
+from common.raw import apply_subjects, check_subjects, list_cases, load_case, read_subjects, repeated_scans
 from common.runs import cli
 from common.utils import InputError, atomic_write_json
 
@@ -41,6 +46,10 @@ def get_args(argv=None):
     p.add_argument("--modality", choices=["ct", "mri"], default="ct", help="AMOS: which scans (nnU-Net needs one)")
     p.add_argument("--splits", default=None, help="splits.json of 01_preprocess.py: its test patients go to imagesTs/"
                                                   "labelsTs and its train/val division to splits_final.json (fold 0)")
+    p.add_argument("--subjects", default=None, metavar="FILE|REGEX",
+                   help="which cases belong to one subject, as 01_preprocess.py --subjects: a .json {case: subject} or "
+                        ".csv (columns case, subject) file, or a regular expression whose first group is the subject "
+                        "(default: the patients recorded in --splits, else the layout's)")
     return p.parse_args(argv)
 
 
@@ -50,6 +59,7 @@ def main(args):
     info = list_cases(args.dataset, args.raw, args.modality)
     mods = {c.modality for c in info.cases}
     part = our_split(args.splits, info) if args.splits else {c.case_id: "train" for c in info.cases}
+    set_patients(args, info)
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for d in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if args.splits else ()):
@@ -110,6 +120,27 @@ def patient_folds(patients, n_folds=5, seed=12345):
         folds.append({"train": sorted(c for c, p in patients.items() if p not in val),
                       "val": sorted(c for c, p in patients.items() if p in val)})
     return folds
+
+
+def set_patients(args, info):
+    """Each case's patient: --subjects, else the patient_of of --splits (01_preprocess.py's, which its split
+    was drawn with), else the layout's; a warning when case ids look like repeated scans and none said so.
+    --subjects and --splits that disagree are refused: the folds would not be the split's."""
+    case_ids = [c.case_id for c in info.cases]
+    recorded = None
+    if args.splits and "patient_of" in (splits := load_splits(args.splits)):
+        recorded = check_subjects(splits["patient_of"], case_ids, f"--splits {args.splits} 'patient_of'")
+    if args.subjects:
+        given = read_subjects(args.subjects, case_ids)
+        if recorded is not None and given != recorded:
+            diff = [c for c in case_ids if given[c] != recorded[c]]
+            raise InputError(f"--subjects {args.subjects} puts case(s) {diff[:3]} in other patients than --splits "
+                             f"{args.splits} records; preprocess with the same --subjects, or leave it out here")
+        apply_subjects(info.cases, given)
+    elif recorded is not None:
+        apply_subjects(info.cases, recorded)
+    elif warning := repeated_scans(info.cases):
+        print(f"warning: {warning}")
 
 
 def our_split(path, info):

@@ -304,3 +304,127 @@ def test_split_file_official_split_and_nnunet_converter(tmp_path, scripts, acdc,
     assert conv.patient_folds({"a": "a", "b": "b"}) is None                      # one case each: nnU-Net's own
     assert conv.patient_folds({"a_1": "a", "a_2": "a"}) is None                  # one patient: no folds
     assert len(conv.patient_folds({"a_1": "a", "a_2": "a", "b_1": "b"})) == 2    # fewer patients than folds
+
+
+# --------------------------------------------------------------------------- several scans of one subject
+def _sessions_raw(tmp_path, patients=None):
+    """An nnU-Net-layout phantom of 9 scans renamed sub-0S_ses-T: subjects 1-4 with two sessions, 5 with one;
+    `patients` is written into dataset.json when given."""
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "nnunet", 9, seed=2, size=32)
+    for k in range(9):
+        new = f"sub-{k // 2 + 1:02d}_ses-{k % 2 + 1}"
+        for f in glob.glob(os.path.join(raw, "*", f"PHANTOM_{k:03d}*")):
+            os.rename(f, f.replace(f"PHANTOM_{k:03d}", new))
+    if patients is not None:
+        meta = json.load(open(os.path.join(raw, "dataset.json")))
+        json.dump({**meta, "patients": patients}, open(os.path.join(raw, "dataset.json"), "w"))
+    return raw
+
+
+def _assert_subjects_apart(splits):
+    """No subject in two of train / val / test, nor in both search halves; every case on its subject's side."""
+    subject = {c: c.split("_")[0] for c in splits["patient_of"]}
+    assert splits["patient_of"] == subject
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test"), ("train_search", "val_search")):
+        assert not {subject[c] for c in splits[a]} & {subject[c] for c in splits[b]}, (a, b)
+        assert not set(splits["patients"][a]) & set(splits["patients"][b]), (a, b)
+    assert sorted(splits["train_search"] + splits["val_search"]) == sorted(splits["train"])
+
+
+def test_subjects_keep_a_subjects_scans_on_one_side(tmp_path, scripts, capsys):
+    """--subjects REGEX and dataset.json's "patients" put both sessions of a subject on one side of every split;
+    without either, the ids draw a warning."""
+    raw = _sessions_raw(tmp_path)
+    preprocess(scripts, "nnunet", raw, str(tmp_path / "none"))
+    said = capsys.readouterr().out
+    assert "warning: case ids look like repeated scans" in said and "sub-01_ses-1, sub-01_ses-2 -> sub-01" in said
+    assert "4 such subject(s)" in said and "--subjects" in said
+    _, sp = preprocess(scripts, "nnunet", raw, str(tmp_path / "regex"), "--subjects", r"^(sub-\d+)_")
+    assert "repeated scans" not in capsys.readouterr().out
+    splits = json.load(open(sp))
+    _assert_subjects_apart(splits)
+    assert sorted(p for k in ("train", "val", "test") for p in splits["patients"][k]) == [f"sub-0{i}" for i in
+                                                                                          range(1, 6)]
+    assert read_meta(os.path.join(tmp_path, "regex", "slices.h5"))["cases"]["patient_id"][:2] == ["sub-01", "sub-01"]
+    shutil.rmtree(raw)
+    raw = _sessions_raw(tmp_path, patients={f"sub-{k // 2 + 1:02d}_ses-{k % 2 + 1}": f"sub-{k // 2 + 1:02d}"
+                                            for k in range(9)})
+    _, sp = preprocess(scripts, "nnunet", raw, str(tmp_path / "json"))
+    assert "repeated scans" not in capsys.readouterr().out
+    assert json.load(open(sp)) == splits                                    # the same subjects: the same split
+
+
+def test_subjects_from_files_and_their_errors(tmp_path):
+    from common.raw import read_subjects
+    ids = ["sub-01_ses-1", "sub-01_ses-2", "sub-02_ses-1"]
+    want = {"sub-01_ses-1": "A", "sub-01_ses-2": "A", "sub-02_ses-1": "B"}
+    (tmp_path / "map.json").write_text(json.dumps({**want, "sub-09_ses-1": "C"}))          # extra ids are fine
+    (tmp_path / "map.csv").write_text("case,subject\n" + "".join(f"{c},{s}\n" for c, s in want.items()))
+    assert read_subjects(str(tmp_path / "map.json"), ids) == want
+    assert read_subjects(str(tmp_path / "map.csv"), ids) == want
+    assert read_subjects(r"^(sub-\d+)", ids) == {c: c[:6] for c in ids}
+    (tmp_path / "short.csv").write_text("case,subject\nsub-01_ses-1,A\n")
+    (tmp_path / "cols.csv").write_text("id,who\nsub-01_ses-1,A\n")
+    for spec, msg in ((str(tmp_path / "short.csv"), r"no subject for case\(s\) \['sub-01_ses-2', 'sub-02_ses-1'\]"),
+                      (str(tmp_path / "cols.csv"), "needs the columns 'case' and 'subject'"),
+                      (str(tmp_path / "gone.json"), "gone.json: no such file"),
+                      (r"^sub-\d+", "needs a group"),
+                      (r"^(sub-\d+", "neither a mapping file nor a regular expression"),
+                      (r"^(sub-0[2-9])", r"finds no subject in case id\(s\) \['sub-01_ses-1', 'sub-01_ses-2'\]")):
+        with pytest.raises(InputError, match=msg):
+            read_subjects(spec, ids)
+
+
+def test_repeated_scan_warning_only_where_ids_say_so():
+    from common.raw import Case, repeated_scans
+    own = lambda ids: [Case(i, i, [], None, "mri") for i in ids]          # noqa: E731  (each case its own patient)
+    for ids in (["case_00000", "case_00001", "case_00002"], ["PHANTOM_000", "PHANTOM_001"], ["amos_0001", "amos_0502"],
+                ["hospA_001", "hospA_002", "hospB_001"], ["BraTS2021_00000", "BraTS2021_00001"]):
+        assert repeated_scans(own(ids)) is None, ids
+    for ids in (["sub-01_ses-1", "sub-01_ses-2", "sub-02_ses-1"], ["p1_ED", "p1_ES", "p2_ED", "p2_ES"],
+                ["BraTS-GLI-00000-000", "BraTS-GLI-00000-001", "BraTS-GLI-00002-000"],
+                ["pat01_tp1", "pat01_tp2", "pat02_tp1"], ["s12_1", "s12_2", "s13_1"]):
+        assert "repeated scans" in repeated_scans(own(ids)), ids
+    acdc = [Case(f"patient00{p}_frame{f}", f"patient00{p}", [], None, "mri") for p in (1, 2) for f in ("01", "12")]
+    assert repeated_scans(acdc) is None                                    # the layout groups the frames already
+
+
+def test_brats2023_time_points_are_one_patient(tmp_path):
+    from common.raw import list_cases
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "brats2023", 2, seed=0, size=32)
+    src = os.path.join(raw, "BraTS-GLI-00000-000")
+    dst = os.path.join(raw, "BraTS-GLI-00000-001")                        # a second time point of patient 00000
+    os.makedirs(dst)
+    for f in os.listdir(src):
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f.replace("-000-", "-001-")))
+    info = list_cases("brats", raw)
+    assert {c.case_id: c.patient_id for c in info.cases} == {"BraTS-GLI-00000-000": "BraTS-GLI-00000",
+                                                             "BraTS-GLI-00000-001": "BraTS-GLI-00000",
+                                                             "BraTS-GLI-00001-000": "BraTS-GLI-00001"}
+
+
+def test_converter_keeps_subjects_together(tmp_path, scripts):
+    """convert_to_nnunet.py: --subjects (and, with --splits, 01's patient_of) become dataset.json's "patients", and
+    the five folds draw subjects; --subjects against a --splits that recorded others is refused."""
+    conv = load_script("scripts/convert_to_nnunet")
+    raw = str(tmp_path / "raw")
+    write_phantom(raw, "kits", 8, seed=1, size=32)
+    subject = {f"case_{k:05d}": f"s{k // 2}" for k in range(8)}                 # four subjects of two scans
+    (tmp_path / "map.json").write_text(json.dumps(subject))
+    nn = str(tmp_path / "Dataset601_KiTS")
+    conv.main(conv.get_args(["--dataset", "kits", "--raw", raw, "--out", nn, "--subjects", str(tmp_path / "map.json")]))
+    assert json.load(open(os.path.join(nn, "dataset.json")))["patients"] == subject
+    folds = json.load(open(os.path.join(nn, "splits_final.json")))
+    assert len(folds) == 4 and sorted(c for f in folds for c in f["val"]) == sorted(subject)
+    for f in folds:
+        assert not {subject[c] for c in f["train"]} & {subject[c] for c in f["val"]}
+    _, sp = preprocess(scripts, "kits", raw, str(tmp_path / "data"), "--subjects", str(tmp_path / "map.json"))
+    nn2 = str(tmp_path / "Dataset602_KiTS")
+    conv.main(conv.get_args(["--dataset", "kits", "--raw", raw, "--out", nn2, "--splits", sp]))
+    assert json.load(open(os.path.join(nn2, "dataset.json")))["patients"] == subject
+    (tmp_path / "other.json").write_text(json.dumps({c: c for c in subject}))
+    with pytest.raises(InputError, match="other patients than --splits"):
+        conv.main(conv.get_args(["--dataset", "kits", "--raw", raw, "--out", str(tmp_path / "Dataset603_KiTS"),
+                                 "--splits", sp, "--subjects", str(tmp_path / "other.json")]))
