@@ -110,31 +110,35 @@ def foreground_sample(case, info, n=10000, seed=0):
 
 
 def process_case(case, info, crop, spacing, ct_stats):
-    """Pass 2: one case -> normalised, resampled, cropped slices (Z, C, H, W) and geometry."""
+    """Pass 2: one case -> normalised, resampled, cropped slices (Z, C, H, W) and geometry. The one
+    preprocessing of a volume, for training (01_preprocess.py) and prediction (predict.py: a case without a
+    label, `info` None; its labels / fg_voxels / fg_lost come back None)."""
     c = load_case(case, info)
-    img, lab = c["image"], c["label"]                              # (X, Y, Z, C), (X, Y, Z)
+    img, lab = c["image"], c["label"]                              # (X, Y, Z, C), (X, Y, Z) or None
     for ch in range(img.shape[-1]):                                # SPEC §6 normalisation
         img[..., ch] = ct_normalise(img[..., ch], ct_stats) if case.modality == "ct" else zscore_nonzero(img[..., ch])
-    can_shape = lab.shape
+    can_shape = img.shape[:3]
     work = list(can_shape[:2])
     if spacing is not None:
         work = [int(round(n * s / t)) for n, s, t in zip(can_shape[:2], c["spacing"][:2], spacing)]
         img = resample_inplane(img, work, order=1)
-        lab = resample_inplane(lab, work, order=0)
+        lab = None if lab is None else resample_inplane(lab, work, order=0)
     start = crop_start(work, crop)
-    fg_voxels = int((lab > 0).sum())
     # padding continues the background: 0 for MRI (zscore_nonzero keeps the background at 0; the minimum, far
     # below it, drew a frame around padded ACDC / BraTS slices), the lowest value for CT (air, after clipping)
     img = crop_or_pad(img, start, crop, fill=0.0 if case.modality == "mri" else float(img.min()))
-    lab = crop_or_pad(lab, start, crop, fill=0)
-    fg_lost = fg_voxels - int((lab > 0).sum())                     # foreground the crop leaves outside
+    labels = fg_voxels = fg_lost = None
+    if lab is not None:
+        fg_voxels = int((lab > 0).sum())
+        lab = crop_or_pad(lab, start, crop, fill=0)
+        fg_lost = fg_voxels - int((lab > 0).sum())                 # foreground the crop leaves outside
+        labels = np.ascontiguousarray(np.transpose(lab, (2, 0, 1)), dtype=np.uint8)
     anis = c["spacing"]
     warn = None
     if anis[2] < 0.8 * max(anis[:2]):
         warn = (f"case {case.case_id}: canonical z spacing {anis[2]:.2f} mm is finer than in-plane "
                 f"{anis[0]:.2f}x{anis[1]:.2f} mm; check that axial slicing is what you want")
-    return {"images": np.ascontiguousarray(np.transpose(img, (2, 3, 0, 1)), dtype=np.float32),
-            "labels": np.ascontiguousarray(np.transpose(lab, (2, 0, 1)), dtype=np.uint8),
+    return {"images": np.ascontiguousarray(np.transpose(img, (2, 3, 0, 1)), dtype=np.float32), "labels": labels,
             "orig_shape": c["orig_shape"], "orig_affine": c["orig_affine"], "canonical_shape": np.array(can_shape),
             "work_shape": np.array(work), "crop_start": np.array(start), "fg_voxels": fg_voxels, "fg_lost": fg_lost,
             "warn": warn}
@@ -344,19 +348,29 @@ def iter_cases(path, case_ids, meta=None, desc=None):
             yield c, f["images"][a:a + n], f["labels"][a:a + n]
 
 
-def slices_to_volume(stack, meta, case_id):
-    """A (Z, H, W) label stack of `case_id` -> array in the case's original voxel grid (our indices 0..K)."""
-    cases = meta["cases"]
+GEOMETRY = ("canonical_shape", "work_shape", "crop_start", "orig_affine")
+
+
+def case_geometry(meta, case_id):
+    """What the way back to a case's original voxel grid needs, as recorded in slices.h5 (or as process_case
+    returns it for a case that is not there): canonical_shape, work_shape, crop_start, orig_affine."""
     i = meta["case_index"][case_id]
-    can_shape = tuple(int(s) for s in cases["canonical_shape"][i])
-    work_shape = tuple(int(s) for s in cases["work_shape"][i])
+    return {k: meta["cases"][k][i] for k in GEOMETRY}
+
+
+def slices_to_volume(stack, meta, case_id, geometry=None):
+    """A (Z, H, W) label stack of `case_id` -> array in the case's original voxel grid (our indices 0..K).
+    `geometry`: the case's (case_geometry keys); default, the one slices.h5 recorded for `case_id`."""
+    g = geometry if geometry is not None else case_geometry(meta, case_id)
+    can_shape = tuple(int(s) for s in g["canonical_shape"])
+    work_shape = tuple(int(s) for s in g["work_shape"])
     if stack.shape[0] != can_shape[2]:
         raise ValueError(f"case {case_id}: {stack.shape[0]} slices given, the volume has {can_shape[2]}")
     vol = np.moveaxis(np.asarray(stack, dtype=np.uint8), 0, -1)          # (H, W, Z)
-    vol = uncrop(vol, [int(s) for s in cases["crop_start"][i]], work_shape)
+    vol = uncrop(vol, [int(s) for s in g["crop_start"]], work_shape)   # undo the crop / pad
     if work_shape != can_shape[:2]:
-        vol = resample_inplane(vol, can_shape[:2], order=0)
-    return from_canonical(vol, np.asarray(cases["orig_affine"][i], dtype=np.float64))
+        vol = resample_inplane(vol, can_shape[:2], order=0)             # undo --spacing
+    return from_canonical(vol, np.asarray(g["orig_affine"], dtype=np.float64))   # undo the reorientation
 
 
 def raw_label_values(vol, meta):
@@ -365,11 +379,12 @@ def raw_label_values(vol, meta):
     return values.astype(np.uint8 if values.max() < 256 else np.uint16)[vol]
 
 
-def slices_to_nifti(stack, meta, case_id):
+def slices_to_nifti(stack, meta, case_id, geometry=None):
     """A (Z, H, W) label stack of `case_id` -> Nifti1Image in the case's original geometry, with the
-    data set's own label values."""
-    affine = np.asarray(meta["cases"]["orig_affine"][meta["case_index"][case_id]], dtype=np.float64)
-    vol = raw_label_values(slices_to_volume(stack, meta, case_id), meta)
+    data set's own label values. `geometry` as for slices_to_volume."""
+    g = geometry if geometry is not None else case_geometry(meta, case_id)
+    affine = np.asarray(g["orig_affine"], dtype=np.float64)
+    vol = raw_label_values(slices_to_volume(stack, meta, case_id, g), meta)
     img = nib.Nifti1Image(np.ascontiguousarray(vol), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
