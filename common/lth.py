@@ -1,16 +1,57 @@
 """IAC-LTH: operation importance, the per-edge JS stability test and pruning (paper Sec. 5.2-5.5).
 
-Small pure functions plus `LTHState`, which goes into the search checkpoint.
+This file imports only torch: copy it with common/iac.py into your own project (examples/monai_basicunet.py
+does, with MONAI's BasicUNet). Small pure functions, `LTHState` (which goes into the search checkpoint) and
+`end_of_epoch`, the whole test of one epoch on an `iac.IACSearchSkips`.
 
-    I_{e,o}   = softmax(α_e)_o · w'_e                              Eq. (13)/(18), SPEC §3
+    I_{e,o}   = softmax(α_e)_o · w'_e                              Eq. (13)/(18), docs/method.md §3
     p_{e,o}   = I_{e,o} / (Σ_o' I_{e,o'} + ε)   (uniform if Σ = 0)  Eq. (19)
     JS(p, q)  = ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q)                Eq. (20)
     τ0        = κ · median_e JS_e at the first test after warm-up (lower median), which prunes nothing
-                (self-calibrated, SPEC §3)
+                (self-calibrated, docs/method.md §3)
     stable    : JS_e(t) < τ_e, else τ_e ← γ τ_e                     Sec. 5.3
     prune     : I < μ − kσ over the edge's active ops, else the lowest one;
                 never the last op                                  Eq. (21), Sec. 5.4
     stop      : every edge has one op -> keep the top-2 incoming edges per node   Sec. 5.5
+
+The search loop in your own U-Net (single level: one forward and backward, both optimizers step):
+
+    import iac, lth
+    skips = iac.IACSearchSkips(skip_channels, up_channels)   # level 0 = the finest (full-resolution) skip
+    theta0 = iac.make_theta0(skip_channels, up_channels)   # θ0: saved before any update, for stage III
+    iac.init_from_theta0(skips, theta0)
+    state = lth.LTHState(len(iac.EDGES), tau0_rel=0.2)      # κ = 0.2, γ = 1.1, k = 1, JS over common ops
+    a_opt = torch.optim.Adam(skips.arch_parameters(), 1e-3, betas=(0.5, 0.999), weight_decay=1e-3)
+    w_opt = torch.optim.SGD(skips.weight_parameters(), 0.01)
+    for epoch in range(epochs):
+        unet.eval(); skips.train()                           # frozen backbone, cells in train mode
+        for x, y in loader:
+            loss = loss_fn(net(x), y); w_opt.zero_grad(); a_opt.zero_grad(); loss.backward()
+            w_opt.step()
+            if epoch >= warmup:
+                a_opt.step()                                 # α, β fixed during the warm-up
+        info = lth.end_of_epoch(skips, state, epoch, warmup)
+        if info["pruned"]:
+            w_opt = torch.optim.SGD(skips.weight_parameters(), 0.01)   # rebuild: drop the pruned weights
+        if info["stopped"]:
+            break
+    genotype = skips.derive_genotype()                       # each node's top-2 incoming edges
+
+Contracts a copier must know:
+- Levels: `skips(level, skip, up)` with level 0 the finest skip (the decoder's last, full-resolution level)
+  and the coarsest last. `skip_channels[level]` is the channel count of the encoder skip tensor, and
+  `up_channels[level]` that of the decoder tensor the cell gets beside it, *after* up-sampling to the skip's
+  size: where up-sampling halves the channels (a transposed conv from 2C to C, as in MONAI's UpCat), it is the
+  halved count, not the count of the coarser level's output. The cell returns the skip's channels.
+- A prune deletes the op's module (`IACSearchSkips.prune_op`): an optimizer built before it still holds the
+  removed parameters and keeps stepping them. Build the weight optimizer again after every epoch that
+  pruned (`info["pruned"]` not empty); SGD without momentum loses nothing by it. α and β stay (Adam's state
+  is kept).
+- Modes: the backbone stays in eval mode with no gradients; the cells train. If the cells are a submodule of
+  the backbone, `unet.eval()` also puts them in eval mode (their BatchNorm then uses running statistics):
+  call `skips.train()` after it.
+- The test runs on the CPU in float64 whatever device the cells are on; `LTHState.state_dict()` is what a
+  checkpoint needs to resume the test exactly.
 
 Why τ0 calibrates itself: p_e is softmax(α_e) over the active ops (w'_e cancels), and for small
 moves JS_e ≈ ⅛·Var_p(Δα_e). Adam moves α by about its lr per step, so the per-epoch JS scales
@@ -67,6 +108,7 @@ def ops_to_prune(I_e, active_e, k_std):
 
 
 def all_edges_single(op_mask, edge_mask=None):
+    """The stop rule (Sec. 5.5): every (active) edge has exactly one op left."""
     counts = op_mask.sum(dim=1)
     if edge_mask is not None:
         counts = counts[edge_mask]
@@ -137,3 +179,22 @@ class LTHState:
         clone = (lambda t: None if t is None else t.cpu().clone())          # the test runs on the CPU
         self.tau, self.tau0, self.prev, self.prev_mask = clone(d["tau"]), d["tau0"], clone(d["prev"]), \
             clone(d["prev_mask"])
+
+
+@torch.no_grad()
+def end_of_epoch(skips, state, epoch, warmup):
+    """The LTH test after search epoch `epoch` (0-based) of a search whose first `warmup` epochs train only the
+    cell weights: importance (Eq. 13/18), the JS test (Eq. 20) and pruning (Eq. 21) on `skips` (an
+    iac.IACSearchSkips, or anything with `importance()`, an `op_mask` buffer (E, O) and `prune_op(e, o)`).
+
+    The test starts at the last warm-up epoch (it only records p there: α, β have not moved yet); the next
+    test, the first after warm-up, calibrates τ0 when `state` is self-calibrating and prunes nothing.
+    Returns {"importance": I (E, O), "js": (E,) or None, "tau": τ used (E,) or None, "pruned": [(e, o), ...],
+    "stopped": every edge has one op}. After a prune, rebuild the weight optimizer (module docstring)."""
+    I = skips.importance()
+    js, tau, pruned = None, state.tau, []
+    if epoch >= warmup - 1:
+        js, tau, pruned = state.step(I, skips.op_mask)                       # Eq. (19)-(21)
+        for e, o in pruned:
+            skips.prune_op(e, o)                                             # the op's module is removed
+    return {"importance": I, "js": js, "tau": tau, "pruned": pruned, "stopped": all_edges_single(skips.op_mask)}
