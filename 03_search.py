@@ -32,7 +32,8 @@ from common.checkpoints import (load_frozen_backbone, resume_search, save_checkp
 from common.data import SliceDataset, read_meta
 from common.engine import (EpochTimer, check_finite, make_loader, resume_iterator, setup_run, step_saver, stop_early,
                            to_device)
-from common.iac import EDGES, OPS, IACSearchSkips, init_from_theta0, make_theta0, write_genotype
+from common.iac import EDGES, OPS, init_from_theta0, make_theta0, write_genotype
+from common.lean_cell import LeanSearchSkips
 from common.losses import SegLoss
 from common.memory import GIB, LABELS, choose_plan, describe, gpu_budget, plan_for_run, search_memory
 from common.lth import all_edges_single
@@ -40,7 +41,8 @@ from common.runs import add_unfinished_flag, check_stop, cli, mark_done, require
 from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch,
                            expected_stop, keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
-from common.utils import JsonlLog, add_run_flags, autocast, epoch_generator, peak_gpu_mib, pick_device, read_jsonl
+from common.utils import (JsonlLog, add_run_flags, autocast, epoch_generator, peak_gpu_mib, pick_device, precision,
+                          read_jsonl)
 
 
 def get_args(argv=None):
@@ -104,8 +106,8 @@ def search_epoch(args, model, skips, loss_fn, w_opt, a_opt, loaders, epoch, devi
 
 def search_skips(args, model):
     """The supernet of this search on the CPU, every level stored (the memory plan sets checkpointing per level)."""
-    return IACSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn,
-                          output=args.cell_output, lean=args.lean_step == "on")
+    return LeanSearchSkips(model.skip_channels, model.up_channels, args.cell_channels, args.pc_k, args.beta_fn,
+                           output=args.cell_output, lean=args.lean_step == "on")
 
 
 def dry_run(args):
@@ -113,7 +115,7 @@ def dry_run(args):
     meta, device = read_meta(args.data), pick_device(args.device)
     model, _ = load_frozen_backbone(args.backbone, meta)
     skips = search_skips(args, model)
-    amp = args.amp and device.type == "cuda"
+    amp, _ = precision(args, device)
     est = search_memory(model, skips, args.batch_size, model.config["in_channels"], meta["crop"],
                         torch.bfloat16 if amp else torch.float32)
     budget = gpu_budget(device)
@@ -142,8 +144,7 @@ def main(args):
     skips = search_skips(args, model)
     init_from_theta0(skips, theta0)                                    # partial-channel ops = slices of θ0
     plan, lines = plan_for_run(args.checkpoint_edges, device, model, skips, args.batch_size, meta["crop"], amp)
-    for cell, mode in zip(skips.cells, plan):                          # --checkpoint_edges: per level
-        cell.checkpoint_edges = mode
+    skips.set_checkpointing(plan)                                      # --checkpoint_edges: per level
     print("\n".join(lines + ["checkpointing per cell level: " + ", ".join(
         f"{lv} {LABELS[m]}" for lv, m in enumerate(plan))]))
     model.set_skips(skips.to(device))

@@ -60,8 +60,8 @@ from common.metrics import case_metrics
 from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
 from common.runs import (add_unfinished_flag, cli, install_stop_signals, mark_done, mark_unfinished,
                          require_done)
-from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_write_json, pick_device, read_jsonl,
-                          require_file, run_metadata)
+from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_write_json, pick_device, precision,
+                          read_jsonl, require_file, run_metadata)
 
 
 PRIMARY = ("ref:iac", "iac:iac_lth")          # the paper's claims: IAC vs the plain skip, IAC-LTH vs IAC
@@ -154,7 +154,7 @@ def evaluate_runs(args, meta, cases, device):
         check_same_data(ckpt, meta, path)
         model = model_from_checkpoint(ckpt).to(device)
         backbone, seed = ckpt["config"]["encoder"], ckpt["args"]["seed"]
-        amp, cl = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
+        amp, cl = precision(args, device)
         t0 = time.perf_counter()
         preds[name, backbone, seed] = {case: predict_stack(model, images, device, amp, cl)
                                        for case, images, _ in iter_cases(args.data, cases, meta, f"predict {name}")}

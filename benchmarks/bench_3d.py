@@ -1,4 +1,4 @@
-"""The 3-D supernet (IACSearchSkips(dims=3)) per U-Net level: activation memory kept for the backward pass and
+"""The 3-D supernet (LeanSearchSkips(dims=3)) per U-Net level: activation memory kept for the backward pass and
 step time, with all 98 ops and with one op per edge (where IAC-LTH ends; edge e keeps op e mod 7), edges stored
 or checkpointed.
 
@@ -12,7 +12,7 @@ import time
 import torch
 
 from _common import machine, one_op_per_edge, record
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 
 CHANNELS = (32, 64, 128, 256, 320)                     # nnU-Net 3d_fullres features per stage (levels 0-4)
 
@@ -33,7 +33,7 @@ def saved_bytes(fn):
 
 def one_level(C, size, batch, pruned, ckpt, device, reps):
     torch.manual_seed(0)
-    s = IACSearchSkips([C], [C], dims=3, checkpoint_edges=ckpt).to(device)
+    s = LeanSearchSkips([C], [C], dims=3, checkpoint_edges=ckpt).to(device)
     if pruned:                                         # edge e keeps op e mod 7: every kind of op stays
         one_op_per_edge(s)
     x = torch.randn(batch, C, size, size, size, device=device)

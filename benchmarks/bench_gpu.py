@@ -14,7 +14,7 @@ import torch
 from _common import machine, one_op_per_edge, record, run
 from common.backbones import ENCODERS, UNet
 from common.data import SliceDataset, load_splits
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 from common.losses import SegLoss
 from common.search import arch_optimizer, search_step, weight_optimizer
 from common.utils import autocast
@@ -33,7 +33,7 @@ def step_time(encoder, what, amp=True, cl=True, batch=128, size=256, width=32, r
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     else:
         model.freeze_backbone()
-        skips = IACSearchSkips(model.skip_channels, model.up_channels, checkpoint_edges=ckpt)
+        skips = LeanSearchSkips(model.skip_channels, model.up_channels, checkpoint_edges=ckpt)
         if pruned:
             one_op_per_edge(skips)
         model.set_skips(skips.to(dev))

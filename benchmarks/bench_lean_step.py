@@ -21,7 +21,7 @@ import torch
 
 from _common import machine, record
 from common.backbones import UNet
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 from common.losses import SegLoss
 from common.memory import GIB, SETTINGS, checkpoint_plan, plan_summary, search_memory
 from common.search import arch_optimizer, search_step, weight_optimizer
@@ -71,7 +71,7 @@ def main():
             torch.manual_seed(0)
             net = UNet(encoder, 1, 3, "ref", width=width)
             net.freeze_backbone()
-            skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=False, checkpoint_edges=ckpt)
+            skips = LeanSearchSkips(net.skip_channels, net.up_channels, lean=False, checkpoint_edges=ckpt)
             plans, need = {}, {}
             for lean in (False, True) if budget else ():    # the plan auto would run with, from this kind's estimate
                 for cell in skips.cells:

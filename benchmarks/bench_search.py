@@ -9,14 +9,14 @@ import torch
 
 from _common import machine, phantom_backbone, record, run
 from common.backbones import ENCODERS, UNet
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 from common.losses import SegLoss
 
 
 def step_time(encoder, device, batch, size, reps=3):
     model = UNet(encoder, 1, 4, "ref", width=16).to(device)
     model.freeze_backbone()
-    skips = IACSearchSkips(model.skip_channels, model.up_channels).to(device)
+    skips = LeanSearchSkips(model.skip_channels, model.up_channels).to(device)
     model.set_skips(skips)
     opt = torch.optim.SGD(skips.weight_parameters(), lr=0.01)
     x, y = torch.randn(batch, 1, size, size, device=device), torch.randint(0, 4, (batch, size, size), device=device)

@@ -2,7 +2,7 @@
 outputs, and recomputing only the ReLUs, BatchNorms, pools and weighted sums, make the checkpointed step faster?
 
 It is not a --checkpoint_edges setting (this benchmark's answer on the CPU was no); it is built here around the lean
-step's own checkpointed regions: every torch.utils.checkpoint call of common/iac.py gets, besides its
+step's own checkpointed regions: every torch.utils.checkpoint call of common/lean_cell.py gets, besides its
 BatchNorm-statistics guard, torch's selective-checkpoint contexts with a policy that keeps aten.convolution's
 outputs (create_selective_checkpoint_contexts). The same gradients as `on` (checked here, float32, to 1e-5). Times
 the lean step (lth, full) stored, `on` and selective, alternately in one process from the same weights; counts
@@ -16,16 +16,14 @@ import contextlib
 import functools
 import statistics
 import time
-from unittest import mock
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-import common.iac as iac
 from _common import machine, record
 from bench_lean_step import stepper
 from common.backbones import UNet
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips, checkpoint_hook
 from common.memory import GIB, search_memory
 
 SELECTIVE = "selective (convolutions kept)"
@@ -43,17 +41,17 @@ def _both(outer, inner):
 
 def _selective_context(context_fn):
     forward, recompute = create_selective_checkpoint_contexts(keep_convolutions)
-    _, bn_frozen = context_fn()               # iac's guard: BN statistics not updated again while recomputing
+    _, bn_frozen = context_fn()               # lean_cell's guard: BN statistics not updated again while recomputing
     return forward, _both(bn_frozen, recompute)   # the guard's own clone / copy_ outside the policy's dispatch
 
 
 def selective(through_hooks=False):
-    """iac.checkpoint with the convolutions' outputs kept; `through_hooks`: those outputs pass through any
+    """lean_cell's checkpointed regions with the convolutions' outputs kept (through its checkpoint_hook); `through_hooks`: those outputs pass through any
     saved_tensors_hooks around the region (for common/memory.py's count)."""
     def selective_checkpoint(fn, *args, context_fn, **kw):
         return checkpoint(fn, *args, context_fn=functools.partial(_selective_context, context_fn),
                           respect_saved_tensors_hooks=through_hooks, **kw)
-    return mock.patch.object(iac, "checkpoint", selective_checkpoint)
+    return checkpoint_hook(selective_checkpoint)
 
 
 def main():
@@ -82,7 +80,7 @@ def main():
     grads = {}
     for kind in ("edges checkpointed (on)", SELECTIVE):
         torch.manual_seed(1)
-        skips = IACSearchSkips(net.skip_channels, net.up_channels, checkpoint_edges=True)
+        skips = LeanSearchSkips(net.skip_channels, net.up_channels, checkpoint_edges=True)
         net.set_skips(skips)
         run(kind, lambda: torch.nn.functional.cross_entropy(net(x), y).backward())
         grads[kind] = {n: q.grad.clone() for n, q in skips.named_parameters() if q.grad is not None}
@@ -97,7 +95,7 @@ def main():
         steps = {}
         for kind, ckpt in kinds.items():
             torch.manual_seed(1)
-            steps[kind] = stepper(net, IACSearchSkips(net.skip_channels, net.up_channels, checkpoint_edges=ckpt),
+            steps[kind] = stepper(net, LeanSearchSkips(net.skip_channels, net.up_channels, checkpoint_edges=ckpt),
                                   mode, x, y, False)
         times = {k: [] for k in steps}
         for rep in range(a.reps + 2):                    # two of warm-up; the three kinds alternately
@@ -110,7 +108,7 @@ def main():
         print(rows[-1], flush=True)
 
     net32 = UNet("base", 1, 4, "ref", width=32)
-    skips = IACSearchSkips(net32.skip_channels, net32.up_channels)
+    skips = LeanSearchSkips(net32.skip_channels, net32.up_channels)
     size = (a.count_size, a.count_size)
     plain = search_memory(net32, skips, a.count_batch, 1, size, torch.bfloat16)
     with selective(through_hooks=True):

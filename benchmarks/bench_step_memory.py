@@ -21,7 +21,7 @@ import torch
 
 from _common import ROOT, machine, record
 from common.backbones import ENCODERS, UNet
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 from common.memory import (BUDGET_SHARE, CUDA_RESERVE, GIB, LABELS, checkpoint_plan, held_bytes, plan_summary,
                            search_memory, step_bytes)
 
@@ -29,13 +29,13 @@ from common.memory import (BUDGET_SHARE, CUDA_RESERVE, GIB, LABELS, checkpoint_p
 CHILD = r"""
 import json, resource, sys, torch
 from common.backbones import UNet
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 from common.losses import SegLoss
 from common.search import arch_optimizer, search_step, weight_optimizer
 lean, ckpt, batch, size = json.loads(sys.argv[1])
 torch.set_num_threads(2); torch.manual_seed(0)
 net = UNet("base", 1, 4, "ref", width=16); net.freeze_backbone()
-skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=lean, checkpoint_edges=ckpt); net.set_skips(skips)
+skips = LeanSearchSkips(net.skip_channels, net.up_channels, lean=lean, checkpoint_edges=ckpt); net.set_skips(skips)
 x, y = torch.randn(batch, 1, size, size), torch.randint(0, 4, (batch, size, size))
 w_opt, a_opt = weight_optimizer(skips, 0.01), arch_optimizer(skips, 1e-3, (0.5, 0.999), 1e-3)
 loss = lambda _: SegLoss()(net(x), y)
@@ -54,7 +54,7 @@ def calibrate(a):
     net = UNet("base", 1, 4, "ref", width=16)
     net.freeze_backbone()
     for lean in (False, True):
-        skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=lean)
+        skips = LeanSearchSkips(net.skip_channels, net.up_channels, lean=lean)
         est = search_memory(net, skips, batch, 1, (size, size), torch.float32)
         for ckpt in LABELS:
             want = step_bytes(est, [ckpt] * len(est["levels"])) - est["params"] - CUDA_RESERVE
@@ -107,7 +107,7 @@ def main():
         net = UNet(enc, 1, 4, "ref", width=a.width)
         net.freeze_backbone()
         for lean in (False, True):
-            skips = IACSearchSkips(net.skip_channels, net.up_channels, lean=lean)
+            skips = LeanSearchSkips(net.skip_channels, net.up_channels, lean=lean)
             est = search_memory(net, skips, a.batch, 1, (a.size, a.size), dtype)
             n = len(est["levels"])
             plan, need, fits = checkpoint_plan(est, a.budget_gib * GIB)

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from _common import machine
 from common.backbones import ENCODERS, UNet
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 from common.losses import SegLoss
 
 
@@ -27,7 +27,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = UNet(a.encoder, 1, 4, "ref", width=a.width).to(device)
     model.freeze_backbone()
-    skips = IACSearchSkips(model.skip_channels, model.up_channels).to(device)
+    skips = LeanSearchSkips(model.skip_channels, model.up_channels).to(device)
     model.set_skips(skips)
     w_opt = torch.optim.SGD(skips.weight_parameters(), lr=0.01)
     a_opt = torch.optim.Adam(skips.arch_parameters(), lr=1e-3)

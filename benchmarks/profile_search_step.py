@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from _common import machine, record
-from common.iac import IACSearchSkips
+from common.lean_cell import LeanSearchSkips
 from common.search import arch_optimizer, search_step, weight_optimizer
 
 
@@ -33,7 +33,7 @@ def main():
     torch.set_num_threads(a.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     widths = [16, 32, 64, 128]
-    skips = IACSearchSkips(widths, widths, lean=a.lean_step == "on").to(device)
+    skips = LeanSearchSkips(widths, widths, lean=a.lean_step == "on").to(device)
     x = [(torch.randn(a.batch, c, a.size >> i, a.size >> i, device=device),
           torch.randn(a.batch, c, a.size >> i, a.size >> i, device=device)) for i, c in enumerate(widths)]
     w_opt = weight_optimizer(skips, 0.01)

@@ -16,7 +16,7 @@ import os
 import torch
 
 from common.backbones import build_unet
-from common.iac import NODES, GenotypeError, IACSkips, init_from_theta0, read_genotype
+from common.iac import EDGES, NODES, OPS, GenotypeError, IACSkips, init_from_theta0, read_genotype
 from common.search import changed_settings
 from common.skips import build_skips
 from common.utils import InputError, require_file
@@ -165,6 +165,18 @@ def search_checkpoint(skips, a_opt, lth, epoch, seconds, args, geometry):
             "epoch": epoch, "seconds": seconds, "args": vars(args), "geometry": geometry}
 
 
+def apply_masks(skips, op_mask, edge_mask):
+    """Prune a fresh supernet to a checkpoint's masks (its modules gone, as in the search) before load_state_dict."""
+    for e in range(len(EDGES)):
+        if not edge_mask[e] and skips.edge_mask[e]:
+            skips.prune_edge(e)
+        elif edge_mask[e]:
+            for o in range(len(OPS)):
+                if not op_mask[e, o] and skips.op_mask[e, o]:
+                    skips.prune_op(e, o)
+    skips.op_mask.copy_(op_mask)
+
+
 def resume_search(path, skips, a_opt, lth, args, geometry, device):
     """Load RUN/ckpt_last.pt of a search (pruned ops stay pruned); refuses one whose result-affecting
     flags or cell geometry differ from this run's, naming them. Returns (first epoch to run, seconds, the mid-epoch
@@ -175,7 +187,7 @@ def resume_search(path, skips, a_opt, lth, args, geometry, device):
         what = ", ".join(f"--{k} {old} -> {new}" for k, (old, new) in changed.items()) or "cell geometry"
         raise InputError(f"{path} is a search with other settings ({what}); resume with the same flags, or "
                          "start over with --overwrite")
-    skips.apply_masks(ckpt["op_mask"].to(device), ckpt["edge_mask"].to(device))
+    apply_masks(skips, ckpt["op_mask"].to(device), ckpt["edge_mask"].to(device))
     skips.load_state_dict(ckpt["skips"])
     a_opt.load_state_dict(ckpt["a_opt"])
     lth.load_state_dict(ckpt["lth"])

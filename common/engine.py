@@ -14,7 +14,7 @@ from common.data import collate, iter_cases, load_splits, read_meta
 from common.metrics import CaseDice, mean_foreground
 from common.runs import check_stop, install_stop_signals, mark_unfinished, resolve_resume
 from common.utils import (InputError, JsonlLog, NonFiniteLoss, autocast, copy_to_local, default_workers,
-                          epoch_generator, peak_gpu_mib, pick_device, seed_everything)
+                          epoch_generator, peak_gpu_mib, pick_device, precision, seed_everything)
 
 
 def setup_run(args, what):
@@ -30,7 +30,7 @@ def setup_run(args, what):
     if args.local_data:                                            # node-local copy; args.json keeps both paths
         args.data_original, args.data = args.data, copy_to_local(args.data, args.local_data)
     seed_everything(args.seed, args.deterministic)
-    amp, channels_last = args.amp and device.type == "cuda", args.channels_last and device.type == "cuda"
+    amp, channels_last = precision(args, device)
     last = os.path.join(args.out, "ckpt_last.pt")
     args.resume = resolve_resume(args, last)
     install_stop_signals()

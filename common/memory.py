@@ -19,12 +19,12 @@ step_bytes() adds what a step holds besides (the largest recomputation, weights,
 peaks."""
 import contextlib
 import copy
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-import common.iac as iac
+from common.lean_cell import WHOLE_CELL, checkpoint_hook
 
 GIB = 2 ** 30
 
@@ -61,7 +61,7 @@ class SavedBytes:
         outermost region is run once more, unchecked, to count what its recomputation in backward saves (its own
         inner regions: their inputs) into `regions`; with depth 2, each region directly inside it the same way, into
         `inner_regions`."""
-        real, state, max_depth = iac.checkpoint, {"depth": 0, "into": self}, depth
+        state, max_depth = {"depth": 0, "into": self}, depth
 
         def checkpoint(fn, *args, **kw):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -79,7 +79,7 @@ class SavedBytes:
                     into_regions = self.inner_regions if depth else self.regions
                     into_regions[self.tag] = max(into_regions.get(self.tag, 0), sum(inner.by_tag().values()))
                 state.update(depth=depth + 1, into=None)
-                return real(fn, *args, **kw)
+                return torch_checkpoint(fn, *args, **kw)
             finally:
                 state.update(depth=depth, into=into)
 
@@ -94,8 +94,7 @@ class SavedBytes:
         hooks = [h for level, cell in enumerate(cells) for h in
                  (cell.register_forward_pre_hook(enter(level)), cell.register_forward_hook(leave))]
         try:
-            with mock.patch.object(iac, "checkpoint", checkpoint), \
-                    torch.autograd.graph.saved_tensors_hooks(self.add, lambda t: t):
+            with checkpoint_hook(checkpoint), torch.autograd.graph.saved_tensors_hooks(self.add, lambda t: t):
                 yield self
         finally:
             for h in hooks:
@@ -105,7 +104,7 @@ class SavedBytes:
 def search_memory(model, skips, batch, in_channels, size, dtype=torch.float32, device="meta"):
     """Bytes kept for the backward pass of one search step, per cell level stored and checkpointed, and the rest.
 
-    `model`, `skips`: the frozen U-Net and its IACSearchSkips (on the CPU; copied to meta, left as they are);
+    `model`, `skips`: the frozen U-Net and its LeanSearchSkips (on the CPU; copied to meta, left as they are);
     `dtype`: bfloat16 to stand for AMP (its convolutions keep bf16 activations); `device`: meta (shapes only, any
     size) or a real one (the same count, with the memory it takes: for checking the meta count)."""
     net = copy.deepcopy(model).to(device, dtype)
@@ -168,7 +167,7 @@ def _recompute(lv, mode):
     if mode is False:
         return 0
     region = int(RECOMPUTE_FACTOR * lv["fine_region" if mode == "fine" else "region"])
-    return region + (lv["cell_region"] if mode in iac.WHOLE_CELL else 0)
+    return region + (lv["cell_region"] if mode in WHOLE_CELL else 0)
 
 
 def held_bytes(est):

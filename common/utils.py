@@ -32,13 +32,61 @@ def require_file(path, flag, hint):
     return path
 
 
+SWITCH = ("auto", "on", "off")
+
+
 def add_device_flags(p):
-    """--device and the precision switches (--amp/--no-amp, --channels-last/--no-channels-last; the
-    underscore spellings --channels_last/--no-channels_last keep working)."""
-    p.add_argument("--device", default="auto", help="auto (CUDA when usable, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    p.add_argument("--channels-last", "--channels_last", dest="channels_last", action=argparse.BooleanOptionalAction,
-                   default=True, help="channels_last memory format on CUDA")
+    """--device and the precision switches --amp and --channels_last: auto (on with CUDA, off on the CPU), on (also on
+    the CPU: torch's CPU autocast has CUDA's bf16 dtype rules, so a CPU run takes the path a GPU run takes), off.
+    `--amp` alone is `on`; --no-amp, --no-channels-last (--no-channels_last) are `off`."""
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when a GPU is usable, else the CPU; says which), cpu, cuda or cuda:N")
+    p.add_argument("--amp", nargs="?", const="on", default="auto", choices=SWITCH,
+                   help="bf16 mixed precision (autocast): auto = on with CUDA, off on the CPU; on = also on the CPU")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off")
+    p.add_argument("--channels-last", "--channels_last", dest="channels_last", nargs="?", const="on", default="auto",
+                   choices=SWITCH, help="channels_last memory format: auto = on with CUDA, off on the CPU; on = "
+                                        "also on the CPU")
+    p.add_argument("--no-channels-last", "--no-channels_last", dest="channels_last", action="store_const",
+                   const="off", help="the same as --channels_last off")
+
+
+def switch_on(value, device):
+    """An --amp / --channels_last value for `device`: auto is on with CUDA only. (True / False: args.json of runs
+    from before the switches had three values, read as auto / off.)"""
+    if isinstance(value, bool):
+        value = "auto" if value else "off"
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def precision(args, device, say=print):
+    """(bf16 autocast on, channels_last on) for this run on `device` (and cpu_conv_guard for a CPU run with both)."""
+    amp, channels_last = switch_on(args.amp, device), switch_on(args.channels_last, device)
+    cpu_conv_guard(device, amp, channels_last, say)
+    return amp, channels_last
+
+
+def dilated_depthwise_bf16_ok():
+    """Whether this torch's CPU kernels give finite weight gradients for a bf16 channels_last depthwise convolution
+    with dilation 2 (the DilConv op). torch 2.14.1's oneDNN kernel does not at some shapes (4 x 2 channels x 32 x 32:
+    NaN; benchmarks/RESULTS.md, "The GPU path on the CPU"); torch's native kernel does."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 1, 3, 3, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 2, 32, 32, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w.requires_grad_()
+    torch.nn.functional.conv2d(x, w, None, 1, 2, 2, 2).float().square().sum().backward()
+    return bool(torch.isfinite(w.grad).all())
+
+
+def cpu_conv_guard(device, amp, channels_last, say=print):
+    """A CPU run with bf16 autocast and channels_last (the GPU path on the CPU): where torch's oneDNN kernel breaks the
+    DilConv weight gradients (dilated_depthwise_bf16_ok), oneDNN is switched off for this process, saying so; the
+    run then takes torch's native CPU kernels, which are sound. Nothing changes anywhere else."""
+    if device.type == "cpu" and amp and channels_last and torch.backends.mkldnn.enabled and \
+            not dilated_depthwise_bf16_ok():
+        torch.backends.mkldnn.enabled = False
+        say(f"warning: torch {torch.__version__}'s oneDNN CPU kernel gives NaN weight gradients for bf16 "
+            "channels_last dilated depthwise convolutions; oneDNN is off for this CPU run (--amp on --channels_last on)")
 
 
 def add_run_flags(p):
@@ -234,5 +282,5 @@ def read_jsonl(path):
 
 
 def autocast(device, enabled):
-    """bf16 autocast on CUDA when enabled; a no-op context on CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    """bf16 autocast on `device` (CUDA or the CPU) when enabled (see precision()); otherwise a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -13,7 +13,7 @@ Point nnU-Net at this folder and name a trainer:
 Trainers (each also as a `...NoDA` variant without data augmentation, as nnUNetTrainerNoDA):
     nnUNetTrainerIACRef        nnU-Net's own trainer with settable lengths: the reference 2-D nnU-Net
     nnUNetTrainerIACSearchFull frozen reference + a supernet IAC on every skip, `full` search as in 03_search.py
-    nnUNetTrainerIACSearchLTH  the same with `lth` search (common/iac.py, common/lth.py, common/search.py);
+    nnUNetTrainerIACSearchLTH  the same with `lth` search (common/lean_cell.py, common/lth.py, common/search.py);
                                both write genotype.json, theta0.pt, trajectory.jsonl into their fold folder
     nnUNetTrainerIAC           frozen reference + the discrete cell of IAC_GENOTYPE on every skip, deep
                                supervision, nnU-Net's loss and optimiser; only the cells train; fresh init
@@ -23,6 +23,7 @@ Settings (environment variables, so tests and demos can run tiny):
     IAC_EPOCHS, IAC_ITERS, IAC_VAL_ITERS    epochs (search trainers: 200, the paper's; others: nnU-Net's),
                    training / validation iterations per epoch
     IAC_FINAL_VALIDATION=0   skip nnU-Net's final validation of the fold (tests, demos)
+    IAC_AMP        search trainers: bf16 autocast auto (on with CUDA), on (also on the CPU: the GPU's dtype path) or off
     IAC_STOP_AFTER=N   search trainers: leave after N epochs (job time limits); `nnUNetv2_train ... --c` continues
                    from the search's checkpoint_latest.pth (pruned ops stay pruned, θ0 is kept)
     IAC_BACKBONE   checkpoint of the finished reference; default: checkpoint_final.pth of the same fold
@@ -57,11 +58,12 @@ try:
 except ImportError as e:
     raise ImportError("the IAC-LTH project is not installed in this environment: run `pip install -e "
                       "/path/to/iac-lth` (the folder above nnunet_iac/) and try again") from e
-from common.iac import IACSearchSkips, IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
+from common.iac import IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
+from common.lean_cell import LeanSearchSkips
 from common.lth import all_edges_single
 from common.search import (arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state,
                            search_step, search_summary, settings_from_env, trajectory_record, weight_optimizer)
-from common.utils import JsonlLog
+from common.utils import SWITCH, JsonlLog, autocast, switch_on
 
 
 def _env(name, default=None, cast=str):
@@ -286,9 +288,9 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         skip_ch = list(net.encoder.output_channels[:-1])
         s = search_settings()
         gpu = torch.device("cuda" if torch.cuda.is_available() else "cpu")     # (auto: on where nnU-Net takes CUDA)
-        return IACUNet(net, IACSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn,
-                                           checkpoint_edges(s.checkpoint_edges, gpu), dims=net_dims(net),
-                                           output=s.cell_output, lean=s.lean_step == "on"))
+        return IACUNet(net, LeanSearchSkips(skip_ch, skip_ch, None, s.pc_k, s.beta_fn, dims=net_dims(net),
+                                            output=s.cell_output, lean=s.lean_step == "on",
+                                            checkpoint_edges=checkpoint_edges(s.checkpoint_edges, gpu)))
 
     def _do_i_compile(self):
         return False                          # pruning changes the graph; no torch.compile for the search
@@ -382,10 +384,13 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         self.on_train_end()
 
     def _batch_loss(self, batch):
-        """nnU-Net's loss (deep supervision included) on one batch; bf16 autocast on CUDA."""
+        """nnU-Net's loss (deep supervision included) on one batch; bf16 autocast as IAC_AMP says (auto: on CUDA)."""
         t = batch["target"]
         target = [i.to(self.device) for i in t] if isinstance(t, list) else t.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        amp = _env("IAC_AMP", "auto")
+        if amp not in SWITCH:
+            raise RuntimeError(f"IAC_AMP={amp!r}: use one of {', '.join(SWITCH)}")
+        with autocast(self.device, switch_on(amp, self.device)):
             return self.loss(self.network(batch["data"].to(self.device)), target)
 
 

@@ -36,6 +36,15 @@ def backbone(tmp_path_factory, scripts, acdc):
     return out
 
 
+@pytest.fixture(autouse=True)
+def keep_onednn_setting():
+    """A stage run on the CPU with --amp on --channels_last on may switch oneDNN off for its process
+    (common/utils.cpu_conv_guard); the tests run stages in one process, so each test gets the setting back."""
+    was = torch.backends.mkldnn.enabled
+    yield
+    torch.backends.mkldnn.enabled = was
+
+
 def data_args(acdc):
     return ["--data", os.path.join(acdc[1], "slices.h5"), "--splits", os.path.join(acdc[1], "splits.json")]
 
