@@ -271,6 +271,14 @@ def search_halves(keys, seed=12345, patients=None):
     return [k for k in keys if patients.get(k, k) not in val], [k for k in keys if patients.get(k, k) in val]
 
 
+def search_amp(device):
+    """IAC_AMP: auto (bf16 autocast with CUDA), on (also on the CPU: the GPU's dtype path, as 03's --amp on), off."""
+    amp = _env("IAC_AMP", "auto")
+    if amp not in SWITCH:
+        raise RuntimeError(f"IAC_AMP={amp!r}: use one of {', '.join(SWITCH)}")
+    return switch_on(amp, device)
+
+
 class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
     """Stage II in nnU-Net: search one genotype for every skip of the frozen reference (`lth`)."""
     search_mode = "lth"
@@ -317,6 +325,9 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
             self.print_to_log_file("the search has ended (genotype.json): nothing to continue")
             return
         self.on_train_start()
+        self.amp = search_amp(self.device)
+        self.print_to_log_file(f"IAC search [{mode}]: bf16 autocast {'on' if self.amp else 'off'} (IAC_AMP), "
+                               f"checkpointed per level: {[c.checkpoint_edges for c in self.network.skips.cells]}")
         backbone = reference_checkpoint(self)
         load_reference(self, backbone)
         skips = self.network.skips
@@ -384,13 +395,10 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         self.on_train_end()
 
     def _batch_loss(self, batch):
-        """nnU-Net's loss (deep supervision included) on one batch; bf16 autocast as IAC_AMP says (auto: on CUDA)."""
+        """nnU-Net's loss (deep supervision included) on one batch; bf16 autocast as IAC_AMP says (search_amp)."""
         t = batch["target"]
         target = [i.to(self.device) for i in t] if isinstance(t, list) else t.to(self.device)
-        amp = _env("IAC_AMP", "auto")
-        if amp not in SWITCH:
-            raise RuntimeError(f"IAC_AMP={amp!r}: use one of {', '.join(SWITCH)}")
-        with autocast(self.device, switch_on(amp, self.device)):
+        with autocast(self.device, self.amp):
             return self.loss(self.network(batch["data"].to(self.device)), target)
 
 

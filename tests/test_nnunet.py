@@ -97,10 +97,13 @@ def test_nnunet_pipeline(planned):
     from nnunet_iac.iac_trainers import load_nnunet_checkpoint
     ref = load_nnunet_checkpoint(ref_ckpt)["network_weights"]
 
-    search_env = dict(env, IAC_EPOCHS="9", IAC_WARMUP="1", IAC_TAU0="10", IAC_GAMMA="1.1")
+    search_env = dict(env, IAC_EPOCHS="9", IAC_WARMUP="1", IAC_TAU0="10", IAC_GAMMA="1.1",
+                      IAC_AMP="on", IAC_CHECKPOINT_EDGES="on")          # the path a CUDA run takes, on the CPU
     for trainer in ("nnUNetTrainerIACSearchLTH", "nnUNetTrainerIACSearchFull"):
         _train(trainer, search_env)
         d = _fold(tmp_path, trainer)
+        log = "".join(open(f).read() for f in d.glob("training_log*.txt"))
+        assert "bf16 autocast on (IAC_AMP), checkpointed per level: [True, True" in log
         g = json.load(open(d / "genotype.json"))
         assert (d / "theta0.pt").is_file() and len(g["edges"]) == 8
         traj = [json.loads(ln) for ln in open(d / "trajectory.jsonl")]
@@ -213,7 +216,7 @@ def test_nnunet_3d_chain(planned):
     tmp_path, raw = planned
     env = _env(tmp_path)
     _train("nnUNetTrainerIACRef", env, "3d_fullres")
-    search_env = dict(env, IAC_EPOCHS="6", IAC_WARMUP="1", IAC_TAU0="10")
+    search_env = dict(env, IAC_EPOCHS="6", IAC_WARMUP="1", IAC_TAU0="10", IAC_AMP="on")   # bf16 on the CPU
     _train("nnUNetTrainerIACSearchLTH", dict(search_env, IAC_STOP_AFTER="2"), "3d_fullres")   # a time limit
     lth = _fold(tmp_path, "nnUNetTrainerIACSearchLTH", "3d_fullres")
     assert not (lth / "genotype.json").exists() and (lth / "checkpoint_latest.pth").exists()
@@ -222,7 +225,8 @@ def test_nnunet_3d_chain(planned):
     assert len(before) == 2 and sum(map(sum, before[-1]["op_mask"])) < 98        # pruned before the stop
     _run([f"{BIN}/nnUNetv2_train", "501", "3d_fullres", "0", "-tr", "nnUNetTrainerIACSearchLTH", "-device", "cpu",
           "--c"], search_env)
-    assert "continuing the search at epoch 3" in "".join(open(f).read() for f in lth.glob("training_log*.txt"))
+    log = "".join(open(f).read() for f in lth.glob("training_log*.txt"))
+    assert "continuing the search at epoch 3" in log and "bf16 autocast on (IAC_AMP)" in log
     assert (lth / "theta0.pt").read_bytes() == theta0_bytes                      # θ0: the weights at search start
     g = json.load(open(lth / "genotype.json"))
     assert g["search"]["encoder"] == "nnunet_3d" and len(g["edges"]) == 8
