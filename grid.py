@@ -28,6 +28,8 @@ SLURM job that `run --backend slurm` submitted, checked against squeue / sacct),
 """
 import argparse
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 from common.runs import REQUEUE_EXIT, block_stop_signals, cli, is_done
 from common.utils import InputError, atomic_write_json, read_json
@@ -154,35 +157,57 @@ def recorded(j):
     rec, sub = _read(os.path.join(j.out, STATE)), _read(os.path.join(j.out, SUBMIT))
     if sub.get("slurm_job") and str(rec.get("slurm_job")) != str(sub["slurm_job"]):
         return {"state": "submitted", **sub}
+    if sub.get("submitting"):                       # written before sbatch: did it reach SLURM? (adopt_submissions)
+        return {"state": "submitted", **sub}
     return rec
 
 
-def slurm_states(ids, tries=1, wait_s=5):
-    """{SLURM job id: (STATE, reason)} for the jobs the scheduler still knows (squeue keeps finished jobs for
-    MinJobAge; sacct, where accounting runs, for longer); None where there is no SLURM to ask: no squeue, or
-    squeue failed `tries` times, `wait_s` seconds apart (a busy slurmctld times out now and then)."""
-    ids = sorted({str(i) for i in ids if i})
-    if not ids:
-        return {}
-    out = {}
+def local_runner_alive(rec):
+    """Whether the local runner that wrote a record without a SLURM job (run --backend local) still runs: True or
+    False on the host that wrote it, None elsewhere (it cannot be checked from here)."""
+    pid = rec.get("runner_pid")
+    if rec.get("host") != os.uname().nodename:
+        return None
+    if not isinstance(pid, int) or pid <= 0:         # written before runners recorded their pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                          # alive, someone else's
+        return True
+    return True
+
+
+def squeue_jobs(tries=1, wait_s=5):
+    """[(SLURM job id, STATE, reason, job name)] of every job squeue shows; None where there is no SLURM to ask: no
+    squeue, or squeue failed `tries` times, `wait_s` seconds apart (a busy slurmctld times out now and then)."""
     for attempt in range(tries):
         if attempt:
             time.sleep(wait_s)
         try:
-            r = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r"], capture_output=True, text=True,
+            r = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r|%j"], capture_output=True, text=True,
                                timeout=60)
         except OSError:
             return None
         except subprocess.SubprocessError:
             continue
         if r.returncode == 0:
-            break
-    else:
+            return [tuple(parts) for ln in r.stdout.splitlines() if len(parts := ln.strip().split("|", 3)) == 4]
+    return None
+
+
+def slurm_states(ids, tries=1, wait_s=5, queue=None):
+    """{SLURM job id: (STATE, reason)} for the jobs the scheduler still knows (squeue keeps finished jobs for
+    MinJobAge; sacct, where accounting runs, for longer); None where there is no SLURM to ask (squeue_jobs).
+    `queue`: squeue_jobs' answer, when already asked."""
+    ids = sorted({str(i) for i in ids if i})
+    if not ids:
+        return {}
+    queue = squeue_jobs(tries, wait_s) if queue is None else queue
+    if queue is None:
         return None
-    for ln in r.stdout.splitlines():
-        parts = ln.strip().split("|")
-        if len(parts) == 3 and parts[0] in ids:
-            out[parts[0]] = (parts[1], parts[2])
+    out = {i: (state, reason) for i, state, reason, _ in queue if i in ids}
     unknown = [i for i in ids if i not in out]
     if unknown:
         try:
@@ -197,9 +222,9 @@ def slurm_states(ids, tries=1, wait_s=5):
     return out
 
 
-def live_states(jobs, tries=1, wait_s=5):
+def live_states(jobs, tries=1, wait_s=5, queue=None):
     """slurm_states of the SLURM jobs the run folders record."""
-    return slurm_states((recorded(j).get("slurm_job") for j in jobs), tries, wait_s)
+    return slurm_states((recorded(j).get("slurm_job") for j in jobs), tries, wait_s, queue)
 
 
 def job_states(jobs, live=None):
@@ -219,7 +244,17 @@ def job_states(jobs, live=None):
             why = f"exit {rec.get('exit_code')}; log {os.path.join(j.out, 'grid.log')}"
         elif state == "stopped":
             why = "exit 0 without done.json (--stop_after?); run the grid again to continue it"
-        if live is not None and state in ALIVE and rec.get("slurm_job"):
+        if state in ALIVE and rec.get("submitting"):
+            why = (f"submission {rec['submitting']} interrupted or in progress; `run` asks squeue whether it reached "
+                   "SLURM")
+        elif state in ALIVE and not rec.get("slurm_job"):              # a local runner's job (run --backend local)
+            alive = local_runner_alive(rec)
+            where = f"{rec.get('host')}, pid {rec.get('runner_pid')}"
+            if alive is False:
+                state, why = "waiting", f"its local runner ({where}) is gone; `run` starts it again"
+            else:
+                why = f"local runner {where}" + ("" if alive else ", not checked from this host")
+        elif live is not None and state in ALIVE and rec.get("slurm_job"):
             slurm, reason = live.get(str(rec["slurm_job"]), (None, ""))
             if slurm is None:
                 state, why = "waiting", f"SLURM job {rec['slurm_job']} is gone (lost); `run` submits it again"
@@ -275,7 +310,7 @@ def start_stage(j, env=None, **info):
     os.makedirs(j.out, exist_ok=True)
     if not info.get("slurm_job") and os.path.exists(os.path.join(j.out, SUBMIT)):
         os.remove(os.path.join(j.out, SUBMIT))       # run here, not by the SLURM job it once recorded
-    set_state(j, "running", **info)
+    set_state(j, "running", runner_pid=os.getpid(), **info)
     with open(os.path.join(j.out, "grid.log"), "a") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(j.command)}\n")
         log.flush()
@@ -382,17 +417,23 @@ def gpu_slots(gpus):
 def run_local(jobs, selected, gpus=None, max_requeues=3):
     """The selected jobs in dependency order, one per GPU slot at a time; a job stopped with REQUEUE_EXIT runs
     again (its --resume auto continues), a failed or stopped one blocks its dependants. Dependencies outside
-    the selection count when they are done."""
+    the selection count when they are done. A job queued or running elsewhere (a SLURM job of `run --backend
+    slurm`, another local runner) is left to it."""
     slots = gpu_slots(gpus)
     done = {j.id for j in jobs if is_done(j.out)}
-    pending = [j for j in selected if j.id not in done]
+    states = job_states(jobs, live_states(jobs))
+    elsewhere = {j.id for j in selected if j.id not in done and states[j.id][0] in ALIVE}
+    for jid in sorted(elsewhere):
+        print(f"[kept] {jid}: {states[jid][1] or states[jid][0]}; not run here")
+    pending = [j for j in selected if j.id not in done and j.id not in elsewhere]
     failed, requeues, running = set(), collections.Counter(), {}
     selected_ids = {j.id for j in pending}
     outside = sorted({d for j in pending for d in j.deps if d not in done and d not in selected_ids})
     print(f"local backend: {len(pending)} jobs to run ({len(selected) - len(pending)} done), "
           f"{len(slots)} slot(s): {', '.join(s or 'default device' for s in slots)}")
     if outside:
-        print(f"  not done and not selected (their dependants cannot run): {', '.join(outside)}")
+        print(f"  not done and not run here (not selected, or queued / running elsewhere; their dependants cannot run "
+              f"now): {', '.join(outside)}")
     while pending or running:
         for slot, (j, p) in list(running.items()):
             rc = p.poll()
@@ -448,21 +489,70 @@ def slurm_executor(c, a, folder):
     return ex
 
 
+def adopt_submissions(jobs, queue):
+    """Submissions a killed `run` left half-done: RUN/grid_submit.json says "submitting" (written before sbatch)
+    without the SLURM job id (written after). A job squeue shows under that submission's name is recorded as this
+    grid job's; where there is none, nothing reached SLURM and the record goes."""
+    by_name = {name: i for i, _, _, name in queue}
+    for j in jobs:
+        path = os.path.join(j.out, SUBMIT)
+        sub = _read(path)
+        if not sub.get("submitting"):
+            continue
+        name = sub["submitting"]
+        if name in by_name:
+            atomic_write_json(path, {"slurm_job": by_name[name], "after": sub.get("after", []), "name": name,
+                                     "time": sub.get("time")})
+            print(f"[adopted] {j.id}: SLURM job {by_name[name]} ({name}), submitted by a run that was interrupted")
+        else:
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def grid_lock(root):
+    """One `grid.py run` at a time on a root: a POSIX lock on ROOT/grid/run.lock (released by the kernel when the
+    holder dies, also over NFS with lockd), the holder's host, pid and command written in it for the message."""
+    os.makedirs(os.path.join(root, "grid"), exist_ok=True)
+    path = os.path.join(root, "grid", "run.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "?"
+            raise InputError(f"another `grid.py run` is working on {root} ({holder}; lock {path}): wait for it to "
+                             "finish (`grid.py status` shows its jobs); two runs would start or submit the same jobs "
+                             "twice") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {os.uname().nodename}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(sys.argv)}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)                                  # (closing releases the lock)
+
+
 def run_slurm(c, jobs, selected, a):
     """One SLURM job per grid job not done, each depending (afterok) on exactly the SLURM jobs of the grid jobs
     it needs, with --kill-on-invalid-dep so that the dependants of a failed job are cancelled (status: blocked)
     instead of pending forever; requeue on time limit / preemption through submitit's checkpointing.
 
     Safe to re-run: a job whose recorded SLURM job is still queued or running is left alone (and its dependants
-    wait on it), one that failed, was cancelled or vanished is submitted again; while squeue does not answer,
-    nothing is (a failed squeue must not read as an empty queue). Returns the new handles."""
-    live = live_states(jobs, SQUEUE_TRIES, SQUEUE_WAIT_S) if a.cluster != "local" else None
-    queued = [j.id for j in jobs if (r := recorded(j)).get("state") in ALIVE and r.get("slurm_job")]
-    if live is None and a.cluster != "local" and queued:
-        raise InputError(f"squeue failed {SQUEUE_TRIES} times, so it is not known which of the {len(queued)} SLURM "
-                         f"jobs the run folders record (e.g. {queued[0]}) are still queued; nothing was submitted (a "
+    wait on it), one that failed, was cancelled or vanished is submitted again; a job a live local runner runs
+    (run --backend local) is left alone too, and its dependants wait for a later run. While squeue does not answer,
+    nothing is submitted (a failed squeue must not read as an empty queue). A submission is recorded before sbatch
+    (its SLURM job name) and after (its id), so a run killed in between leaves no job unaccounted for
+    (adopt_submissions). Returns the new handles."""
+    queue = squeue_jobs(SQUEUE_TRIES, SQUEUE_WAIT_S) if a.cluster != "local" else None
+    pending = [j.id for j in jobs if (r := recorded(j)).get("state") in ALIVE and
+               (r.get("slurm_job") or r.get("submitting"))]
+    if queue is None and a.cluster != "local" and pending:
+        raise InputError(f"squeue failed {SQUEUE_TRIES} times, so it is not known which of the {len(pending)} SLURM "
+                         f"jobs the run folders record (e.g. {pending[0]}) are still queued; nothing was submitted (a "
                          "second copy of a queued job would run it twice). Check `squeue` and SLURM_CONF, then run "
                          "again.")
+    if queue is not None:
+        adopt_submissions(jobs, queue)
+    live = live_states(jobs, queue=queue) if queue is not None else None
     states = job_states(jobs, live)
     s = dict(c.get("slurm", {}))
     ex = slurm_executor(c, a, os.path.join(c["root"], "grid", "submitit", "%j"))
@@ -473,8 +563,10 @@ def run_slurm(c, jobs, selected, a):
         state, why = states[j.id]
         if state == "done":
             continue
-        if live is not None and state in ALIVE:               # still queued / running: leave it alone
-            slurm_id[j.id] = str(recorded(j)["slurm_job"])
+        rec = recorded(j)
+        if state in ALIVE and (live is not None or not rec.get("slurm_job")):   # queued / running: left alone
+            if rec.get("slurm_job"):
+                slurm_id[j.id] = str(rec["slurm_job"])
             if j.id in chosen:
                 print(f"[kept] {j.id}: {why}")
             continue
@@ -483,23 +575,26 @@ def run_slurm(c, jobs, selected, a):
         need = [d for d in j.deps if states[d][0] != "done"]
         missing = [d for d in need if d not in slurm_id]
         if missing:
-            print(f"[skip] {j.id}: needs {', '.join(missing)} (not done and not submitted: outside --only, or "
-                  "it could not be submitted)")
+            print(f"[skip] {j.id}: needs {', '.join(missing)} (not done and not submitted: outside --only, running "
+                  "under a local runner, or it could not be submitted)")
             continue
         if a.cluster == "local" and not all(wait_all([handle_of[d]]) for d in need):   # no scheduler to hold
             set_state(j, "blocked", why=f"a dependency failed: {', '.join(need)}")          # dependants back
             print(f"[blocked] {j.id}: a job it needs failed")
             continue
         after = [slurm_id[d] for d in need]
+        name = f"iac_{j.stage}_{uuid.uuid4().hex[:12]}"            # how a killed run's submission is found again
         if a.cluster != "local":
             extra = {"kill-on-invalid-dep": "yes", **({"dependency": "afterok:" + ":".join(after)} if after else {})}
-            ex.update_parameters(slurm_additional_parameters=extra, name=f"iac_{j.stage}")
+            ex.update_parameters(slurm_additional_parameters=extra, name=name)
+            os.makedirs(j.out, exist_ok=True)
+            atomic_write_json(os.path.join(j.out, SUBMIT), {"submitting": name, "after": after,
+                                                            "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         h = ex.submit(StageJob(tuple(j), stop_wait))
         slurm_id[j.id], handle_of[j.id] = str(h.job_id), h
         handles.append(h)
         if a.cluster != "local":
-            os.makedirs(j.out, exist_ok=True)
-            atomic_write_json(os.path.join(j.out, SUBMIT), {"slurm_job": str(h.job_id), "after": after,
+            atomic_write_json(os.path.join(j.out, SUBMIT), {"slurm_job": str(h.job_id), "after": after, "name": name,
                                                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         print(f"[submit] {j.id}: job {h.job_id}" + (f", after {', '.join(after)}" if after else ""), flush=True)
     print(f"{len(handles)} jobs submitted")
@@ -566,7 +661,8 @@ def print_status(c, jobs, selected):
                  + ("" if live is None else " (states checked with squeue / sacct)"))
     for j in selected:
         state, why = states[j.id]
-        if state in ("failed", "blocked", "stopped", "requeued") or (state == "waiting" and why):
+        if state in ("failed", "blocked", "stopped", "requeued") or (state == "waiting" and why) or \
+                recorded(j).get("submitting"):
             print(f"  {state}: {j.id}  ({why})")
     return states
 
@@ -581,20 +677,25 @@ def main(a):
     elif a.command == "status":
         print_status(c, jobs, selected)
     elif a.command == "run":
-        write_manifest(c, jobs)
-        if a.backend == "local":
-            ok = run_local(jobs, selected, a.gpus, a.max_requeues)
-            print_counts(counts(selected, job_states(jobs)), "grid after this run:")
-            if not ok:
-                sys.exit(1)
-        else:
-            handles = run_slurm(c, jobs, selected, a)
-            if a.wait or a.cluster == "local":
-                ok = wait_all(handles)
-                print_status(c, jobs, selected)
-                if not ok:
-                    sys.exit(1)
+        with grid_lock(c["root"]):
+            run(c, jobs, selected, a)
     elif a.command == "report" and not report(c, jobs, a):
+        sys.exit(1)
+
+
+def run(c, jobs, selected, a):
+    """`grid.py run` (under grid_lock): the local or the SLURM backend."""
+    write_manifest(c, jobs)
+    if a.backend == "local":
+        ok = run_local(jobs, selected, a.gpus, a.max_requeues)
+        print_counts(counts(selected, job_states(jobs)), "grid after this run:")
+    else:
+        handles = run_slurm(c, jobs, selected, a)
+        ok = True
+        if a.wait or a.cluster == "local":
+            ok = wait_all(handles)
+            print_status(c, jobs, selected)
+    if not ok:
         sys.exit(1)
 
 

@@ -149,9 +149,10 @@ if left > 0:
     open(fails, "w").write(str(left - 1))
     print("slurm_load_jobs error: Socket timed out on send/recv operation", file=sys.stderr)
     sys.exit(1)
-if name == "squeue":                        # every job submitted so far is still pending
-    for i in range(len(subs)):
-        print(f"{1000 + i}|PENDING|Dependency")
+if name == "squeue":                        # every job submitted so far is still pending, under its name
+    for i, sub in enumerate(subs):
+        job_name = next(ln.split("=", 1)[1] for ln in sub["script"].splitlines() if ln.startswith("#SBATCH --job-name"))
+        print(f"{1000 + i}|PENDING|Dependency|{job_name}")
 with open(log, "a") as f:
     f.write(json.dumps(rec) + "\\n")
 """
@@ -206,6 +207,98 @@ def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path,
     with pytest.raises(g.InputError, match="squeue failed 4 times.*nothing was submitted"):
         g.main(g.get_args(["run", cfg, "--backend", "slurm"]))
     assert sum(json.loads(ln)["tool"] == "sbatch" for ln in log.read_text().splitlines()) == 34
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """The FAKE SLURM tools on PATH (for subprocesses and this process); returns (env, the log of their calls)."""
+    pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "squeue", "sacct", "scontrol", "srun", "scancel"):
+        (bin_dir / tool).write_text(FAKE)
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "slurm.jsonl"
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env, log
+
+
+def submitted(log):
+    return [json.loads(ln) for ln in log.read_text().splitlines() if json.loads(ln)["tool"] == "sbatch"] \
+        if log.exists() else []
+
+
+def test_a_local_run_then_slurm(tmp_path, raws, fake_slurm):
+    """A root first run with --backend local, then --backend slurm: a "running" record whose local runner is gone
+    (an old record without the runner's pid, and one with a dead pid) is `waiting` in status and submitted again,
+    with no KeyError; a job whose local runner still lives is kept, and its dependants wait for a later run; the
+    local backend in turn leaves a job SLURM has queued alone."""
+    from conftest import load_script
+    g = load_script("grid")
+    env, log = fake_slurm
+    cfg = config(tmp_path, tmp_path / "L", {"acdc": raws["acdc"]}, seeds=(0,))
+    jobs = {j.stage + ("" if j.stage != "search" else j.id[-4:]): j for j in g.plan(g.load_config(cfg))}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = os.uname().nodename
+    g.set_state(jobs["preprocess"], "running", slot=None)                           # no runner_pid: before this fix
+    os.makedirs(jobs["pretrain"].out)
+    g.atomic_write_json(os.path.join(jobs["pretrain"].out, g.STATE), {"state": "running", "host": host,
+                                                                      "runner_pid": os.getpid()})   # alive
+    status = grid("status", cfg, env=env).stdout
+    assert "waiting: acdc/data  (its local runner" in status and "is gone" in status, status
+    out = grid("run", cfg, "--backend", "slurm", env=env).stdout
+    assert "[submit] acdc/data: job 1000" in out and "[kept] acdc/base/seed0/ref: local runner" in out, out
+    assert "[skip] acdc/base/seed0/search_lth: needs acdc/base/seed0/ref" in out and len(submitted(log)) == 1
+    g.atomic_write_json(os.path.join(jobs["pretrain"].out, g.STATE), {"state": "running", "host": host,
+                                                                      "runner_pid": gone.pid})      # now gone
+    out = grid("run", cfg, "--backend", "slurm", env=env).stdout
+    assert "[kept] acdc/data: SLURM job 1000 PENDING" in out and "[submit] acdc/base/seed0/ref: job 1001, after 1000" \
+        in out, out
+    assert len(submitted(log)) == 9                                 # every job once
+    local = grid("run", cfg, env=env, check=False).stdout            # all of them queued on SLURM: nothing runs here
+    assert "local backend: 0 jobs to run" in local and local.count("[kept]") == 9, local
+
+
+def test_two_runs_on_one_root_and_a_killed_submission(tmp_path, raws, fake_slurm, monkeypatch, capsys):
+    """While one `grid.py run` works on a root a second one refuses, naming the first, and submits nothing. A run
+    killed between sbatch and its record of the SLURM job id: the next run finds that job in squeue by the name it
+    was submitted under and adopts it (no second copy), and its dependants depend on it."""
+    from conftest import load_script
+    g = load_script("grid")
+    env, log = fake_slurm
+    cfg = config(tmp_path, tmp_path / "T", {"acdc": raws["acdc"]}, seeds=(0,))
+    root = str(tmp_path / "T")
+    with g.grid_lock(root):
+        for backend in ("slurm", "local"):
+            r = grid("run", cfg, "--backend", backend, env=env, check=False)
+            assert r.returncode == 1 and "another `grid.py run` is working on" in r.stdout + r.stderr, r
+            assert f"pid {os.getpid()}" in r.stdout + r.stderr
+    assert submitted(log) == [] and not os.path.exists(os.path.join(root, "acdc", "data", "grid_job.json"))
+
+    real = g.atomic_write_json
+
+    def killed_after_sbatch(path, obj):
+        if "slurm_job" in obj:
+            raise KeyboardInterrupt                                   # the run dies before it records the job id
+        real(path, obj)
+
+    monkeypatch.setattr(g, "atomic_write_json", killed_after_sbatch)
+    with pytest.raises(KeyboardInterrupt):
+        g.main(g.get_args(["run", cfg, "--backend", "slurm"]))
+    first = g.plan(g.load_config(cfg))[0]
+    assert len(submitted(log)) == 1 and "submitting" in json.load(open(os.path.join(first.out, g.SUBMIT)))
+    monkeypatch.setattr(g, "atomic_write_json", real)
+    capsys.readouterr()
+    g.main(g.get_args(["status", cfg]))
+    assert "submission iac_preprocess_" in capsys.readouterr().out
+    g.main(g.get_args(["run", cfg, "--backend", "slurm"]))
+    out = capsys.readouterr().out
+    assert "[adopted] acdc/data: SLURM job 1000" in out and "[kept] acdc/data: SLURM job 1000 PENDING" in out, out
+    assert "[submit] acdc/base/seed0/ref: job 1001, after 1000" in out and len(submitted(log)) == 9
+    assert json.load(open(os.path.join(first.out, g.SUBMIT)))["slurm_job"] == "1000"
 
 
 STAGE = """import sys, time
