@@ -17,7 +17,7 @@ from collections import namedtuple
 import torch
 
 from common.iac import CELL_OUTPUTS, EDGE_RULES, EDGES, OPS, edge_scores, top2_incoming
-from common.lth import JS_SUPPORTS, LTHState, all_edges_single
+from common.lth import JS_SUPPORTS, LTHState, end_of_epoch as lth_end_of_epoch
 
 Setting = namedtuple("Setting", "name type default help choices nargs", defaults=(None, None))
 
@@ -182,15 +182,11 @@ def search_step(mode, arch_on, skips, w_opt, a_opt, loss_of, batch, next_val_bat
 @torch.no_grad()
 def end_of_epoch(skips, lth, mode, epoch, warmup):
     """Importance (Eq. 13/18); in lth mode the JS test (Eq. 20) and pruning (Eq. 21) from the end of
-    warm-up on (α, β do not move before). Returns importance, js, tau, pruned [(e, o)], stopped."""
-    I = skips.importance()
-    js, tau, pruned = None, lth.tau, []
-    if mode == "lth" and epoch >= warmup - 1:
-        js, tau, pruned = lth.step(I, skips.op_mask)
-        for e, o in pruned:
-            skips.prune_op(e, o)
-    stopped = mode == "lth" and all_edges_single(skips.op_mask)
-    return {"importance": I, "js": js, "tau": tau, "pruned": pruned, "stopped": stopped}
+    warm-up on (α, β do not move before; common/lth.py end_of_epoch). Returns importance, js, tau, pruned [(e, o)],
+    stopped."""
+    if mode == "lth":
+        return lth_end_of_epoch(skips, lth, epoch, warmup)
+    return {"importance": skips.importance(), "js": None, "tau": lth.tau, "pruned": [], "stopped": False}
 
 
 def expected_stop(active_ops, epochs):
