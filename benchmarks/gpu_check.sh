@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, about 9.5 minutes: the lean search step against the edge-by-edge one at the paper's scale
+# The one prepared GPU check, about 11.5 minutes: first benchmarks/gpu_smoke.sh (2 minutes: the stages with their CUDA
+# defaults, a mid-epoch resume on CUDA, the nnU-Net search trainer), then the lean search step against the edge-by-edge one at the paper's scale
 # (bench_lean_step.py: step time and peak memory, every edge checkpointed; then VGG-16's LTH step with the plans for
 # a 24 GB card, its peak beside bench_step_memory.py's estimate), whole epochs of 02
 # and 03 full / lth on an ACDC-like phantom with the projected ACDC search (bench_epochs.py, #21), then the test suite
@@ -7,7 +8,7 @@
 # only when BENCH_S is given (measured before: RESULTS.md "GPU check"). Written for a machine that cannot install
 # packages: it uses the python3 there, plus wheels in .whl/ when present (nibabel, monai:
 # `pip download --no-deps -d .whl nibabel monai`). Logs, junit.xml and RESULTS.md go to $OUT.
-#   OUT=gpu_out LEAN_S=120 PLAN_S=100 EPOCH_S=270 TEST_S=90 [BENCH_S=240] bash benchmarks/gpu_check.sh
+#   OUT=gpu_out SMOKE_S=150 LEAN_S=120 PLAN_S=100 EPOCH_S=270 TEST_S=90 [BENCH_S=240] bash benchmarks/gpu_check.sh
 # (TESTS: pytest targets, default tests; PLAN_ENCODERS: default vgg16; EPOCH_ENCODERS, EPOCH_PATIENTS:
 # bench_epochs.py's --encoders, --patients; BENCH_ARGS: e.g. "--skip precision pruning")
 set -u
@@ -22,6 +23,9 @@ fi
 nvidia-smi -L
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'torchvision',
 torchvision.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/versions.txt"
+
+OUT="$OUT" timeout "${SMOKE_S:-150}" bash benchmarks/gpu_smoke.sh
+echo "gpu_smoke exit $?"
 
 timeout "${LEAN_S:-120}" python3 benchmarks/bench_lean_step.py --encoders ${LEAN_ENCODERS:-base resnet50} --width 32 \
     --batch 128 --size 256 --checkpoint on --reps 2 --record > "$OUT/bench_lean.log" 2>&1

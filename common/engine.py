@@ -67,9 +67,11 @@ def rng_state():
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
+    """rng_state() back. The states must be CPU byte tensors: a checkpoint resumed on CUDA is loaded with
+    map_location=cuda, which moves them to the GPU (set_rng_state then fails), so they are brought back here."""
+    torch.set_rng_state(state["cpu"].to("cpu", torch.uint8))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.to("cpu", torch.uint8) for s in state["cuda"]])
 
 
 def resume_iterator(loader, position, each=None):
@@ -168,8 +170,9 @@ class EpochTimer:
 
 def add_fit_flags(p):
     """Flags of the epoch loop of stages I and III."""
-    p.add_argument("--val_every", type=int, default=1,
-                   help="validate (and pick the best checkpoint) every N epochs and after the last (default 1)")
+    p.add_argument("--val_every", type=int, default=1, metavar="N",
+                   help="validate (patient-level Dice on the val cases, which picks ckpt_best.pt) every N epochs and "
+                        "after the last")
 
 
 def fit(args, model, optimizer, loss_fn, train_set, meta, splits, device, amp, channels_last, kind, start_epoch, best,
