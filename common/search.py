@@ -27,36 +27,50 @@ TAU0_REL = 0.2
 # Every search hyperparameter, defined once: 03_search.py makes a flag of each (--name) and the
 # nnU-Net search trainers read each from IAC_<NAME> (arch_betas as "0.5,0.999").
 SEARCH_SETTINGS = (
-    Setting("epochs", int, 200, "search epochs (full) or the cap (lth) (paper: 200)"),
-    Setting("warmup", int, 15, "epochs training only the cell weights, α and β fixed (paper: 15)"),
-    Setting("lr_w", float, 0.01, "SGD lr of the cell weights (paper: 0.01)"),
-    Setting("lr_w_min", float, 1e-4, "final lr of cosine power annealing (chosen)"),
-    Setting("lr_power", float, 2.0, "power p of cosine power annealing (chosen)"),
-    Setting("lr_arch", float, 1e-3, "Adam lr of α, β (paper: 1e-3)"),
-    Setting("arch_betas", float, (0.5, 0.999), "Adam betas of α, β (PC-DARTS)", nargs=2),
-    Setting("arch_weight_decay", float, 1e-3, "Adam weight decay of α, β (PC-DARTS)"),
-    Setting("pc_k", int, 4, "partial-channel K, Eq. (4) (PC-DARTS: 4)"),
-    Setting("beta_fn", str, "tanh", "monotonic f of Eq. (5) (chosen)", ("tanh", "identity")),
-    Setting("tau0_rel", float, TAU0_REL, "κ: τ0 = κ · median edge JS at the first test after warm-up, which "
-            "prunes nothing (self-calibrating; chosen by benchmark)"),
-    Setting("tau0", float, None, "absolute initial JS threshold instead of --tau0_rel (override)"),
-    Setting("gamma", float, 1.1, "threshold growth factor γ, τ_e ← γ τ_e on an unstable edge (chosen)"),
-    Setting("k_std", float, 1.0, "outlier rule μ − kσ, Eq. (21) (chosen)"),
-    Setting("js_eps", float, 1e-8, "ε of Eq. (19)-(20)"),
-    Setting("js_support", str, "common", "JS over the ops active in both epochs (common) or all 7 (all)",
-            JS_SUPPORTS),
-    Setting("checkpoint_edges", str, "auto", "recompute each edge's ops in the backward pass instead of storing "
-            "them (activation checkpointing): same result, far less GPU memory, ~1/3 more compute; cell: the whole "
-            "cell recomputed around them (less again, one more forward); fine: cell with each op of each edge "
-            "recomputed on its own (the least memory; no grouped convolutions across a node's edges); at the "
-            "paper's batch 128 and 256x256 the supernet does not fit a 141 GB GPU without it (benchmarks/RESULTS.md); "
-            "auto: off on the CPU, on CUDA per level from the step's memory estimate and the free GPU memory "
-            "(03_search.py; every level's edges in the nnU-Net trainers)", ("auto", "on", "cell", "fine", "off")),
-    Setting("lean_step", str, "on", "on: the supernet step regrouped by source node (shared pools, skip and ReLU, "
-            "grouped convolutions over the edges leaving a node, one partial-channel merge per node); off: edge by "
-            "edge as Eq. (4), (9) are written. The same math (a test pins every gradient in float64)", ("on", "off")),
-    Setting("edge_rule", str, "w", "rank a node's incoming edges by w' (paper Sec. 3.4) or by "
-            "max_o softmax(α)·w' (max_importance, PC-DARTS)", EDGE_RULES),
+    Setting("epochs", int, 200, "search epochs of --mode full, the most epochs of --mode lth (the paper's)"),
+    Setting("warmup", int, 15, "warm-up epochs that train only the cell weights, the op and edge weights (α, β) "
+            "staying fixed (the paper's)"),
+    Setting("lr_w", float, 0.01, "learning rate of the cell weights' SGD (the paper's)"),
+    Setting("lr_w_min", float, 1e-4, "last learning rate of the cell weights, reached by cosine power annealing "
+            "(our choice; the paper gives none)"),
+    Setting("lr_power", float, 2.0, "power of the cosine power annealing (p, sharpDARTS) (our choice; the paper "
+            "gives none)"),
+    Setting("lr_arch", float, 1e-3, "Adam learning rate of the op and edge weights (α, β) (the paper's)"),
+    Setting("arch_betas", float, (0.5, 0.999), "Adam betas of the op and edge weights (α, β) (PC-DARTS's)", nargs=2),
+    Setting("arch_weight_decay", float, 1e-3, "Adam weight decay of the op and edge weights (α, β) (PC-DARTS's)"),
+    Setting("pc_k", int, 4, "partial channels: 1 in K of a cell's channels goes through the candidate ops, Eq. (4) "
+            "(K, PC-DARTS's)"),
+    Setting("beta_fn", str, "tanh", "monotonic function applied to the edge weights before their softmax, Eq. (5) "
+            "(f; our choice, the paper leaves it open)", ("tanh", "identity")),
+    Setting("tau0_rel", float, TAU0_REL, "self-calibrating JS threshold: the first JS test after warm-up prunes "
+            "nothing and sets the initial threshold to this times the median edge JS (τ0 = κ · median JS, κ chosen "
+            "by benchmarks/bench_lth_invariance.py; --mode lth)"),
+    Setting("tau0", float, None, "an absolute initial JS threshold (τ0) instead of the self-calibrating --tau0_rel "
+            "(default: off, --tau0_rel calibrates it; --mode lth)"),
+    Setting("gamma", float, 1.1, "JS threshold growth per unstable test: an edge whose JS is above its threshold "
+            "gets its threshold multiplied by this (γ; our choice, the paper gives none; --mode lth)"),
+    Setting("k_std", float, 1.0, "pruning outlier rule: on a stable edge, ops whose importance is more than this "
+            "many standard deviations below the edge's mean are pruned, Eq. (21) (k in μ − kσ; our choice; "
+            "--mode lth)"),
+    Setting("js_eps", float, 1e-8, "smoothing added to the importance distributions in the JS divergence, "
+            "Eq. (19)-(20) (ε)"),
+    Setting("js_support", str, "common", "ops the JS divergence compares: common = the ops active in both epochs, "
+            "so that a prune is not read as instability; all = all 7 (--mode lth)", JS_SUPPORTS),
+    Setting("checkpoint_edges", str, "auto", "activation checkpointing, to fit the search in GPU memory: on = "
+            "recompute each edge's ops in the backward pass instead of storing them (same result, far less GPU "
+            "memory, ~1/3 more compute); cell = the whole cell recomputed around them (less again, one more "
+            "forward); fine = cell with each op of each edge recomputed on its own (the least memory; no grouped "
+            "convolutions across a node's edges); off = store everything; auto = off on the CPU, on CUDA chosen per "
+            "level from the step's memory estimate and the free GPU memory (03_search.py; every level's edges in "
+            "the nnU-Net trainers). At the paper's batch 128 and 256x256 the supernet does not fit a 141 GB GPU "
+            "without it (benchmarks/RESULTS.md)", ("auto", "on", "cell", "fine", "off")),
+    Setting("lean_step", str, "on", "how the search step computes the supernet: on = regrouped by the node an edge "
+            "starts from (shared pools, skip and ReLU, grouped convolutions over the edges leaving a node, one "
+            "partial-channel merge per node; faster); off = edge by edge as Eq. (4), (9) are written. The same math "
+            "(a test pins every gradient in float64)", ("on", "off")),
+    Setting("edge_rule", str, "w", "which 2 incoming edges each node keeps at the end: w = those with the largest "
+            "capped edge weights (w', the paper's Sec. 3.4); max_importance = the largest max over ops of softmax(α) times "
+            "that weight (PC-DARTS's)", EDGE_RULES),
     Setting("cell_output", str, "replace", "how the supernet's cells enter the frozen decoder during the search: "
             "replace (paper Eq. 1: the output conv takes the skip's place) or residual (skip + that conv, started "
             "at zero: the search starts from the identity skip; this project's option, train the cell with "

@@ -1,8 +1,9 @@
-"""Run-folder plumbing shared by the stages: errors, devices, seeding, atomic files, logs.
+"""Run-folder plumbing shared by the stages: errors, --help, devices, seeding, atomic files, logs.
 
 No global state: every function takes what it needs. Checkpoints live in common/checkpoints.py.
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -10,6 +11,7 @@ import random
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -32,6 +34,30 @@ def require_file(path, flag, hint):
     return path
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: the module docstring as written (usage examples keep their lines and backslashes) and
+    "(default: X)" after each option's help, X as it is typed (`--crop 256 256` shows "(default: 256 256)"). A flag
+    whose default is None or an empty list says in its own words what leaving it out does, so no "(default: None)";
+    on/off switches (store_true) show no "(default: False)". Help lines never break at a hyphen or inside a word, so
+    values (two-sided) and paths print whole."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.nargs == 0 or (isinstance(action.default, (list, tuple))
+                                                           and not action.default):
+            return action.help
+        return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        if isinstance(action.default, (list, tuple)) and action.default:
+            action = copy.copy(action)
+            action.default = " ".join(map(str, action.default))
+        return super()._expand_help(action)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False,
+                             break_long_words=False)
+
+
 SWITCH = ("auto", "on", "off")
 
 
@@ -40,13 +66,16 @@ def add_device_flags(p):
     the CPU: torch's CPU autocast has CUDA's bf16 dtype rules, so a CPU run takes the path a GPU run takes), off.
     `--amp` alone is `on`; --no-amp, --no-channels-last (--no-channels_last) are `off`."""
     p.add_argument("--device", default="auto",
-                   help="auto (CUDA when a GPU is usable, else the CPU; says which), cpu, cuda or cuda:N")
+                   help="where to run: auto (CUDA when a GPU is usable, else the CPU; it says which), cpu, cuda or "
+                        "cuda:N")
     p.add_argument("--amp", nargs="?", const="on", default="auto", choices=SWITCH,
-                   help="bf16 mixed precision (autocast): auto = on with CUDA, off on the CPU; on = also on the CPU")
+                   help="bfloat16 mixed precision (torch autocast): auto = on with CUDA, off on the CPU; on = also on "
+                        "the CPU; off = float32 throughout")
     p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off")
     p.add_argument("--channels-last", "--channels_last", dest="channels_last", nargs="?", const="on", default="auto",
-                   choices=SWITCH, help="channels_last memory format: auto = on with CUDA, off on the CPU; on = "
-                                        "also on the CPU")
+                   choices=SWITCH, help="store images and activations channels-last (torch.channels_last memory "
+                                        "format, faster convolutions on GPUs): auto = on with CUDA, off on the CPU; "
+                                        "on = also on the CPU")
     p.add_argument("--no-channels-last", "--no-channels_last", dest="channels_last", action="store_const",
                    const="off", help="the same as --channels_last off")
 
@@ -91,24 +120,34 @@ def cpu_conv_guard(device, amp, channels_last, say=print):
 
 def add_run_flags(p):
     """The flags every training stage (02, 03, 04) shares: seed, device, precision, run folder, resume."""
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on CUDA)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the run (initial weights, batch order)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="use torch's deterministic algorithms where it has them, for reproducible reruns on CUDA "
+                        "(slower)")
     add_device_flags(p)
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers (default: SLURM_CPUS_PER_TASK - 1 under SLURM; else 0 on the CPU, where "
-                        "workers take the cores the training needs, and min(8, CPUs - 1) on CUDA)")
+                   help="DataLoader worker processes that read batches from slices.h5 (0: read in the training "
+                        "process) (default: SLURM_CPUS_PER_TASK - 1 under SLURM; else 0 on the CPU, where workers "
+                        "take the cores the training needs, and min(8, CPUs - 1) on CUDA)")
     p.add_argument("--local_data", nargs="?", const="$TMPDIR", default=None, metavar="DIR",
-                   help="copy slices.h5 to DIR (default $TMPDIR: node-local disk) once and read it from there")
-    p.add_argument("--out", required=True, help="run folder")
+                   help="copy slices.h5 to the folder DIR once and read it from there: for a cluster's node-local "
+                        "disk (--local_data alone: DIR is $TMPDIR) (default: off, read slices.h5 where it is)")
+    p.add_argument("--out", required=True,
+                   help="run folder: args.json, log.jsonl, checkpoints and outputs are written there (required)")
     p.add_argument("--resume", nargs="?", const="yes", default=None, choices=["yes", "auto"],
                    help="continue from RUN/ckpt_last.pt; `--resume auto` starts when there is none (the same "
-                        "command for the first start and every requeue); either does nothing on a finished run")
+                        "command for the first start and every requeue); either does nothing on a finished run "
+                        "(default: off, start a new run; --resume alone is yes)")
     p.add_argument("--stop_after", type=int, default=None,
-                   help="leave after this many epochs of this invocation (job time limits); continue with --resume")
+                   help="leave after this many epochs of this invocation (job time limits); continue with --resume "
+                        "(default: run to the last epoch)")
     p.add_argument("--ckpt_every_steps", type=int, default=0, metavar="N",
                    help="also checkpoint every N optimizer steps inside an epoch (0: off), for epochs longer than "
                         "a job's time slice; a resume continues at that step, bit-exact on the CPU")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that has checkpoints (without it or --resume, such a folder is "
+                        "refused)")
 
 
 def default_workers(device, environ=None):
