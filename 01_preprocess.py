@@ -1,4 +1,4 @@
-"""Stage 0: raw NIfTI data set -> slices.h5 + splits.json (SPEC §6-7).
+r"""Preprocessing (01): raw NIfTI data set -> slices.h5 + splits.json, the input of every later stage.
 
 In:  a raw folder in the layout of ACDC, BraTS 2021/2023, KiTS 21/23, AMOS22 or nnU-Net v2.
 Out: OUT/slices.h5 (normalised, centre-cropped axial slices of every case, with the
@@ -9,7 +9,7 @@ Out: OUT/slices.h5 (normalised, centre-cropped axial slices of every case, with 
      drops, per case and in total; a warning above 0.5%), OUT/args.json.
 
     python 01_preprocess.py --dataset acdc --raw /data/ACDC/database --out runs/acdc/data
-    python 01_preprocess.py --dataset nnunet --raw raw/Dataset777_Mine --out runs/mine/data --subjects '^(sub-\\d+)_'
+    python 01_preprocess.py --dataset nnunet --raw raw/Dataset777_Mine --out runs/mine/data --subjects '^(sub-\d+)_'
     python 01_preprocess.py --make_phantom runs/phantom_raw --layout acdc --patients 20
 
 Patients: every split draws patients, never single scans. ACDC's frames share their patient folder and a
@@ -33,42 +33,54 @@ from common.data import COMPRESSIONS, check_partition, ct_statistics, foreground
 from common.phantom import LAYOUTS, write_phantom
 from common.raw import DataError, apply_subjects, list_cases, read_subjects, repeated_scans
 from common.runs import cli, install_stop_signals, mark_done, mark_unfinished
-from common.utils import InputError, atomic_write_json, read_json, run_metadata
+from common.utils import HelpFormatter, InputError, atomic_write_json, read_json, run_metadata
 
 STRIDE = 32                                  # the U-Nets' total down-sampling: crops must be multiples of it
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=["acdc", "brats", "kits", "amos", "nnunet"], help="raw layout to read")
-    p.add_argument("--raw", help="raw data folder")
-    p.add_argument("--out", help="output folder for slices.h5 and splits.json")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--dataset", choices=["acdc", "brats", "kits", "amos", "nnunet"],
+                   help="layout of the raw folder (nnunet: any nnU-Net v2 raw data set) (needed unless --make_phantom)")
+    p.add_argument("--raw", help="raw data folder (needed unless --make_phantom)")
+    p.add_argument("--out", help="output folder for slices.h5 and splits.json (needed unless --make_phantom)")
     p.add_argument("--crop", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
-                   help=f"centred in-plane crop (padded when the slice is smaller); multiples of {STRIDE}")
+                   help=f"centred in-plane crop in voxels (padded when the slice is smaller); multiples of {STRIDE}")
     p.add_argument("--spacing", type=float, nargs=2, default=None, metavar=("SX", "SY"),
-                   help="resample in-plane to this spacing (mm) before cropping; off by default")
-    p.add_argument("--modality", choices=["ct", "mri", "all"], default="ct", help="AMOS: which scans to use")
-    p.add_argument("--fractions", type=float, nargs=3, default=[0.6, 0.2, 0.2], help="train/val/test fractions")
+                   help="resample in-plane to this spacing (mm) before cropping (default: off, the scans' own spacing)")
+    p.add_argument("--modality", choices=["ct", "mri", "all"], default="ct",
+                   help="AMOS only: which scans to use (CT, MRI, or both)")
+    p.add_argument("--fractions", type=float, nargs=3, default=[0.6, 0.2, 0.2], metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of the patients in the train, val and test splits (--split random)")
     p.add_argument("--split", choices=["random", "official"], default="random",
-                   help="random: patient-wise by --fractions; official: the data set's own test patients (ACDC "
-                        "testing/), train/val from the rest")
+                   help="how the patients are split: random = patient-wise by --fractions; official = the data set's "
+                        "own test patients (ACDC testing/), train/val from the rest")
     p.add_argument("--split_file", default=None,
-                   help="JSON with lists train / val / test of patient ids (every patient once); overrides --split")
+                   help="JSON with lists train / val / test of patient ids (every patient once); overrides --split "
+                        "(default: none, --split decides)")
     p.add_argument("--subjects", default=None, metavar="FILE|REGEX",
                    help="which cases belong to one subject (several scans of one patient), so that a subject's cases "
                         "stay in one split: a .json {case: subject} or .csv (columns case, subject) file, or a "
                         "regular expression whose first group, searched in the case id, is the subject "
                         "(e.g. '^(sub-\\d+)_'); overrides the layout's own patients (default: the layout's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-wise split")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
-                   help="parallel volumes (0: in this process)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of this script: the patient-wise split, the voxels sampled for the CT "
+                        "statistics, and the --make_phantom data")
+    p.add_argument("--processes", type=int, default=max(1, min(8, (os.cpu_count() or 2))),
+                   help="processes that read and slice volumes in parallel, one volume each (0: all in this "
+                        "process) (default: %(default)s here: the CPUs, at most 8)")
+    p.add_argument("--workers", dest="processes", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)                      # the old name of --processes, still taken
     p.add_argument("--compression", choices=COMPRESSIONS, default="none",
                    help="HDF5 compression of the slices (lzf: fast; gzip: smallest); none reads fastest")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing slices.h5 / splits.json")
-    p.add_argument("--make_phantom", metavar="DIR", help="write a phantom raw data set to DIR and exit")
-    p.add_argument("--layout", choices=LAYOUTS, default="acdc", help="phantom layout")
-    p.add_argument("--patients", type=int, default=20, help="phantom patients")
-    p.add_argument("--phantom_size", type=int, default=64, help="typical phantom in-plane size (voxels)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing slices.h5 / splits.json (without it, they are kept and 01 stops)")
+    p.add_argument("--make_phantom", metavar="DIR",
+                   help="write a synthetic (phantom) raw data set to DIR for trying the pipeline, and exit (default: "
+                        "off, preprocess --raw)")
+    p.add_argument("--layout", choices=LAYOUTS, default="acdc", help="--make_phantom: raw layout of the phantom")
+    p.add_argument("--patients", type=int, default=20, help="--make_phantom: number of phantom patients")
+    p.add_argument("--phantom_size", type=int, default=64, help="--make_phantom: typical in-plane size (voxels)")
     return p.parse_args(argv)
 
 
@@ -144,7 +156,7 @@ def crop_report(args, case_ids, tables, warn_above=0.005):
 
 
 class InProcess:
-    """--workers 0: the volumes one after another in this process (ProcessPoolExecutor's map, without a pool)."""
+    """--processes 0: the volumes one after another in this process (ProcessPoolExecutor's map, without a pool)."""
     map = staticmethod(map)
 
 
@@ -179,8 +191,8 @@ def main(args):
         up = [max(STRIDE, -(-c // STRIDE) * STRIDE) for c in args.crop]
         raise InputError(f"--crop {args.crop[0]} {args.crop[1]}: both sides must be positive multiples of {STRIDE} "
                          f"(the U-Net's down-sampling); try --crop {up[0]} {up[1]}")
-    if args.workers < 0:
-        raise InputError(f"--workers {args.workers}: give 0 (in this process) or more")
+    if args.processes < 0:
+        raise InputError(f"--processes {args.processes}: give 0 (in this process) or more")
     out_h5, out_splits = os.path.join(args.out, "slices.h5"), os.path.join(args.out, "splits.json")
     if not args.overwrite and (os.path.exists(out_h5) or os.path.exists(out_splits)):
         raise InputError(f"{args.out} already holds slices.h5/splits.json; pass --overwrite to replace")
@@ -204,7 +216,7 @@ def main(args):
           + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + " patients")
     train_p = set(parts["train"])
     ct_stats = None
-    with ProcessPoolExecutor(max_workers=args.workers) if args.workers else contextlib.nullcontext(InProcess()) as pool:
+    with ProcessPoolExecutor(args.processes) if args.processes else contextlib.nullcontext(InProcess()) as pool:
         ct_train = [c for c in info.cases if c.modality == "ct" and c.patient_id in train_p]
         if ct_train:  # CT statistics come from training patients only (SPEC §6)
             jobs = [(c, info, args.seed + i) for i, c in enumerate(ct_train)]

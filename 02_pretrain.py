@@ -1,4 +1,4 @@
-"""Stage I: train a 2-D U-Net backbone with a given skip type (paper Sec. 6.3).
+r"""Stage I (02, the U-Net): train a 2-D U-Net backbone with a given skip type (paper Sec. 6.3).
 
 In:  slices.h5 and splits.json from 01_preprocess.py.
 Out: RUN/args.json, RUN/log.jsonl (one line per epoch), RUN/ckpt_last.pt, RUN/ckpt_best.pt
@@ -24,20 +24,26 @@ from common.engine import add_fit_flags, fit, setup_run
 from common.losses import SegLoss
 from common.runs import cli, mark_done, write_args
 from common.skips import SKIP_TYPES
-from common.utils import add_run_flags
+from common.utils import HelpFormatter, add_run_flags
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py")
-    p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py")
-    p.add_argument("--encoder", choices=ENCODERS, default="base", help="U-Net encoder")
-    p.add_argument("--skip", choices=SKIP_TYPES, default="ref", help="skip-connection type")
-    p.add_argument("--width", type=int, default=32, help="base encoder width and decoder base width")
-    p.add_argument("--encoder_weights", default=None, help="local torchvision state dict (ImageNet); none = random init")
-    p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
-    p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py (required)")
+    p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py (required)")
+    p.add_argument("--encoder", choices=ENCODERS, default="base",
+                   help="U-Net encoder: base (a plain convolutional encoder) or a torchvision network")
+    p.add_argument("--skip", choices=SKIP_TYPES, default="ref",
+                   help="skip connections: ref = plain (identity) skips, the backbone stage II searches in; att = "
+                        "attention gates; nested = UNet++ nested skips; resatt = residual attention")
+    p.add_argument("--width", type=int, default=32,
+                   help="channels of the base encoder's first level and of the decoder's finest level")
+    p.add_argument("--encoder_weights", default=None,
+                   help="a local torchvision state dict (e.g. ImageNet) to start the encoder from (default: none, "
+                        "random initial weights)")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (the paper's)")
+    p.add_argument("--batch_size", type=int, default=128, help="slices per batch (the paper's)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper's)")
     add_run_flags(p)
     add_fit_flags(p)
     return p.parse_args(argv)

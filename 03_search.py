@@ -1,10 +1,11 @@
-"""Stage II: search the IAC genotype in a frozen U-Net, `--mode full` or `--mode lth` (Sec. 3, 5).
+r"""Stage II (03, the search): search the IAC genotype in a frozen U-Net, `--mode full` or `--mode lth` (Sec. 3, 5).
 
 In:  RUN_I/ckpt_best.pt from 02_pretrain.py, slices.h5 and splits.json.
 Out: RUN/genotype.json, RUN/theta0.pt (cell weights before any update, full width),
-     RUN/trajectory.jsonl (per epoch: α, β, w', importance, active ops, JS and τ per
-     edge, ops pruned, losses, seconds), RUN/log.jsonl, RUN/ckpt_last.pt, RUN/args.json,
-     RUN/done.json (last, when the genotype is written; the backbone run must have one).
+     RUN/trajectory.jsonl (per epoch: op weights α, edge weights β, capped edge weights w',
+     importance, active ops, JS divergence and threshold τ per edge, ops pruned, losses, seconds),
+     RUN/log.jsonl, RUN/ckpt_last.pt, RUN/args.json, RUN/done.json (last, when the genotype is
+     written; the backbone run must have one).
 
     python 03_search.py --backbone runs/ref/ckpt_best.pt --data D/slices.h5 --splits D/splits.json \
         --mode lth --out runs/search_lth
@@ -15,8 +16,8 @@ full: 200 epochs of first-order bilevel search; per step one Adam step on α, β
 lth:  single-level search on the whole training set (one forward and backward, both
       optimizers step); after each epoch the JS test (Eq. 20) prunes ops on stable
       edges (Eq. 21); stops when every edge has one op, then keeps 2 edges per node.
-      The first test after warm-up prunes nothing and sets τ0 = κ · median edge JS
-      (--tau0_rel; --tau0 gives an absolute τ0 instead).
+      The first test after warm-up prunes nothing and sets the initial threshold
+      τ0 = κ · median edge JS (κ: --tau0_rel; --tau0 gives an absolute τ0 instead).
 Both: backbone frozen in eval mode, an IAC in every skip level with one shared α, β;
       15 warm-up epochs train only the cell weights; SGD with cosine power annealing.
 """
@@ -41,24 +42,28 @@ from common.runs import add_unfinished_flag, check_stop, cli, mark_done, require
 from common.search import (add_search_flags, arch_optimizer, cosine_power_lr, end_of_epoch,
                            expected_stop, keep_top2_edges, lth_state, resolve_threshold, search_step, search_summary,
                            trajectory_record, weight_optimizer)
-from common.utils import (JsonlLog, add_run_flags, autocast, epoch_generator, peak_gpu_mib, pick_device, precision,
-                          read_jsonl)
+from common.utils import (HelpFormatter, JsonlLog, add_run_flags, autocast, epoch_generator, peak_gpu_mib, pick_device,
+                          precision, read_jsonl)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", required=True, help="ckpt_best.pt of 02_pretrain.py (ref skips)")
-    p.add_argument("--data", required=True, help="slices.h5")
-    p.add_argument("--splits", required=True, help="splits.json")
-    p.add_argument("--mode", choices=["full", "lth"], default="lth", help="original bilevel search or IAC-LTH")
-    p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
-    p.add_argument("--cell_channels", type=int, default=None, help="cell width C; default: the skip's channels")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--backbone", required=True, help="ckpt_best.pt of 02_pretrain.py with --skip ref (required)")
+    p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py (required)")
+    p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py (required)")
+    p.add_argument("--mode", choices=["full", "lth"], default="lth",
+                   help="full = the original bilevel search (IAC); lth = the lottery-ticket search that prunes ops "
+                        "by the JS test and stops early (IAC-LTH)")
+    p.add_argument("--batch_size", type=int, default=128, help="slices per batch (the paper's)")
+    p.add_argument("--cell_channels", type=int, default=None,
+                   help="channels inside each cell (C) (default: the skip's channels at each level)")
     add_search_flags(p)                             # every search hyperparameter: common/search.py
     add_run_flags(p)
     add_unfinished_flag(p)
     p.add_argument("--dry_run", action="store_true",
                    help="print the step's memory estimate on this device (per cell level, stored and checkpointed, "
-                        "and the --checkpoint_edges plan) and whether it fits; writes nothing, exits 1 if it does not fit")
+                        "and the --checkpoint_edges plan) and whether it fits; writes nothing, exits 1 if it does "
+                        "not fit")
     return resolve_threshold(p.parse_args(argv))
 
 

@@ -1,4 +1,4 @@
-"""Stage III: train the found cell (or a baseline skip) in the frozen backbone (paper Sec. 6.3).
+r"""Stage III (04, the cell): train the found cell (or a baseline skip) in the frozen backbone (paper Sec. 6.3).
 
 In:  RUN_I/ckpt_best.pt (02_pretrain.py), RUN_II/genotype.json and theta0.pt (03_search.py),
      slices.h5 and splits.json.
@@ -31,26 +31,33 @@ from common.iac import CELL_OUTPUTS, IACSkips
 from common.losses import SegLoss
 from common.skips import build_skips
 from common.runs import add_unfinished_flag, cli, mark_done, require_done, write_args
-from common.utils import InputError, add_run_flags, require_file
+from common.utils import HelpFormatter, InputError, add_run_flags, require_file
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", required=True, help="ckpt_best.pt of 02_pretrain.py (ref skips)")
-    p.add_argument("--genotype", default=None, help="genotype.json of 03_search.py")
-    p.add_argument("--theta0", default=None, help="theta0.pt of 03_search.py (default: beside the genotype)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--backbone", required=True, help="ckpt_best.pt of 02_pretrain.py with --skip ref (required)")
+    p.add_argument("--genotype", default=None, help="genotype.json of 03_search.py (needed with --skip iac)")
+    p.add_argument("--theta0", default=None,
+                   help="theta0.pt of 03_search.py: the cell weights before the search (default: the theta0.pt "
+                        "beside the genotype)")
     p.add_argument("--init", choices=["fresh", "theta0"], default=None,
-                   help="cell init; default: fresh for a full-mode genotype, theta0 for an lth one")
-    p.add_argument("--skip", choices=["iac", "att", "resatt"], default="iac", help="skip module to train")
+                   help="the cell's initial weights: fresh = newly drawn (IAC), theta0 = reset to the weights it had "
+                        "before the search (IAC-LTH) (default: fresh for a --mode full genotype, theta0 for a "
+                        "--mode lth one)")
+    p.add_argument("--skip", choices=["iac", "att", "resatt"], default="iac",
+                   help="skip module to train in the frozen backbone: iac = the searched cell of --genotype; att, "
+                        "resatt = a baseline (attention gate, residual attention)")
     p.add_argument("--cell_output", choices=CELL_OUTPUTS, default="replace",
-                   help="replace: the cell's output conv takes the identity skip's place (paper Eq. 1); residual: "
-                        "skip + that conv, started at zero (after a θ0 reset too), so the frozen decoder first sees "
-                        "its own skip tensor (this project's option)")
-    p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py")
-    p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py")
-    p.add_argument("--epochs", type=int, default=200, help="training epochs (paper: 200)")
-    p.add_argument("--batch_size", type=int, default=128, help="batch size (paper: 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
+                   help="how the cell enters the frozen decoder: replace = the cell's output conv takes the identity "
+                        "skip's place (paper Eq. 1); residual = skip + that conv, started at zero (after a reset to "
+                        "the pre-search weights θ0 too), so the frozen decoder first sees its own skip tensor (this "
+                        "project's option)")
+    p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py (required)")
+    p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py (required)")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (the paper's)")
+    p.add_argument("--batch_size", type=int, default=128, help="slices per batch (the paper's)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper's)")
     add_run_flags(p)
     add_fit_flags(p)
     add_unfinished_flag(p)

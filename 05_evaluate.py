@@ -1,4 +1,4 @@
-"""Evaluate trained models at patient level and reproduce the paper's tables and figures.
+r"""Evaluation (05): score trained models at patient level and reproduce the paper's tables and figures.
 
 In:  slices.h5, splits.json, runs of 02_pretrain.py / 04_finetune.py (`--run NAME=DIR`,
      repeatable; the same NAME for several backbones or seeds), searches of 03_search.py
@@ -60,38 +60,42 @@ from common.metrics import case_metrics
 from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
 from common.runs import (add_unfinished_flag, cli, install_stop_signals, mark_done, mark_unfinished,
                          require_done)
-from common.utils import (InputError, add_device_flags, atomic_to_csv, atomic_write_json, pick_device, precision,
-                          read_jsonl, require_file, run_metadata)
+from common.utils import (HelpFormatter, InputError, add_device_flags, atomic_to_csv, atomic_write_json, pick_device,
+                          precision, read_jsonl, require_file, run_metadata)
 
 
 PRIMARY = ("ref:iac", "iac:iac_lth")          # the paper's claims: IAC vs the plain skip, IAC-LTH vs IAC
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and every flag's default."""
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument("--data", default=None, help="slices.h5 (needed with --run)")
-    p.add_argument("--splits", default=None, help="splits.json (needed with --run)")
-    p.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="a trained run (repeatable)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data", default=None, help="slices.h5 from 01_preprocess.py (needed with --run)")
+    p.add_argument("--splits", default=None, help="splits.json from 01_preprocess.py (needed with --run)")
+    p.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
+                   help="a trained run of 02_pretrain.py or 04_finetune.py under the method name NAME; the same NAME "
+                        "for several backbones or seeds (repeatable)")
     p.add_argument("--nnunet_pred", action="append", default=[], metavar="NAME[@SEED]=DIR",
-                   help="a folder of nnUNetv2_predict outputs (repeatable)")
-    p.add_argument("--nnunet_gt", default=None, help="labelsTr of the nnU-Net raw data set (dataset.json one up)")
-    p.add_argument("--reference", default=None, help="method the others are compared with (None: the first input's)")
+                   help="a folder of nnUNetv2_predict outputs, scored as method NAME (of seed SEED) (repeatable)")
+    p.add_argument("--nnunet_gt", default=None,
+                   help="labelsTr (or labelsTs) of the nnU-Net raw data set, dataset.json one folder up (needed with "
+                        "--nnunet_pred)")
+    p.add_argument("--reference", default=None,
+                   help="the method the others are compared with (default: the method of the first input)")
     p.add_argument("--compare", action="append", default=[], metavar="A:B",
                    help="also compare method B against A (repeatable); iac:iac_lth gives Tables 2-3's IAC -> IAC-LTH")
     p.add_argument("--primary", nargs="*", default=None, metavar="A:B",
                    help="the comparisons (B against A, as --compare; added when missing) that are the paper's claims; "
-                        f"every other one is exploratory. None: {' '.join(PRIMARY)}, those whose methods were "
-                        "evaluated; --primary with no pair: all exploratory")
+                        "every other one is exploratory; --primary with no pair: all exploratory (default: "
+                        f"{' '.join(PRIMARY)}, those whose methods were evaluated)")
     p.add_argument("--paired_unit", choices=["patient", "case"], default="patient",
                    help="unit of the paired statistics: patient (the ΔDice of a patient's cases, e.g. ACDC's ED and "
                         "ES frames, averaged first) or case (every volume its own unit)")
     p.add_argument("--alternative", choices=["two-sided", "greater"], default="two-sided",
-                   help="Wilcoxon (and so Fisher) alternative; greater: the claim is a gain over the other method")
-    p.add_argument("--search", action="append", default=[], metavar="NAME=DIR", help="a search run (repeatable)")
+                   help="alternative hypothesis of the Wilcoxon test (and so of Fisher's combination): two-sided, "
+                        "or greater = the claim is a gain over the other method")
+    p.add_argument("--search", action="append", default=[], metavar="NAME=DIR",
+                   help="a search run of 03_search.py under the name NAME (full, lth), for the search-cost table and "
+                        "the dynamics figures (repeatable)")
     p.add_argument("--rows", action="append", default=[], metavar="CSV",
                    help="per_patient.csv of an earlier (e.g. per-run, --rows_only) evaluation: tables without models "
                         "(repeatable; its inference_cost.csv beside it is taken too)")
@@ -99,13 +103,17 @@ def get_args(argv=None):
                    help="score the --run/--nnunet_pred inputs into OUT/per_patient.csv (+ inference_cost.csv), stop: "
                         "one scoring job per run, tables later from --rows")
     add_unfinished_flag(p)
-    p.add_argument("--split", default="test", choices=["test", "val"], help="cases to evaluate")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--save_nifti", default=None, metavar="DIR", help="write predictions as NIfTI under DIR/NAME/")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="which part of splits.json to evaluate: the test or the val cases")
+    p.add_argument("--out", required=True, help="output folder for the tables and figures (required)")
+    p.add_argument("--save_nifti", default=None, metavar="DIR",
+                   help="also write the predictions as NIfTI label maps under DIR/NAME/ (default: off)")
     p.add_argument("--nsd_tolerance", type=float, default=None,
-                   help="NSD tolerance in mm (None: the data set's, common/raw.py NSD_TOLERANCE_MM)")
-    p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples (every bootstrap CI)")
-    p.add_argument("--boot_seed", type=int, default=0, help="seed of the bootstrap resampling (fixed: same tables)")
+                   help="tolerance of the normalised surface Dice (NSD) in mm (default: the data set's, "
+                        "common/raw.py NSD_TOLERANCE_MM)")
+    p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples of every bootstrap CI")
+    p.add_argument("--boot_seed", type=int, default=0,
+                   help="random seed of the bootstrap resampling (fixed, so the same inputs give the same tables)")
     add_device_flags(p)
     return p.parse_args(argv)
 

@@ -1,4 +1,4 @@
-"""The paper's grid from one command: data sets x backbones x seeds, every stage a job, on this machine or SLURM.
+r"""The paper's grid from one command: data sets x backbones x seeds, every stage a job, on this machine or SLURM.
 
     python grid.py plan   CONFIG.json                       # the jobs (ROOT/grid/manifest.jsonl) and their counts
     python grid.py run    CONFIG.json [--backend local|slurm] [--gpus 0,1,2,3]
@@ -40,7 +40,7 @@ import time
 import uuid
 
 from common.runs import REQUEUE_EXIT, block_stop_signals, cli, is_done
-from common.utils import InputError, atomic_write_json, read_json
+from common.utils import HelpFormatter, InputError, atomic_write_json, read_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = ("preprocess", "pretrain", "baseline", "search", "finetune", "score")
@@ -50,6 +50,17 @@ FLAG_KEYS = {"preprocess": "preprocess", "pretrain": "pretrain", "baseline": "pr
              "finetune": "finetune", "score": "score"}
 SLURM_FLAGS = {"partition": str, "gres": str, "time_min": int, "mem_gb": int, "cpus_per_task": int, "account": str,
                "array_parallelism": int}
+SLURM_HELP = {"partition": "SLURM partition the jobs are submitted to (default: the config's, else the cluster's "
+                           "default partition)",
+              "gres": "SLURM generic resources of each job, e.g. gpu:a100:1 (default: the config's, else "
+                      "gpus_per_node GPUs, 1 unless the config says 0)",
+              "time_min": "time limit of each job in minutes; a job stopped by it is requeued and resumes (default: "
+                          "the config's, else 1440)",
+              "mem_gb": "memory of each job in GB (default: the config's, else 64)",
+              "cpus_per_task": "CPU cores of each job (default: the config's, else 8)",
+              "account": "SLURM account the jobs are charged to (default: the config's, else the user's default)",
+              "array_parallelism": "jobs at once under submitit's local executor, --cluster local (default: the "
+                                   "config's, else 32)"}
 SQUEUE_TRIES, SQUEUE_WAIT_S = 4, 5                  # `run --backend slurm` asks squeue this often before it gives up
 STATE = "grid_job.json"                              # written by the runner into each job's folder
 SUBMIT = "grid_submit.json"                          # written by `run --backend slurm`: the SLURM job it submitted
@@ -638,19 +649,29 @@ def report(c, jobs, a):
 
 # --------------------------------------------------------------------------- command line
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["plan", "run", "status", "report"])
-    p.add_argument("config", help="grid config (JSON)")
-    p.add_argument("--backend", choices=["local", "slurm"], default="local", help="run: where the jobs run")
-    p.add_argument("--gpus", default=None,
-                   help="local: GPUs to use, one job each (default: CUDA_VISIBLE_DEVICES, else every visible GPU)")
-    p.add_argument("--only", default=None, help="run/status: jobs whose id starts with this (e.g. acdc/resnet50)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("command", choices=["plan", "run", "status", "report"],
+                   help="plan: list the jobs; run: run the jobs not done yet; status: where each job stands; "
+                        "report: the tables and figures from the scored runs")
+    p.add_argument("config", help="grid config (JSON; see configs/grid_example.json)")
+    p.add_argument("--backend", choices=["local", "slurm"], default="local",
+                   help="run: where the jobs run: local = on this machine, one job per GPU; slurm = one SLURM job "
+                        "each, submitted with submitit")
+    p.add_argument("--gpus", default=None, metavar="0,1,..",
+                   help="--backend local: GPUs to use, one job each (default: CUDA_VISIBLE_DEVICES, else every "
+                        "visible GPU)")
+    p.add_argument("--only", default=None, metavar="PREFIX",
+                   help="run / status: only the jobs whose id starts with PREFIX, e.g. acdc/resnet50 (default: all "
+                        "jobs)")
     p.add_argument("--cluster", choices=["slurm", "local"], default="slurm",
-                   help="slurm backend: submitit's cluster (local: submitit's local executor, for testing)")
-    p.add_argument("--wait", action="store_true", help="slurm backend: wait for the submitted jobs")
-    p.add_argument("--max_requeues", type=int, default=3, help="local: reruns of a job stopped with exit 75")
+                   help="--backend slurm: submitit's cluster (local: submitit's local executor, for testing)")
+    p.add_argument("--wait", action="store_true",
+                   help="--backend slurm: wait for the submitted jobs to finish (without it, run returns once they "
+                        "are submitted)")
+    p.add_argument("--max_requeues", type=int, default=3,
+                   help="--backend local: reruns of a job that stopped to be requeued (exit 75)")
     for name, typ in SLURM_FLAGS.items():
-        p.add_argument(f"--{name}", type=typ, default=None, help=f"slurm: {name} (default: the config's)")
+        p.add_argument(f"--{name}", type=typ, default=None, help=f"--backend slurm: {SLURM_HELP[name]}")
     return p.parse_args(argv)
 
 

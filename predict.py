@@ -1,4 +1,4 @@
-"""Predict: segment new images with a trained run (stage I baselines and stage III IAC cells alike).
+r"""Predict: segment new images with a trained run (stage I baselines and stage III IAC cells alike).
 
 In:  --run RUN, a finished run of 02_pretrain.py or 04_finetune.py (its ckpt_best.pt); --input, a NIfTI
      file or a folder of cases holding the modalities the run was trained on, named as in the raw layout
@@ -32,20 +32,23 @@ from common.data import process_case, read_meta, slices_to_nifti
 from common.engine import predict_stack
 from common.raw import Case, DataError, amos_modality, channel_files, image_cases
 from common.runs import add_unfinished_flag, cli, require_done
-from common.utils import (InputError, add_device_flags, atomic_write_json, pick_device, precision, read_json,
-                          run_metadata)
+from common.utils import (HelpFormatter, InputError, add_device_flags, atomic_write_json, pick_device, precision,
+                          read_json, run_metadata)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder of 02_pretrain.py or 04_finetune.py (with ckpt_best.pt)")
-    p.add_argument("--input", required=True, help="a NIfTI file, or a folder of cases (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder for CASE.nii.gz label maps")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--run", required=True,
+                   help="run folder of 02_pretrain.py or 04_finetune.py (with ckpt_best.pt) (required)")
+    p.add_argument("--input", required=True,
+                   help="a NIfTI file, or a folder of cases (searched recursively) (required)")
+    p.add_argument("--out", required=True, help="output folder for the CASE.nii.gz label maps (required)")
     p.add_argument("--data", default=None,
                    help="the slices.h5 the run was trained on (default: the one RUN/args.json names)")
     p.add_argument("--modality", choices=["ct", "mri"], default=None,
-                   help="normalisation scheme of the inputs, needed only for a run trained on CT and MRI scans "
-                        "together (AMOS --modality all; amos_XXXX ids say it themselves) (default: the training's)")
+                   help="the modality of the input scans, which picks their normalisation; needed only for a run "
+                        "trained on CT and MRI scans together (01_preprocess.py --modality all; amos_XXXX ids say it "
+                        "themselves) (default: the training data's one modality)")
     add_unfinished_flag(p)
     add_device_flags(p)
     return p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Convert a raw data set (ACDC, BraTS, KiTS, AMOS layouts) to the nnU-Net v2 raw format.
+r"""Convert a raw data set (ACDC, BraTS, KiTS, AMOS layouts) to the nnU-Net v2 raw format.
 
     python scripts/convert_to_nnunet.py --dataset acdc --raw /data/ACDC/database \
         --out $nnUNet_raw/Dataset501_ACDC
@@ -35,17 +35,23 @@ from tqdm import tqdm
 from common.data import check_partition, load_splits
 from common.raw import apply_subjects, check_subjects, list_cases, load_case, read_subjects, repeated_scans
 from common.runs import cli
-from common.utils import InputError, atomic_write_json
+from common.utils import HelpFormatter, InputError, atomic_write_json
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["acdc", "brats", "kits", "amos"], help="raw layout")
-    p.add_argument("--raw", required=True, help="raw data folder")
-    p.add_argument("--out", required=True, help="nnU-Net raw dataset folder, e.g. $nnUNet_raw/Dataset501_ACDC")
-    p.add_argument("--modality", choices=["ct", "mri"], default="ct", help="AMOS: which scans (nnU-Net needs one)")
-    p.add_argument("--splits", default=None, help="splits.json of 01_preprocess.py: its test patients go to imagesTs/"
-                                                  "labelsTs and its train/val division to splits_final.json (fold 0)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["acdc", "brats", "kits", "amos"],
+                   help="layout of the raw folder (required)")
+    p.add_argument("--raw", required=True, help="raw data folder (required)")
+    p.add_argument("--out", required=True,
+                   help="nnU-Net raw dataset folder to write, e.g. $nnUNet_raw/Dataset501_ACDC; must not exist "
+                        "(required)")
+    p.add_argument("--modality", choices=["ct", "mri"], default="ct",
+                   help="AMOS only: which scans to convert (an nnU-Net data set has one modality)")
+    p.add_argument("--splits", default=None,
+                   help="splits.json of 01_preprocess.py: its test patients go to imagesTs/labelsTs and its "
+                        "train/val division to splits_final.json (fold 0) (default: none, every case to imagesTr; "
+                        "five folds drawn over patients where a patient has several cases, else nnU-Net's own)")
     p.add_argument("--subjects", default=None, metavar="FILE|REGEX",
                    help="which cases belong to one subject, as 01_preprocess.py --subjects: a .json {case: subject} or "
                         ".csv (columns case, subject) file, or a regular expression whose first group is the subject "
@@ -68,7 +74,7 @@ def main(args):
     for raw_value, idx in info.label_map.items():
         lut[raw_value] = idx
     for case in tqdm(info.cases, desc="converting", unit="case"):
-        load_case(case, info)                                        # the same validation as stage 01
+        load_case(case, info)                                        # the same validation as preprocessing (01)
         tr = "Ts" if part[case.case_id] == "test" else "Tr"
         for c, path in enumerate(case.images):
             shutil.copyfile(path, os.path.join(tmp, f"images{tr}", f"{case.case_id}_{c:04d}.nii.gz"))
