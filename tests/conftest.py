@@ -23,7 +23,7 @@ def acdc(tmp_path_factory, scripts):
     raw, out = str(base / "raw"), str(base / "data")
     pre = scripts["01_preprocess"]
     pre.main(pre.get_args(["--make_phantom", raw, "--layout", "acdc", "--patients", "8", "--seed", "1"]))
-    pre.main(pre.get_args(["--dataset", "acdc", "--raw", raw, "--out", out, "--crop", "64", "64", "--workers", "2"]))
+    pre.main(pre.get_args(["--dataset", "acdc", "--raw", raw, "--out", out, "--crop", "64", "64", "--processes", "2"]))
     return raw, out
 
 

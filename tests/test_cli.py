@@ -1,7 +1,11 @@
 """What a new user meets: one-line errors for wrong paths in every stage, the crop rule, devices, flag
-spellings, the LTH's ETA, and the checkpoint / slices.h5 formats kept in one place each."""
+spellings, --help that shows every default in plain words, the LTH's ETA, and the checkpoint / slices.h5 formats
+kept in one place each."""
+import argparse
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,7 +19,7 @@ from common.iac import EDGES, OPS
 from common.search import expected_stop
 from common.runs import cli
 from common.utils import InputError, pick_device
-from conftest import ROOT, data_args
+from conftest import ROOT, data_args, load_script
 from test_iac import GENO
 
 
@@ -155,3 +159,107 @@ def test_slices_h5_schema(acdc):
     n = len(meta["cases"]["case_id"])
     assert all(len(meta["cases"][k]) == n for k in CASE_STRINGS + CASE_TABLES)
     assert json.loads(meta["cases"]["source"][0])[-1].endswith("_gt.nii.gz")
+
+
+# --------------------------------------------------------------------------- --help
+HELP_SCRIPTS = ("01_preprocess.py", "02_pretrain.py", "03_search.py", "04_finetune.py", "05_evaluate.py", "predict.py",
+                "grid.py", "scripts/convert_to_nnunet.py")
+STAGE_NAMES = {"01_preprocess.py": "Preprocessing (01)", "02_pretrain.py": "Stage I (02, the U-Net)",
+               "03_search.py": "Stage II (03, the search)", "04_finetune.py": "Stage III (04, the cell)",
+               "05_evaluate.py": "Evaluation (05)"}
+GREEK = re.compile(r"[\u0370-\u03ff]|\bw'")                       # a symbol: α, β, τ0, κ, γ, ε, θ0, w' ...
+SHORTHAND = ("(chosen)", "lean step", "(default: None)", "(default: [])", "(default: False)")
+
+
+class Built(Exception):
+    """Raised by parse_args to hand over the parser get_args built."""
+
+
+def parser_of(script, monkeypatch):
+    """The argparse parser of a script, as its get_args builds it (stopped before it parses anything)."""
+    def grab(self, args=None, namespace=None):
+        raise Built(self)
+    module = load_script(script[:-3])
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", grab)
+        with pytest.raises(Built) as built:
+            module.get_args([])
+    return built.value.args[0]
+
+
+def help_entries(text):
+    """--help output -> {first word of an option's entry (e.g. --crop, config): its text on one line}."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if re.match(r"  \S", line):                                  # an entry starts at two spaces' indent
+            current = line.split()[0].rstrip(",")
+            entries[current] = line.strip()
+        elif current and line.startswith("   ") and line.strip():    # its help goes on, further indented
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def shown(default):
+    return " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+
+
+@pytest.mark.parametrize("script", HELP_SCRIPTS)
+def test_help_shows_every_default_in_plain_words(script, monkeypatch):
+    """`python SCRIPT --help` (a subprocess, as a user runs it): every option with a default shows it as typed,
+    "(default: 256 256)"; one with default None says in words what leaving it out does (never "(default: None)");
+    every help starts in words and its symbols (α, τ0, w' ...) stand in parentheses after them; the usage examples
+    of the module docstring print intact, backslash continuations included; the stages name themselves alike."""
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, COLUMNS="100", OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    out, parser = r.stdout, parser_of(script, monkeypatch)
+    entries = help_entries(re.split(r"\n(?:positional arguments|options):\n", out, maxsplit=1)[1])
+    for action in parser._actions:
+        invocation = parser._get_formatter()._format_action_invocation(action)   # e.g. "--crop H W"
+        key = invocation.split()[0].rstrip(",")
+        if action.help == argparse.SUPPRESS:
+            assert key not in entries, f"{script}: {key} is hidden"
+            continue
+        entry = entries[key]
+        assert entry.startswith(invocation), (entry, invocation)
+        words = entry[len(invocation):].strip()
+        where = f"{script} {key}: {entry!r}"
+        assert not any(s in entry for s in SHORTHAND), where
+        no_brackets = words
+        while re.search(r"\([^()]*\)", no_brackets):
+            no_brackets = re.sub(r"\([^()]*\)", "", no_brackets)
+        assert not GREEK.search(no_brackets), f"{where}: a symbol outside parentheses"
+        plain = [w for w in re.findall(r"[^\s]+", no_brackets) if not w.startswith("--")]
+        assert plain and re.match(r"[A-Za-z]", plain[0]), f"{where}: starts with a symbol"
+        assert len(re.findall(r"(?<![\w./-])[A-Za-z][a-z'-]+\b", words)) >= 2, f"{where}: no words"
+        if not action.option_strings or action.nargs == 0:
+            continue
+        if action.default is None or (isinstance(action.default, list) and not action.default):
+            assert action.required or re.search(r"default|needed|required|repeatable", entry), \
+                f"{where}: say what leaving it out does"
+        else:
+            assert f"(default: {shown(action.default)}" in entry, where
+    source = open(os.path.join(ROOT, script)).read()
+    docstring = ast.get_source_segment(source, ast.parse(source).body[0].value).splitlines()
+    for i, line in enumerate(docstring):
+        if line.endswith("\\"):
+            assert f"{line}\n{docstring[i + 1]}\n" in out, f"{script}: usage line {line!r} not printed intact"
+    if script in STAGE_NAMES:
+        assert out.split("\n\n", 2)[1].startswith(STAGE_NAMES[script]), f"{script}: name it as the other stages do"
+
+
+def test_help_check_sees_the_continuations():
+    """The usage examples of 03 and 05 span lines with backslashes (what the --help test checks is there)."""
+    for script, n in (("03_search.py", 1), ("05_evaluate.py", 2), ("04_finetune.py", 1)):
+        source = open(os.path.join(ROOT, script)).read()
+        lines = ast.get_source_segment(source, ast.parse(source).body[0].value).splitlines()
+        assert sum(line.endswith("\\") for line in lines) == n, script
+
+
+def test_processes_and_its_old_name(scripts):
+    """01's --processes (parallel volumes); --workers, its old name, still works and is not in --help."""
+    m = scripts["01_preprocess"]
+    assert m.get_args(["--processes", "3"]).processes == 3 and m.get_args(["--workers", "0"]).processes == 0
+    assert m.get_args([]).processes >= 1 and not hasattr(m.get_args([]), "workers")

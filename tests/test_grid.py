@@ -20,7 +20,7 @@ TINY = ["--width", "8", "--batch_size", "16"]
 
 def config(tmp_path, root, raws, seeds=(0, 1)):
     c = {"root": str(root), "datasets": {name: {"raw": raw, "flags": ["--dataset", layout, "--crop", "32", "32",
-                                                                     "--workers", "1"]}
+                                                                     "--processes", "1"]}
                                          for name, (layout, raw) in raws.items()},
          "backbones": ["base"], "seeds": list(seeds), "baselines": [], "modes": ["full", "lth"],
          "flags": {"all": ["--device", "cpu"], "pretrain": [*TINY, "--epochs", "2"],
