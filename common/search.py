@@ -69,8 +69,8 @@ SEARCH_SETTINGS = (
             "partial-channel merge per node; faster); off = edge by edge as Eq. (4), (9) are written. The same math "
             "(a test pins every gradient in float64)", ("on", "off")),
     Setting("edge_rule", str, "w", "which 2 incoming edges each node keeps at the end: w = those with the largest "
-            "capped edge weights (w', the paper's Sec. 3.4); max_importance = the largest max over ops of softmax(α) times "
-            "that weight (PC-DARTS's)", EDGE_RULES),
+            "capped edge weights (w', the paper's Sec. 3.4); max_importance = the largest max over ops of "
+            "softmax(α) times that weight (PC-DARTS's)", EDGE_RULES),
     Setting("cell_output", str, "replace", "how the supernet's cells enter the frozen decoder during the search: "
             "replace (paper Eq. 1: the output conv takes the skip's place) or residual (skip + that conv, started "
             "at zero: the search starts from the identity skip; this project's option, train the cell with "
