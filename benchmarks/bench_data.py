@@ -35,7 +35,7 @@ def main():
          "--phantom_size", "256", "--seed", "0"])
     t = time.time()
     run(["01_preprocess.py", "--dataset", "kits", "--raw", f"{tmp}/raw", "--out", f"{tmp}/data", "--crop", "256", "256",
-         "--workers", "2"])
+         "--processes", "2"])
     pre_s = time.time() - t
     splits = load_splits(f"{tmp}/data/splits.json")
     ids = splits["train"] + splits["val"] + splits["test"]
@@ -56,7 +56,7 @@ def main():
         out = f"{tmp}/data_{comp}"
         t = time.time()
         run(["01_preprocess.py", "--dataset", "kits", "--raw", f"{tmp}/raw", "--out", out, "--crop", "256", "256",
-             "--workers", "2", "--compression", comp])
+             "--processes", "2", "--compression", comp])
         write_s = time.time() - t
         size = os.path.getsize(f"{out}/slices.h5") / 1e6
         total, steady = throughput(SliceDataset(f"{out}/slices.h5", ids, cache=False), 2)

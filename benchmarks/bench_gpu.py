@@ -120,7 +120,7 @@ def epochs_table(patients, workers, size=256):
     run(["01_preprocess.py", "--make_phantom", f"{tmp}/raw", "--layout", "acdc", "--patients", str(patients),
          "--phantom_size", str(size), "--seed", "0"])
     run(["01_preprocess.py", "--dataset", "acdc", "--raw", f"{tmp}/raw", "--out", D, "--crop", str(size), str(size),
-         "--workers", str(workers)])
+         "--processes", str(workers)])
     data = ["--data", f"{D}/slices.h5", "--splits", f"{D}/splits.json", "--workers", str(workers)]
     splits = load_splits(f"{D}/splits.json")
     n = {k: len(SliceDataset(f"{D}/slices.h5", splits[k])) for k in ("train", "train_search")}

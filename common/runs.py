@@ -1,8 +1,8 @@
 """A run folder's life, made safe for schedulers that stop and requeue jobs (SLURM, grid.py).
 
     done.json      written atomically as a stage's very last act; a run without it is unfinished
-                   (stopped by --stop_after, a time limit, a crash) and stages 03-05 refuse it as input
-                   unless --allow_unfinished
+                   (stopped by --stop_after, a time limit, a crash); stage II (03), stage III (04) and
+                   evaluation (05) refuse it as input unless --allow_unfinished
     --resume auto  continue when RUN/ckpt_last.pt is there, start otherwise, do nothing when RUN/done.json
                    is there: the same command line is right on the first start and on every requeue
     SIGUSR1/SIGUSR2/SIGTERM  (SLURM's warning before a time limit: submitit asks for USR2 and SLURM sends it

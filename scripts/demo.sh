@@ -21,7 +21,7 @@ step() { echo; echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 
 step "1/6 phantom (ACDC layout) and preprocessing"
 [ -d "$D/raw" ] || $PY 01_preprocess.py --make_phantom "$D/raw" --layout acdc --patients 16 --seed 0
-$PY 01_preprocess.py --dataset acdc --raw "$D/raw" --out "$D/data" --crop 64 64 --workers 2 --overwrite
+$PY 01_preprocess.py --dataset acdc --raw "$D/raw" --out "$D/data" --crop 64 64 --processes 2 --overwrite
 
 step "2/6 stage I: base U-Net with ref / att / nested / resatt skips, and a MobileNetV3-Large U-Net"
 for SK in ref att nested resatt; do

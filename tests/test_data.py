@@ -1,4 +1,4 @@
-"""Stage 01: every raw layout -> slices.h5, normalisation, splits, orientation, round trip, bad input."""
+"""Preprocessing (01): every raw layout -> slices.h5, normalisation, splits, orientation, round trip, bad input."""
 import glob
 import json
 import os
@@ -24,7 +24,7 @@ EXPECTED = {"acdc": (1, 3), "brats2021": (4, 3), "brats2023": (4, 3), "kits": (1
 
 def preprocess(scripts, dataset, raw, out, *extra):
     m = scripts["01_preprocess"]
-    m.main(m.get_args(["--dataset", dataset, "--raw", raw, "--out", out, "--crop", "64", "64", "--workers", "1",
+    m.main(m.get_args(["--dataset", dataset, "--raw", raw, "--out", out, "--crop", "64", "64", "--processes", "1",
                        *extra]))
     return os.path.join(out, "slices.h5"), os.path.join(out, "splits.json")
 
@@ -132,7 +132,7 @@ def test_round_trip_to_original_geometry(tmp_path, scripts, spacing):
     extra = ["--spacing", *spacing] if spacing else []
     m = scripts["01_preprocess"]
     out = str(tmp_path / "out")
-    m.main(m.get_args(["--dataset", "amos", "--raw", raw, "--out", out, "--crop", "96", "96", "--workers", "1",
+    m.main(m.get_args(["--dataset", "amos", "--raw", raw, "--out", out, "--crop", "96", "96", "--processes", "1",
                        "--modality", "all", *extra]))
     h5 = os.path.join(out, "slices.h5")
     meta = read_meta(h5)
@@ -242,7 +242,7 @@ def test_crop_report_counts_what_the_crop_drops(tmp_path, scripts, capsys):
     write_phantom(raw, "kits", 3, seed=4, size=64)
     m = scripts["01_preprocess"]
     m.main(m.get_args(["--dataset", "kits", "--raw", raw, "--out", str(tmp_path / "o"), "--crop", "32", "32",
-                       "--workers", "1"]))
+                       "--processes", "1"]))
     report = json.load(open(tmp_path / "o" / "crop_report.json"))
     per_case = report["per_case"]
     assert 0 < report["foreground_lost_fraction"] < 1 and len(per_case) == 3

@@ -1,4 +1,5 @@
-"""Stages 04-05: train the found cell, θ0 reset, resume, evaluation, statistics, analysis, NIfTI."""
+"""Stage III (04, the cell) and evaluation (05): train the found cell, θ0 reset, resume, evaluation, statistics,
+analysis, NIfTI."""
 import json
 import os
 

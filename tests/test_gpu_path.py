@@ -24,7 +24,7 @@ def tiny(tmp_path_factory, scripts):
     pre.main(pre.get_args(["--make_phantom", str(base / "raw"), "--layout", "acdc", "--patients", "6",
                            "--phantom_size", "32", "--seed", "3"]))
     pre.main(pre.get_args(["--dataset", "acdc", "--raw", str(base / "raw"), "--out", str(base / "data"),
-                           "--crop", "32", "32", "--workers", "1"]))
+                           "--crop", "32", "32", "--processes", "1"]))
     acdc = (str(base / "raw"), str(base / "data"))
     ref = str(base / "ref")
     pt.main(pt.get_args(data_args(acdc) + ["--width", "8", "--epochs", "2", "--batch_size", "16", "--out", ref,

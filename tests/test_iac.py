@@ -1,4 +1,4 @@
-"""Stage 03: every equation against hand-computed values, pruning, genotypes, both searches, resume."""
+"""Stage II (03, the search): every equation against hand-computed values, pruning, genotypes, both searches, resume."""
 import json
 import os
 
@@ -294,7 +294,7 @@ def small_phantom(tmp_path_factory, scripts):
     pre.main(pre.get_args(["--make_phantom", str(base / "raw"), "--layout", "acdc", "--patients", "8",
                            "--phantom_size", "32", "--seed", "0"]))
     pre.main(pre.get_args(["--dataset", "acdc", "--raw", str(base / "raw"), "--out", str(base / "data"),
-                           "--crop", "32", "32", "--workers", "1"]))
+                           "--crop", "32", "32", "--processes", "1"]))
     acdc = (str(base / "raw"), str(base / "data"))
     pt.main(pt.get_args(data_args(acdc) + ["--width", "8", "--epochs", "15", "--batch_size", "16",
                                            "--out", str(base / "ref")]))

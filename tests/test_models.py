@@ -1,4 +1,4 @@
-"""Stage 02: encoders, skip modules, loss, patient-level Dice, pre-training, resume, bad checkpoints."""
+"""Stage I (02, the U-Net): encoders, skip modules, loss, patient-level Dice, pre-training, resume, bad checkpoints."""
 import os
 
 import numpy as np

@@ -160,7 +160,7 @@ def test_new_case_gets_the_training_preprocessing(tmp_path, scripts, predict, sp
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     write_phantom(raw, "kits", 4, seed=2, size=36)
     m = scripts["01_preprocess"]
-    m.main(m.get_args(["--dataset", "kits", "--raw", raw, "--out", out, "--crop", "32", "32", "--workers", "0",
+    m.main(m.get_args(["--dataset", "kits", "--raw", raw, "--out", out, "--crop", "32", "32", "--processes", "0",
                        *(["--spacing", *spacing] if spacing else [])]))
     meta = read_meta(os.path.join(out, "slices.h5"))
     assert meta["normalisation"]["ct"] is not None

@@ -69,7 +69,7 @@ def grid(*args, env=None, check=True):
 
 def write_config(path, root, raws):
     c = {"root": str(root), "python": sys.executable,
-         "datasets": {name: {"raw": raw, "flags": ["--dataset", "acdc", "--crop", "32", "32", "--workers", "0"]}
+         "datasets": {name: {"raw": raw, "flags": ["--dataset", "acdc", "--crop", "32", "32", "--processes", "0"]}
                       for name, raw in raws.items()},
          "backbones": ["base"], "seeds": [0], "baselines": [], "modes": ["full", "lth"],
          "flags": {"all": ["--device", "cpu", "--workers", "0"],
