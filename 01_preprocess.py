@@ -218,7 +218,7 @@ def main(args):
     ct_stats = None
     with ProcessPoolExecutor(args.processes) if args.processes else contextlib.nullcontext(InProcess()) as pool:
         ct_train = [c for c in info.cases if c.modality == "ct" and c.patient_id in train_p]
-        if ct_train:  # CT statistics come from training patients only (SPEC §6)
+        if ct_train:  # CT statistics come from training patients only (docs/method.md §6)
             jobs = [(c, info, args.seed + i) for i, c in enumerate(ct_train)]
             samples = list(tqdm(pool.map(foreground_sample_job, jobs), total=len(jobs), desc="CT statistics", unit="vol"))
             ct_stats = ct_statistics(samples)

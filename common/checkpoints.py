@@ -151,7 +151,8 @@ def save_theta0(path, theta0, geometry, backbone):
 
 
 def load_theta0_into(skips, path, flag="--theta0"):
-    """IAC-LTH's reset (SPEC §5): the discrete cell `skips` takes its weights at search start from theta0.pt."""
+    """IAC-LTH's reset (docs/method.md §5): the discrete cell `skips` takes its weights at search start from
+    theta0.pt."""
     theta0 = load_checkpoint(path, "theta0", flag=flag)
     try:
         init_from_theta0(skips, theta0["state"], strict_shapes=True)

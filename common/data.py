@@ -1,7 +1,7 @@
 """Slices in HDF5: preprocessing transforms, the slices.h5 file (its one writer and reader), the
 PyTorch Dataset, and the way back to NIfTI.
 
-`slices.h5` (SPEC §7), written by `write_slices` (01_preprocess.py), read by `read_meta`:
+`slices.h5` (docs/method.md §7), written by `write_slices` (01_preprocess.py), read by `read_meta`:
     images        (N, C, H, W) float32, one chunk per slice
     labels        (N, H, W) uint8, one chunk per slice
     slice_case    (N,) int32  index into the case tables below
@@ -39,7 +39,7 @@ CASE_TABLES = ("first_slice", "n_slices", "orig_shape", "orig_affine", "canonica
 
 # --------------------------------------------------------------------------- transforms
 def zscore_nonzero(x):
-    """MRI normalisation (SPEC §6): z-score over the non-zero voxels; zeros stay zero."""
+    """MRI normalisation (docs/method.md §6): z-score over the non-zero voxels; zeros stay zero."""
     mask = x != 0
     if not mask.any():
         return x.astype(np.float32)
@@ -115,7 +115,7 @@ def process_case(case, info, crop, spacing, ct_stats):
     label, `info` None; its labels / fg_voxels / fg_lost come back None)."""
     c = load_case(case, info)
     img, lab = c["image"], c["label"]                              # (X, Y, Z, C), (X, Y, Z) or None
-    for ch in range(img.shape[-1]):                                # SPEC §6 normalisation
+    for ch in range(img.shape[-1]):                                # docs/method.md §6 normalisation
         img[..., ch] = ct_normalise(img[..., ch], ct_stats) if case.modality == "ct" else zscore_nonzero(img[..., ch])
     can_shape = img.shape[:3]
     work = list(can_shape[:2])

@@ -1,4 +1,4 @@
-"""Patient-level metrics. Dice (SPEC §5): TP, FP, FN summed over all slices of a case, per class.
+"""Patient-level metrics. Dice (docs/method.md §5): TP, FP, FN summed over all slices of a case, per class.
 Surface metrics on whole volumes, spacing-aware (mm): HD95 and NSD (normalised surface Dice).
 
 A class absent from both ground truth and prediction gives NaN and is left out of

@@ -4,7 +4,7 @@
 segmentation is a real task (several classes with overlapping intensities, noise, a
 smooth bias field, a textured background, varying in-plane sizes, spacings, slice
 counts and orientations, patients where a class is absent) and writes them as NIfTI
-exactly where and how the real data sets keep them (SPEC §6):
+exactly where and how the real data sets keep them (docs/method.md §6):
 
     acdc       training/patientXXX/{patientXXX_frameYY[_gt], patientXXX_4d}.nii.gz, Info.cfg
                (+ testing/ for the last fifth of the patients, as in the ACDC release)

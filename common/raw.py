@@ -2,7 +2,7 @@
 
 `list_cases(dataset, raw_dir, modality)` finds every labelled case and returns a
 `DatasetInfo` (class names, label map raw value -> consecutive index, modality names,
-cases). `load_case(case, info)` reads one case, validates it (SPEC §6, issue 2) and
+cases). `load_case(case, info)` reads one case, validates it (docs/method.md §6, issue 2) and
 returns canonical (RAS) arrays plus what is needed to put slices back into the
 original geometry. Every problem raises `DataError` naming the case and file.
 
