@@ -71,7 +71,7 @@ bench-lth: $(VENV)/.installed
 # 3 seeds (about 3 hours on 2 cores; an interrupted study continues where it stopped)
 bench-method: $(VENV)/.installed
 	cd benchmarks && ../$(PYTHON) bench_method.py --jobs 3 --threads 1 --epochs_i 30 --epochs_iii 30 --cap 24 \
-		--warmup 4 --residual --fast_gamma 1.5 --lth_batches 64 8 --search_residual
+		--warmup 4 --residual --fast_gamma 1.5 --lth_batches 64 8 --search_residual --record
 
 clean:
 	rm -rf $(DEMO_DIR) bench_runs

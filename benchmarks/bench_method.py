@@ -238,7 +238,7 @@ def main(a):
                 f"Every seed's ΔDice per subject: `{ev}/paired_by_seed.csv`.\n\n"
                 f"Stage I (validation plateau):\n\n```\n{st_md}\n```\n\n"
                 f"Searches (seconds of the epochs, same run):\n\n```\n{sr_md}\n```\n\nfull / LTH time: {ratio}\n")
-        record("Do the cells help? Real MRI over seeds (bench_method.py)", body)
+        record("Do the cells help? Warped-template MRI over seeds (bench_method.py)", body)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,24 @@ def test_bench_epochs_times_every_stage_and_projects_acdc(tmp_path):
     assert float(cells[6]) == pytest.approx(200 * seconds["search_full"] * 1700 / n_train / 60, abs=0.051)
     assert float(cells[7]) == pytest.approx(43 * seconds["search_lth"] * 1700 / n_train / 60, abs=0.051)
     assert "| mean |" in r.stdout
+
+
+def test_record_replaces_its_section_in_place_and_adds_new_ones_above_the_archive(tmp_path, monkeypatch):
+    """benchmarks/_common.record: a re-run replaces the section of its heading where it stands (under its question,
+    headings inside the body demoted so they stay inside it: the duplicate 'Search cost' section of 2026-12-02);
+    a new heading lands just above the archive; the file is never left half-written."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import _common
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n# 1. Question\n\n## A (a.py)\n\nold A\n\n## Reading: A\n\nby hand\n\n"
+                    "# 2. Other\n\n## B (b.py)\n\nold B\n\n# Archive\n\n## Archived: C\n\nold C\n")
+    monkeypatch.setattr(_common, "RESULTS", str(path))
+    for _ in range(2):
+        _common.record("A (a.py)", "new A\n\n## sub\n\ntable")
+    _common.record("D (d.py)", "new D")
+    text = path.read_text()
+    assert text.count("## A (a.py)") == 1 and "old A" not in text and "#### sub" in text and "\n## sub" not in text
+    assert text.index("# 1. Question") < text.index("## A (a.py)") < text.index("## Reading: A") < text.index("# 2.")
+    assert "by hand" in text and "old B" in text and "old C" in text
+    assert text.index("## B (b.py)") < text.index("## D (d.py)") < text.index("# Archive")
+    assert not os.path.exists(str(path) + ".tmp")
