@@ -45,6 +45,20 @@ def keep_onednn_setting():
     torch.backends.mkldnn.enabled = was
 
 
+def small_phantom_and_backbone(base, scripts, patients, seed, epochs, extra=()):
+    """`patients` ACDC phantom patients at 32x32 (crop 32) under `base`, preprocessed, and a base U-Net of width 8
+    trained `epochs` epochs (with `extra` flags): ((raw dir, data dir), the U-Net's run folder)."""
+    pre, pt = scripts["01_preprocess"], scripts["02_pretrain"]
+    pre.main(pre.get_args(["--make_phantom", str(base / "raw"), "--layout", "acdc", "--patients", str(patients),
+                           "--phantom_size", "32", "--seed", str(seed)]))
+    pre.main(pre.get_args(["--dataset", "acdc", "--raw", str(base / "raw"), "--out", str(base / "data"),
+                           "--crop", "32", "32", "--processes", "1"]))
+    acdc = (str(base / "raw"), str(base / "data"))
+    pt.main(pt.get_args(data_args(acdc) + ["--width", "8", "--epochs", str(epochs), "--batch_size", "16",
+                                           "--out", str(base / "ref"), *extra]))
+    return acdc, str(base / "ref")
+
+
 def data_args(acdc):
     return ["--data", os.path.join(acdc[1], "slices.h5"), "--splits", os.path.join(acdc[1], "splits.json")]
 

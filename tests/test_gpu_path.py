@@ -11,7 +11,7 @@ import torch
 
 from common.checkpoints import load_checkpoint
 from common.iac import read_genotype
-from conftest import data_args
+from conftest import data_args, small_phantom_and_backbone
 
 GPU_PATH = ["--amp", "on", "--channels_last", "on"]
 
@@ -20,15 +20,7 @@ GPU_PATH = ["--amp", "on", "--channels_last", "on"]
 def tiny(tmp_path_factory, scripts):
     """6 ACDC phantom patients at 32x32 and a base U-Net (width 8) trained 2 epochs on the GPU path."""
     base = tmp_path_factory.mktemp("gpu_path")
-    pre, pt = scripts["01_preprocess"], scripts["02_pretrain"]
-    pre.main(pre.get_args(["--make_phantom", str(base / "raw"), "--layout", "acdc", "--patients", "6",
-                           "--phantom_size", "32", "--seed", "3"]))
-    pre.main(pre.get_args(["--dataset", "acdc", "--raw", str(base / "raw"), "--out", str(base / "data"),
-                           "--crop", "32", "32", "--processes", "1"]))
-    acdc = (str(base / "raw"), str(base / "data"))
-    ref = str(base / "ref")
-    pt.main(pt.get_args(data_args(acdc) + ["--width", "8", "--epochs", "2", "--batch_size", "16", "--out", ref,
-                                           *GPU_PATH]))
+    acdc, ref = small_phantom_and_backbone(base, scripts, 6, 3, 2, GPU_PATH)
     return acdc, ref, base
 
 

@@ -158,22 +158,32 @@ with open(log, "a") as f:
 """
 
 
-def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path, raws, monkeypatch, capsys):
-    """Fake sbatch/squeue/sacct/scontrol/srun on PATH record what grid.py --backend slurm gives them: one job per
-    grid job, each `afterok` on exactly the jobs it needs, `--kill-on-invalid-dep`; a second `run` while they
-    are queued submits nothing, also when squeue fails a few times first, and one while squeue keeps failing
-    submits nothing and says so (a failed squeue is not an empty queue)."""
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """The FAKE SLURM tools on PATH (for subprocesses and this process); returns (env, the log of their calls)."""
     pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
-    from conftest import load_script
-    g = load_script("grid")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("sbatch", "squeue", "sacct", "scontrol", "srun", "scancel"):
         (bin_dir / tool).write_text(FAKE)
         (bin_dir / tool).chmod(0o755)
     log = tmp_path / "slurm.jsonl"
-    cfg = config(tmp_path, tmp_path / "C", raws)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env, log
+
+
+def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path, raws, fake_slurm, monkeypatch,
+                                                                        capsys):
+    """Fake sbatch/squeue/sacct/scontrol/srun on PATH record what grid.py --backend slurm gives them: one job per
+    grid job, each `afterok` on exactly the jobs it needs, `--kill-on-invalid-dep`; a second `run` while they
+    are queued submits nothing, also when squeue fails a few times first, and one while squeue keeps failing
+    submits nothing and says so (a failed squeue is not an empty queue)."""
+    from conftest import load_script
+    g = load_script("grid")
+    env, log = fake_slurm
+    cfg = config(tmp_path, tmp_path / "C", raws)
     out = grid("run", cfg, "--backend", "slurm", "--partition", "a100", "--time_min", "90", env=env).stdout
     subs = [json.loads(ln) for ln in log.read_text().splitlines() if json.loads(ln)["tool"] == "sbatch"]
     scripts = [s["script"] for s in subs]
@@ -207,22 +217,6 @@ def test_slurm_backend_submits_a_job_per_run_with_its_own_dependencies(tmp_path,
     with pytest.raises(g.InputError, match="squeue failed 4 times.*nothing was submitted"):
         g.main(g.get_args(["run", cfg, "--backend", "slurm"]))
     assert sum(json.loads(ln)["tool"] == "sbatch" for ln in log.read_text().splitlines()) == 34
-
-
-@pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
-    """The FAKE SLURM tools on PATH (for subprocesses and this process); returns (env, the log of their calls)."""
-    pytest.importorskip("submitit", reason="requirements-grid.txt is not installed")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("sbatch", "squeue", "sacct", "scontrol", "srun", "scancel"):
-        (bin_dir / tool).write_text(FAKE)
-        (bin_dir / tool).chmod(0o755)
-    log = tmp_path / "slurm.jsonl"
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env, log
 
 
 def submitted(log):

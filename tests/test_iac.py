@@ -13,7 +13,7 @@ from common.search import TAU0_REL, settings_from_env
 from common.lth import LTHState, all_edges_single, importance_distribution, js_divergence, ops_to_prune
 from common.data import load_splits, read_meta
 from common.utils import InputError
-from conftest import data_args
+from conftest import data_args, small_phantom_and_backbone
 
 GENO = {"edges": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["dil_conv_5x5", 0, 3], ["max_pool_3x3", 2, 3],
                   ["avg_pool_3x3", 1, 4], ["sep_conv_5x5", 3, 4], ["dil_conv_3x3", 2, 5], ["skip_connect", 4, 5]],
@@ -289,16 +289,7 @@ def search_args(acdc, backbone, out, mode, *extra):
 @pytest.fixture(scope="module")
 def small_phantom(tmp_path_factory, scripts):
     """The invariance benchmark's set-up: 8 ACDC phantom patients at 32x32 and a 15-epoch base U-Net."""
-    base = tmp_path_factory.mktemp("small")
-    pre, pt = scripts["01_preprocess"], scripts["02_pretrain"]
-    pre.main(pre.get_args(["--make_phantom", str(base / "raw"), "--layout", "acdc", "--patients", "8",
-                           "--phantom_size", "32", "--seed", "0"]))
-    pre.main(pre.get_args(["--dataset", "acdc", "--raw", str(base / "raw"), "--out", str(base / "data"),
-                           "--crop", "32", "32", "--processes", "1"]))
-    acdc = (str(base / "raw"), str(base / "data"))
-    pt.main(pt.get_args(data_args(acdc) + ["--width", "8", "--epochs", "15", "--batch_size", "16",
-                                           "--out", str(base / "ref")]))
-    return acdc, str(base / "ref")
+    return small_phantom_and_backbone(tmp_path_factory.mktemp("small"), scripts, 8, 0, 15)
 
 
 def test_default_lth_stops_in_the_band_whatever_the_steps_per_epoch(tmp_path, scripts, small_phantom):
