@@ -109,8 +109,8 @@ def get_args(argv=None):
     p.add_argument("--save_nifti", default=None, metavar="DIR",
                    help="also write the predictions as NIfTI label maps under DIR/NAME/ (default: off)")
     p.add_argument("--nsd_tolerance", type=float, default=None,
-                   help="tolerance of the normalised surface Dice (NSD) in mm (default: the data set's, "
-                        "common/raw.py NSD_TOLERANCE_MM)")
+                   help="tolerance of the normalised surface Dice (NSD) in mm (default: the data set's in "
+                        "common/raw.py NSD_TOLERANCE_MM, today 1 mm for every data set)")
     p.add_argument("--n_boot", type=int, default=9999, help="bootstrap resamples of every bootstrap CI")
     p.add_argument("--boot_seed", type=int, default=0,
                    help="random seed of the bootstrap resampling (fixed, so the same inputs give the same tables)")

@@ -22,9 +22,10 @@ SLURM job that `run --backend slurm` submitted, checked against squeue / sacct),
     flags       extra flags per stage: {"all" (02-04), "preprocess", "pretrain", "search", "finetune", "score",
                 "report"}: [..]
     slurm       partition, gres / gpus_per_node (0: no GPU), time_min, mem_gb, cpus_per_task, account,
-                signal_delay_s (SLURM's warning before the time limit), max_requeues (flags of `run --backend
-                slurm` override them); one SLURM job per grid job (SLURM's own limits throttle them;
-                array_parallelism applies to submitit's local executor only)
+                signal_delay_s (SLURM's warning before the time limit), max_requeues (SLURM requeues per job);
+                `run --backend slurm --partition ...` flags override partition, gres, time_min, mem_gb,
+                cpus_per_task, account and array_parallelism; one SLURM job per grid job (SLURM's own limits
+                throttle them; array_parallelism applies to submitit's local executor only)
 """
 import argparse
 import collections

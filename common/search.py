@@ -82,12 +82,15 @@ RESULT_FLAGS = tuple(s.name for s in SEARCH_SETTINGS if s.name not in ("checkpoi
     "mode", "batch_size", "seed", "cell_channels")
 
 
+METAVARS = {"arch_betas": ("B1", "B2")}                  # --help: `--arch_betas B1 B2`
+
+
 def add_search_flags(p):
     """A typed argparse flag for every search setting; --tau0 and --tau0_rel exclude each other."""
     group = p.add_mutually_exclusive_group()
     for s in SEARCH_SETTINGS:
         target = group if s.name in ("tau0", "tau0_rel") else p
-        kw = {"nargs": s.nargs} if s.nargs else {}
+        kw = {"nargs": s.nargs, "metavar": METAVARS.get(s.name)} if s.nargs else {}
         target.add_argument(f"--{s.name}", type=s.type, default=s.default, choices=s.choices, help=s.help, **kw)
 
 

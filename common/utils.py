@@ -70,13 +70,13 @@ def add_device_flags(p):
                         "cuda:N")
     p.add_argument("--amp", nargs="?", const="on", default="auto", choices=SWITCH,
                    help="bfloat16 mixed precision (torch autocast): auto = on with CUDA, off on the CPU; on = also on "
-                        "the CPU; off = float32 throughout")
+                        "the CPU (--amp alone means on); off = float32 throughout")
     p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off")
-    p.add_argument("--channels-last", "--channels_last", dest="channels_last", nargs="?", const="on", default="auto",
+    p.add_argument("--channels_last", "--channels-last", dest="channels_last", nargs="?", const="on", default="auto",
                    choices=SWITCH, help="store images and activations channels-last (torch.channels_last memory "
                                         "format, faster convolutions on GPUs): auto = on with CUDA, off on the CPU; "
-                                        "on = also on the CPU")
-    p.add_argument("--no-channels-last", "--no-channels_last", dest="channels_last", action="store_const",
+                                        "on = also on the CPU (--channels_last alone means on)")
+    p.add_argument("--no-channels_last", "--no-channels-last", dest="channels_last", action="store_const",
                    const="off", help="the same as --channels_last off")
 
 

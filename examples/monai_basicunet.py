@@ -67,7 +67,7 @@ def get_args(argv=None):
     p.add_argument("--size", type=int, default=32, help="image side in pixels (a multiple of 16) (default: 32)")
     p.add_argument("--n_train", type=int, default=128, help="training images (default: 128)")
     p.add_argument("--n_test", type=int, default=64, help="held-out images to predict (default: 64)")
-    p.add_argument("--features", type=int, nargs=6, default=(16, 16, 32, 32, 64, 16),
+    p.add_argument("--features", type=int, nargs=6, default=(16, 16, 32, 32, 64, 16), metavar="W",
                    help="BasicUNet features: 5 encoder widths and the last decoder width; the first four must be "
                         "multiples of --pc_k (default: 16 16 32 32 64 16)")
     p.add_argument("--batch_size", type=int, default=32, help="batch size of every stage (default: 32)")
