@@ -34,9 +34,11 @@ Paired comparisons (paper Sec. 6.4), one row of paired.csv per pair and backbone
   seeds, seed_deltas
                  the seeds both methods have, and each seed's mean ΔDice (its CI and p in paired_seeds.csv).
   hier_ci_low, hier_ci_high
-                 95% CI including seed-to-seed variation: a two-stage bootstrap that resamples seeds, then units
-                 within each drawn seed (with one seed: the patient bootstrap).
-  verdict        gain / loss only where the seed-inclusive CI excludes zero, else "no clear difference".
+                 95% CI including seed-to-seed variation: a two-way bootstrap that resamples seeds and units
+                 (the same drawn units under every drawn seed: seeds and patients are crossed; with one seed,
+                 the patient bootstrap).
+  verdict        gain / loss only where the seed-inclusive CI excludes zero, else "no clear difference" (which
+                 is not evidence of equivalence: the CI's ends are the largest loss and gain the data allow).
 """
 import argparse
 import json
@@ -274,7 +276,7 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patien
          paired: per pair and backbone, with each method's Dice averaged over its seeds: n units, mean ΔDice,
                  95% paired bootstrap CI and Wilcoxon p over units (conditional on the trained models); Fisher's
                  combination across backbones; family and Holm's adjustment within it; the seeds both methods
-                 have, each one's mean ΔDice, the two-stage CI over seeds then units, and the verdict from it.
+                 have, each one's mean ΔDice, the two-way CI over seeds and units, and the verdict from it.
                  With several backbones, their mean ΔDice (Table 1) with a paired bootstrap CI over units.
          seeds:  per pair, backbone and shared seed: n, mean ΔDice, 95% CI and Wilcoxon p over units.
          units:  per pair, backbone, shared seed and unit: the number of cases averaged and the ΔDice."""
@@ -343,8 +345,10 @@ def paired_markdown(paired, seeds, reference, primary, args):
             f"({args.alternative}) over units with each method's Dice averaged over its seeds (conditional on the "
             "trained models); Fisher p across backbones; holm_p: Wilcoxon p adjusted (Holm) within the family "
             f"(primary: {claims}; exploratory: the rest); seed_deltas: each seed's mean ΔDice; hier_ci: 95% CI over "
-            "seeds, then units (two-stage bootstrap; with one seed, the patient bootstrap); verdict: gain / loss "
-            "only where hier_ci excludes 0. The mean over backbones has a bootstrap CI over units.\n\n")
+            "seeds and units (a two-way bootstrap: the same drawn units under every drawn seed; with one seed, the "
+            "patient bootstrap); verdict: gain / loss only where hier_ci excludes 0 (\"no clear difference\" is not "
+            "equivalence: the CI's ends bound the loss and gain). The mean over backbones has a bootstrap CI over "
+            "units.\n\n")
     if paired.empty:
         return text + "no paired comparison\n"
     text += to_markdown(paired) + "\n"

@@ -22,7 +22,7 @@ same flags but the seed:
              iac_lth_res, whose cells were searched with `replace` (the one change: the search's cell output).
 Then one 05_evaluate.py over all seeds, whose tables are the result: per comparison the ΔDice with each
 method's Dice averaged over the seeds (95% bootstrap CI and Wilcoxon p over the test subjects, conditional on the
-trained models), each seed's ΔDice, and a 95% CI over seeds, then subjects; the paper's two claims (ref -> iac,
+trained models), each seed's ΔDice, and a 95% CI over seeds and subjects; the paper's two claims (ref -> iac,
 iac -> iac_lth) are primary, every other comparison exploratory with Holm-adjusted p, and a difference is a gain or
 a loss only where the CI with seeds excludes 0. OUT/eval/paired_by_seed.csv holds every seed's ΔDice per subject.
 Every test subject is a warp of the same real volume the training subjects come from, so the p-values measure

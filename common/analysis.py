@@ -1,7 +1,7 @@
 """Paired statistics (paper Sec. 6.4) and search-dynamics analysis (Sec. 4), as pure functions.
 
 Statistics come from scipy.stats (bootstrap, wilcoxon, combine_pvalues); what scipy does not have is
-written in numpy: the two-stage bootstrap over seeds, then patients, and Holm's adjustment.
+written in numpy: the two-way bootstrap over seeds and patients, and Holm's adjustment.
 Trajectories are the lists of dicts in trajectory.jsonl.
 """
 import numpy as np
@@ -49,18 +49,21 @@ def backbone_mean(deltas, n_resamples=9999, seed=0):
 
 
 def hierarchical_bootstrap(deltas, n_resamples=9999, seed=0, confidence_level=0.95):
-    """95% CI of the mean ΔDice that includes seed-to-seed variation: a two-stage (hierarchical) bootstrap.
+    """95% CI of the mean ΔDice that includes seed-to-seed variation: a two-way bootstrap over seeds and patients.
 
     In:  `deltas` (n_seeds, n_units): ΔDice = other − ref of every paired unit (patient, or case) under every
          training seed; units with a NaN under any seed are left out.
     Out: {"seeds", "n", "mean_delta", "ci_low", "ci_high"}; the mean is the mean over seeds of the mean over units.
-    Each resample draws n_seeds seeds with replacement, then, for every drawn seed, n_units units with replacement
-    (paired: a drawn unit keeps both methods' Dice of that seed), and takes the mean over drawn seeds of the mean
-    over their drawn units; the CI is the percentile interval of those means (as scipy's method="percentile").
-    scipy.stats.bootstrap resamples the observations of one level only, so the two stages are written here in
-    numpy. The unit indices are drawn before the seed indices, so with one seed every resample is the one
+    Seeds and patients are crossed, not nested: every seed's models are scored on the same test patients, so a
+    patient's effect is shared by all seeds. Each resample therefore draws n_units units with replacement once and
+    n_seeds seeds with replacement, and takes the mean of the (drawn seeds x drawn units) block (paired: a drawn
+    unit keeps both methods' Dice of each drawn seed); the CI is the percentile interval of those means (as
+    scipy's method="percentile"). Drawing the units anew for every drawn seed (a nested bootstrap) would average
+    n_seeds independent patient draws and shrink the patient variance n_seeds-fold: a CI narrower than the
+    patient-only one. scipy.stats.bootstrap resamples one level only, so the two draws are written here in numpy.
+    The unit indices are drawn before the seed indices, so with one seed every resample is the one
     scipy.stats.bootstrap(paired=True) draws from the same `seed`, and the CI is that patient bootstrap's.
-    With few seeds (3) the seed stage is coarse: it can only draw the seeds there are, and understates their
+    With few seeds (3) the seed draw is coarse: it can only draw the seeds there are, and understates their
     variance by a factor (n_seeds − 1) / n_seeds."""
     d = np.asarray(deltas, float)
     d = d[:, ~np.isnan(d).any(0)]
@@ -70,9 +73,9 @@ def hierarchical_bootstrap(deltas, n_resamples=9999, seed=0, confidence_level=0.
     if S == 0 or P < 2 or np.ptp(d) == 0:
         return out
     rng = np.random.default_rng(seed)
-    units = rng.integers(0, P, (n_resamples, S, P))             # stage 2: units within each drawn seed
-    seeds = rng.integers(0, S, (n_resamples, S))                # stage 1: seeds
-    theta = d[seeds[:, :, None], units].mean(-1).mean(-1)      # (n_resamples,) mean over seeds of unit means
+    units = rng.integers(0, P, (n_resamples, P))                # the same drawn units under every drawn seed
+    seeds = rng.integers(0, S, (n_resamples, S))
+    theta = d[seeds[:, :, None], units[:, None, :]].mean((-2, -1))   # (n_resamples,) mean of the drawn block
     alpha = (1 - confidence_level) / 2
     out["ci_low"], out["ci_high"] = (float(q) for q in np.quantile(theta, [alpha, 1 - alpha]))
     return out
