@@ -36,13 +36,20 @@ def backbone(tmp_path_factory, scripts, acdc):
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def onednn_at_start():
+    """Whether oneDNN was on when the session began (before any module-scoped fixture ran a stage)."""
+    return torch.backends.mkldnn.enabled
+
+
 @pytest.fixture(autouse=True)
-def keep_onednn_setting():
+def keep_onednn_setting(onednn_at_start):
     """A stage run on the CPU with --amp on --channels_last on may switch oneDNN off for its process
-    (common/utils.cpu_conv_guard); the tests run stages in one process, so each test gets the setting back."""
-    was = torch.backends.mkldnn.enabled
+    (common/utils.cpu_conv_guard), and the tests run stages in one process (module fixtures too): every test
+    starts and ends with the session's setting."""
+    torch.backends.mkldnn.enabled = onednn_at_start
     yield
-    torch.backends.mkldnn.enabled = was
+    torch.backends.mkldnn.enabled = onednn_at_start
 
 
 def small_phantom_and_backbone(base, scripts, patients, seed, epochs, extra=()):

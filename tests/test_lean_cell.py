@@ -134,6 +134,7 @@ def test_cpu_conv_guard_only_where_the_kernel_is_broken():
     every other configuration is left alone."""
     from common.utils import dilated_depthwise_bf16_ok
     was = torch.backends.mkldnn.enabled
+    assert was, "oneDNN should be on at the start of a test (conftest.keep_onednn_setting)"
     try:
         for device, amp, cl in ((torch.device("cpu"), True, False), (torch.device("cpu"), False, True),
                                 (torch.device("cuda"), True, True)):
