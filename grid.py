@@ -174,21 +174,38 @@ def recorded(j):
     return rec
 
 
-def local_runner_alive(rec):
-    """Whether the local runner that wrote a record without a SLURM job (run --backend local) still runs: True or
-    False on the host that wrote it, None elsewhere (it cannot be checked from here)."""
-    pid = rec.get("runner_pid")
-    if rec.get("host") != os.uname().nodename:
+def process_start(pid):
+    """A process's start time (clock ticks since boot, /proc/PID/stat field 22): with its pid, what names it, since
+    pids are reused; None where /proc cannot tell (no such process, another OS)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
-    if not isinstance(pid, int) or pid <= 0:         # written before runners recorded their pid
+
+
+def process_alive(pid, start=None):
+    """Whether process `pid` runs on this host and, where its start time was recorded, is that same process."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:                          # alive, someone else's
-        return True
-    return True
+        pass
+    return start is None or process_start(pid) in (start, None)
+
+
+def local_runner_alive(rec):
+    """Whether the job a local runner recorded (no SLURM job: run --backend local, or submitit's local executor)
+    still runs: its runner or its stage process alive, checked by pid and start time, on the host that wrote the
+    record (True / False); None elsewhere (it cannot be checked from here). A record without pids (written before
+    they were recorded) reads as gone."""
+    if rec.get("host") != os.uname().nodename:
+        return None
+    return process_alive(rec.get("runner_pid"), rec.get("runner_start")) or \
+        process_alive(rec.get("stage_pid"), rec.get("stage_start"))
 
 
 def squeue_jobs(tries=1, wait_s=5):
@@ -253,7 +270,7 @@ def job_states(jobs, live=None):
         rec = recorded(j)
         state, why = rec.get("state", "waiting"), ""
         if state == "failed":
-            why = f"exit {rec.get('exit_code')}; log {os.path.join(j.out, 'grid.log')}"
+            why = f"{rec.get('why') or 'exit ' + str(rec.get('exit_code'))}; log {os.path.join(j.out, 'grid.log')}"
         elif state == "stopped":
             why = "exit 0 without done.json (--stop_after?); run the grid again to continue it"
         if state in ALIVE and rec.get("submitting"):
@@ -322,12 +339,15 @@ def start_stage(j, env=None, **info):
     os.makedirs(j.out, exist_ok=True)
     if not info.get("slurm_job") and os.path.exists(os.path.join(j.out, SUBMIT)):
         os.remove(os.path.join(j.out, SUBMIT))       # run here, not by the SLURM job it once recorded
-    set_state(j, "running", runner_pid=os.getpid(), **info)
+    runner = {"runner_pid": os.getpid(), "runner_start": process_start(os.getpid())}
+    set_state(j, "running", **runner, **info)
     with open(os.path.join(j.out, "grid.log"), "a") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(j.command)}\n")
         log.flush()
-        return subprocess.Popen(j.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                preexec_fn=block_stop_signals)     # until the stage can stop cleanly
+        p = subprocess.Popen(j.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                             preexec_fn=block_stop_signals)        # until the stage can stop cleanly
+    set_state(j, "running", **runner, stage_pid=p.pid, stage_start=process_start(p.pid), **info)
+    return p
 
 
 def log_line(j, text):
@@ -433,7 +453,10 @@ def run_local(jobs, selected, gpus=None, max_requeues=3):
     slurm`, another local runner) is left to it."""
     slots = gpu_slots(gpus)
     done = {j.id for j in jobs if is_done(j.out)}
-    states = job_states(jobs, live_states(jobs))
+    queue = squeue_jobs()                                        # None where there is no SLURM here
+    if queue is not None:
+        adopt_submissions(jobs, queue)                           # a killed `run --backend slurm`'s leftovers
+    states = job_states(jobs, live_states(jobs, queue=queue) if queue is not None else None)
     elsewhere = {j.id for j in selected if j.id not in done and states[j.id][0] in ALIVE}
     for jid in sorted(elsewhere):
         print(f"[kept] {jid}: {states[jid][1] or states[jid][0]}; not run here")
@@ -453,12 +476,19 @@ def run_local(jobs, selected, gpus=None, max_requeues=3):
                 continue
             del running[slot]
             state = finished_state(j, rc)
-            set_state(j, state, exit_code=rc)
+            again = state == "requeued" and requeues[j.id] < max_requeues        # this runner runs it again
+            if state == "requeued" and not again:
+                state = "failed"
+                set_state(j, state, exit_code=rc, why=f"stopped for a requeue {max_requeues + 1} times "
+                                                      "(--max_requeues)")
+            else:
+                set_state(j, state, exit_code=rc, **({"runner_pid": os.getpid(),
+                                                      "runner_start": process_start(os.getpid())} if again else {}))
             log_line(j, f"exit {rc} ({state})")
             print(f"[{state}] {j.id} (exit {rc})", flush=True)
             if state == "done":
                 done.add(j.id)
-            elif state == "requeued" and requeues[j.id] < max_requeues:
+            elif again:
                 requeues[j.id] += 1
                 pending.insert(0, j)
             else:

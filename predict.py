@@ -121,15 +121,16 @@ def main(args):
             case = Case(case_id, case_id, channel_files(case_id, channels, modalities), None,
                         case_modality(meta, case_id, args.modality))
             r = preprocess(case, meta)
-        except InputError as e:                          # bad input: this case only, the others go on
-            failed[case_id] = str(e)
-            tqdm.write(f"error: {e}", file=sys.stderr)
+            if any(int(w) > c for w, c in zip(r["work_shape"], meta["crop"])):
+                tqdm.write(f"note: case {case_id}: slices of {r['work_shape'].tolist()} voxels are larger than the "
+                           f"crop {meta['crop']} the run was trained with; voxels outside the centred crop are "
+                           "background")
+            stack = predict_stack(model, r["images"], device, amp, cl)        # (Z, H, W) our label indices
+            write_nifti(slices_to_nifti(stack, meta, case_id, geometry=r), os.path.join(args.out, f"{case_id}.nii.gz"))
+        except Exception as e:                           # noqa: BLE001 - this case only, the others go on
+            failed[case_id] = str(e) if isinstance(e, InputError) else f"case {case_id}: {type(e).__name__}: {e}"
+            tqdm.write(f"error: {failed[case_id]}", file=sys.stderr)
             continue
-        if any(int(w) > c for w, c in zip(r["work_shape"], meta["crop"])):
-            tqdm.write(f"note: case {case_id}: slices of {r['work_shape'].tolist()} voxels are larger than the crop "
-                       f"{meta['crop']} the run was trained with; voxels outside the centred crop are background")
-        stack = predict_stack(model, r["images"], device, amp, cl)            # (Z, H, W) our label indices
-        write_nifti(slices_to_nifti(stack, meta, case_id, geometry=r), os.path.join(args.out, f"{case_id}.nii.gz"))
         inputs[case_id] = case.images
     atomic_write_json(os.path.join(args.out, "predict.json"),
                       {**run_metadata(args), "data": data, "checkpoint": {"path": ckpt_path, "kind": ckpt["kind"],

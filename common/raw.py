@@ -394,7 +394,8 @@ def image_cases(path, dataset, modalities):
     """Cases to predict under `path` (a NIfTI file or a folder, searched recursively) -> [(case id, {channel:
     file})], sorted by case id. Files are named as in the raw layout of `dataset` (ACDC patientXXX_frameYY,
     KiTS case_XXXXX/imaging, AMOS amos_XXXX, BraTS CASE_t1 ... / CASE-t1n ...) or as nnU-Net's
-    CASE_0000.nii.gz (channel 0000, 0001, ... in the order of `modalities`); files named neither way (labels,
+    CASE_0000.nii.gz (channel 0000, 0001, ... in the order of `modalities`; with one modality, names without a
+    _0000 beside them are plain names: liver_0012.nii.gz is a case of its own); files named neither way (labels,
     4-D cine files) are left out. A folder where no file is named so, with one modality, takes every NIfTI file
     as a case of its own. A file takes the case it belongs to (its other channels beside it). Whether each case
     has exactly the channels of `modalities` is for `channel_files` to say, case by case."""
@@ -419,6 +420,10 @@ def image_cases(path, dataset, modalities):
                              "give each case a name of its own")
         where[case] = os.path.dirname(f)
         cases.setdefault(case, {}).setdefault(channel, []).append(f)
+    if len(modalities) == 1:                    # liver_0012, liver_0013 without liver_0000: plain names, not channels
+        for case in [c for c, ch in cases.items() if 0 not in ch]:
+            for f in (f for fs in cases.pop(case).values() for f in fs):
+                cases[_stem(f)] = {0: [f]}
     if only is not None:
         mine = [c for c, ch in cases.items() if any(os.path.samefile(only, f) for fs in ch.values() for f in fs)]
         cases = {c: cases[c] for c in mine} or {_case_of_plain(only): {0: [only]}}

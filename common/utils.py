@@ -64,18 +64,18 @@ SWITCH = ("auto", "on", "off")
 def add_device_flags(p):
     """--device and the precision switches --amp and --channels_last: auto (on with CUDA, off on the CPU), on (also on
     the CPU: torch's CPU autocast has CUDA's bf16 dtype rules, so a CPU run takes the path a GPU run takes), off.
-    `--amp` alone is `on`; --no-amp, --no-channels-last (--no-channels_last) are `off`."""
+    Each takes its value (`--amp` alone, which meant "on with CUDA" before the switches had three values, is an
+    error rather than a silent change); --no-amp, --no-channels_last (--no-channels-last) are `off`."""
     p.add_argument("--device", default="auto",
                    help="where to run: auto (CUDA when a GPU is usable, else the CPU; it says which), cpu, cuda or "
                         "cuda:N")
-    p.add_argument("--amp", nargs="?", const="on", default="auto", choices=SWITCH,
+    p.add_argument("--amp", default="auto", choices=SWITCH,
                    help="bfloat16 mixed precision (torch autocast): auto = on with CUDA, off on the CPU; on = also on "
-                        "the CPU (--amp alone means on); off = float32 throughout")
+                        "the CPU; off = float32 throughout")
     p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off")
-    p.add_argument("--channels_last", "--channels-last", dest="channels_last", nargs="?", const="on", default="auto",
-                   choices=SWITCH, help="store images and activations channels-last (torch.channels_last memory "
-                                        "format, faster convolutions on GPUs): auto = on with CUDA, off on the CPU; "
-                                        "on = also on the CPU (--channels_last alone means on)")
+    p.add_argument("--channels_last", "--channels-last", dest="channels_last", default="auto", choices=SWITCH,
+                   help="store images and activations channels-last (torch.channels_last memory format, faster "
+                        "convolutions on GPUs): auto = on with CUDA, off on the CPU; on = also on the CPU")
     p.add_argument("--no-channels_last", "--no-channels-last", dest="channels_last", action="store_const",
                    const="off", help="the same as --channels_last off")
 

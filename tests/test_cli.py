@@ -98,8 +98,9 @@ def test_devices(capsys):
 
 
 def test_precision_switches_auto_on_off(scripts, acdc):
-    """--amp / --channels_last: auto (on with CUDA only), on (the CPU too: the GPU path), off; the bare flag is on,
-    the --no- spellings are off; args.json of older runs (True / False) reads as auto / off."""
+    """--amp / --channels_last: auto (on with CUDA only), on (the CPU too: the GPU path), off; the bare flag (which
+    meant auto before) is an error, the --no- spellings are off; args.json of older runs (True / False) reads as
+    auto / off."""
     from common.utils import precision, switch_on
     m = scripts["02_pretrain"]
     base = data_args(acdc) + ["--out", "x"]
@@ -108,10 +109,12 @@ def test_precision_switches_auto_on_off(scripts, acdc):
     assert (a.amp, a.channels_last) == ("auto", "auto")
     assert precision(a, cpu) == (False, False) and switch_on(a.amp, gpu) and switch_on(a.channels_last, gpu)
     assert precision(m.get_args(base + ["--amp", "on", "--channels_last", "on"]), cpu) == (True, True)
-    assert precision(m.get_args(base + ["--amp", "--channels-last"]), cpu) == (True, True)
+    for bare in (["--amp"], ["--channels-last"]):
+        with pytest.raises(SystemExit):
+            m.get_args(base + bare)
     for flag in ("--no-channels-last", "--no-channels_last", "--channels_last=off"):
         assert not switch_on(m.get_args(base + [flag]).channels_last, gpu)
-    assert m.get_args(base + ["--no-channels-last", "--channels_last"]).channels_last == "on"
+    assert m.get_args(base + ["--no-channels-last", "--channels_last", "on"]).channels_last == "on"
     assert not switch_on(m.get_args(base + ["--no-amp"]).amp, gpu) and not switch_on(False, gpu)
     assert switch_on(True, gpu) and not switch_on(True, cpu)
     with pytest.raises(SystemExit):

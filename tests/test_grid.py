@@ -225,29 +225,31 @@ def submitted(log):
 
 
 def test_a_local_run_then_slurm(tmp_path, raws, fake_slurm):
-    """A root first run with --backend local, then --backend slurm: a "running" record whose local runner is gone
-    (an old record without the runner's pid, and one with a dead pid) is `waiting` in status and submitted again,
-    with no KeyError; a job whose local runner still lives is kept, and its dependants wait for a later run; the
-    local backend in turn leaves a job SLURM has queued alone."""
+    """A root first run with --backend local, then --backend slurm: a "running" record whose local runner and stage
+    are gone (an old record without pids; a dead pid; a live pid whose start time says it is another process now)
+    is `waiting` in status and submitted again, with no KeyError; a job whose stage still runs (its runner killed)
+    is kept, and its dependants wait for a later run; the local backend in turn leaves a job SLURM has queued alone."""
     from conftest import load_script
     g = load_script("grid")
     env, log = fake_slurm
     cfg = config(tmp_path, tmp_path / "L", {"acdc": raws["acdc"]}, seeds=(0,))
-    jobs = {j.stage + ("" if j.stage != "search" else j.id[-4:]): j for j in g.plan(g.load_config(cfg))}
+    jobs = {j.stage: j for j in g.plan(g.load_config(cfg))}
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    host = os.uname().nodename
-    g.set_state(jobs["preprocess"], "running", slot=None)                           # no runner_pid: before this fix
-    os.makedirs(jobs["pretrain"].out)
-    g.atomic_write_json(os.path.join(jobs["pretrain"].out, g.STATE), {"state": "running", "host": host,
-                                                                      "runner_pid": os.getpid()})   # alive
+    host, me = os.uname().nodename, os.getpid()
+
+    def record(job, **pids):
+        os.makedirs(job.out, exist_ok=True)
+        g.atomic_write_json(os.path.join(job.out, g.STATE), {"state": "running", "host": host, **pids})
+
+    g.set_state(jobs["preprocess"], "running", slot=None)                           # no pids: before this fix
+    record(jobs["pretrain"], runner_pid=gone.pid, stage_pid=me, stage_start=g.process_start(me))   # stage alive
     status = grid("status", cfg, env=env).stdout
     assert "waiting: acdc/data  (its local runner" in status and "is gone" in status, status
     out = grid("run", cfg, "--backend", "slurm", env=env).stdout
     assert "[submit] acdc/data: job 1000" in out and "[kept] acdc/base/seed0/ref: local runner" in out, out
     assert "[skip] acdc/base/seed0/search_lth: needs acdc/base/seed0/ref" in out and len(submitted(log)) == 1
-    g.atomic_write_json(os.path.join(jobs["pretrain"].out, g.STATE), {"state": "running", "host": host,
-                                                                      "runner_pid": gone.pid})      # now gone
+    record(jobs["pretrain"], runner_pid=me, runner_start=g.process_start(me) + 1)   # that pid is another process now
     out = grid("run", cfg, "--backend", "slurm", env=env).stdout
     assert "[kept] acdc/data: SLURM job 1000 PENDING" in out and "[submit] acdc/base/seed0/ref: job 1001, after 1000" \
         in out, out

@@ -176,3 +176,21 @@ def test_new_case_gets_the_training_preprocessing(tmp_path, scripts, predict, sp
             label = nib.load(json.loads(meta["cases"]["source"][i])[-1])
             assert back.shape == label.shape
             np.testing.assert_allclose(back.affine, label.affine)
+            b, lab = np.asarray(back.dataobj), np.asarray(label.dataobj)
+            if spacing is None:                      # inside the crop the label itself, outside background
+                assert np.all((b == lab) | (b == 0)) and (b > 0).sum() == (f["labels"][a:a + n] > 0).sum() > 0, case_id
+            else:                                    # resampled there and back (nearest): nearly the label
+                assert 2 * ((b == lab) & (lab > 0)).sum() >= 0.8 * ((b > 0).sum() + (lab > 0).sum()), case_id
+
+
+def test_plain_file_names_with_one_modality(tmp_path):
+    """One modality: liver_0012.nii.gz and liver_0013.nii.gz (no liver_0000) are two cases, not channels 12 and 13
+    of "liver"; CASE_0000.nii.gz is the case CASE (a CASE_0001 beside it would be an extra channel: a bad case);
+    two modalities keep nnU-Net's channel naming."""
+    from common.raw import image_cases
+    for name in ("liver_0012", "liver_0013", "scan_0000"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    got = dict(image_cases(str(tmp_path), "nnunet", ["MRI"]))
+    assert sorted(got) == ["liver_0012", "liver_0013", "scan"] and list(got["scan"]) == [0]
+    two = dict(image_cases(str(tmp_path), "nnunet", ["T1", "T2"]))
+    assert sorted(two) == ["liver", "scan"] and sorted(two["liver"]) == [12, 13]
