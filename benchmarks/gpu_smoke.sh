@@ -20,16 +20,23 @@ step() {                                   # step NAME COMMAND...: run it, log i
 step phantom python3 01_preprocess.py --make_phantom "$W/raw" --layout acdc --patients 10 --phantom_size 64
 step preprocess python3 01_preprocess.py --dataset acdc --raw "$W/raw" --out "$W/data" --crop 64 64
 step pretrain python3 02_pretrain.py $D --width 16 --epochs 2 --batch_size 16 --out "$W/ref"
-for mode in lth full; do
-    args="--backbone $W/ref/ckpt_best.pt $D --mode $mode --epochs 4 --warmup 1 --batch_size 16 --ckpt_every_steps 1"
+for mode in lth full; do                  # batch 4: many steps per epoch, so the stop lands inside one
+    args="--backbone $W/ref/ckpt_best.pt $D --mode $mode --epochs 4 --warmup 1 --batch_size 4 --ckpt_every_steps 1"
     python3 03_search.py $args --out "$W/$mode" > "$OUT/search_$mode.log" 2>&1 &
     pid=$!
-    for _ in $(seq 300); do grep -q "^epoch 2/" "$OUT/search_$mode.log" 2>/dev/null && break; sleep 0.1; done
-    sleep 0.5; kill -USR1 $pid 2>/dev/null; wait $pid
-    echo "smoke search_$mode (SIGUSR1 after epoch 2) exit $? (75: stopped by the signal inside an epoch)"
+    for _ in $(seq 600); do grep -q "^epoch 2/" "$OUT/search_$mode.log" 2>/dev/null && break; sleep 0.1; done
+    t=$(stat -c %.9Y "$W/$mode/ckpt_last.pt" 2>/dev/null)
+    for _ in $(seq 600); do                  # the first mid-epoch checkpoint of epoch 3, then the stop signal
+        [ "$(stat -c %.9Y "$W/$mode/ckpt_last.pt" 2>/dev/null)" != "$t" ] && break; sleep 0.05
+    done
+    kill -USR1 $pid 2>/dev/null; wait $pid
+    echo "smoke search_$mode (SIGUSR1 inside epoch 3) exit $? (75: stopped by the signal)"
     grep -E "device:|checkpointing per cell level|warning" "$OUT/search_$mode.log"
     step "search_${mode}_resume" python3 03_search.py $args --out "$W/$mode" --resume
     grep -E "resuming at|genotype after" "$OUT/search_${mode}_resume.log"
+    grep -q "resuming at epoch 3, after step" "$OUT/search_${mode}_resume.log" \
+        && echo "smoke search_$mode: mid-epoch resume on this device tested" \
+        || echo "smoke search_$mode: the stop did not land inside epoch 3; mid-epoch resume NOT tested"
 done
 step finetune python3 04_finetune.py --backbone "$W/ref/ckpt_best.pt" $D --genotype "$W/lth/genotype.json" \
     --epochs 1 --batch_size 16 --out "$W/iac_lth"

@@ -45,7 +45,9 @@ _CHECKPOINT = contextvars.ContextVar("iac_checkpoint", default=checkpoint)
 @contextlib.contextmanager
 def checkpoint_hook(fn):
     """While inside, every checkpointed region of this module runs as fn(region, *args, **kwargs) instead of
-    torch.utils.checkpoint.checkpoint (common/memory.py counts what each region keeps this way)."""
+    torch.utils.checkpoint.checkpoint (common/memory.py counts what each region keeps this way, in the forward
+    pass). A context variable: a region recomputed in the backward pass, which autograd may run in a worker thread
+    (on CUDA), sees torch's checkpoint for the regions nested in it, not `fn`."""
     token = _CHECKPOINT.set(fn)
     try:
         yield

@@ -95,7 +95,8 @@ def add_search_flags(p):
 
 
 def checkpoint_edges(setting, device):
-    """--checkpoint_edges auto|on|cell|fine|off -> the nnU-Net trainers' IACSearchSkips flag (auto: edges on CUDA)."""
+    """--checkpoint_edges auto|on|cell|fine|off -> the nnU-Net trainers' LeanSearchSkips mode
+    (auto: edges on CUDA)."""
     return setting if setting in ("cell", "fine") else setting == "on" or (setting == "auto" and device.type == "cuda")
 
 

@@ -429,3 +429,18 @@ def test_cells_in_2d_and_3d_share_genotype_shapes_and_theta0_slicing():
     x = torch.arange(2 * 8 * 3 * 3 * 3.0).view(2, 8, 3, 3, 3)
     y = channel_shuffle(x, 4)
     assert torch.equal(y[:, 1], x[:, 2]) and torch.equal(y[:, 2], x[:, 4])
+
+
+def test_cells_say_what_is_wrong_with_their_inputs():
+    """The contract a copier must keep (common/iac.py's docstring), checked with an error naming the level: the skip
+    and the up-sampled tensor of the same spatial size, with the channels the cells were built for."""
+    s = IACSearchSkips([8, 16], [16, 32])
+    d = IACSkips(GENO, [8, 16], [16, 32])
+    for skips in (s, d):
+        skips.prepare(None)
+        assert skips(1, torch.randn(2, 16, 8, 8), torch.randn(2, 32, 8, 8)).shape == (2, 16, 8, 8)
+        with pytest.raises(ValueError, match="IAC level 0: skip .* and up .* differ in spatial size; up-sample"):
+            skips(0, torch.randn(2, 8, 16, 16), torch.randn(2, 16, 8, 8))
+        with pytest.raises(ValueError, match="IAC level 1: got skip / up with 16 / 16 channels.*up_channels 32 "
+                                             r"\(level 0 is the finest skip\)"):
+            skips(1, torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8))

@@ -63,7 +63,8 @@ def test_contract_eval_mode_is_the_reference_exactly():
 
 
 def relative(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
 
 
 def concat(tensors, keys):
@@ -156,7 +157,6 @@ def test_contract_float64_search_steps(mode):
     against common/iac.py's edge-by-edge step of Eq. (4) and (9), in float64 over several search steps with ops and a whole edge pruned
     between them, checkpointed and not, 2-D and 3-D: the same losses, every gradient of α, β and the cell
     weights, the updated weights and the BatchNorm running statistics."""
-    from common.search import arch_optimizer, search_step, weight_optimizer
     for dims, ckpt in ((2, False), (2, True), (2, "cell"), (2, "fine"), (3, False)):
         size = (12, 12) if dims == 2 else (6, 6, 6)
         torch.manual_seed(0)
@@ -201,7 +201,6 @@ def test_contract_float64_search_steps(mode):
             torch.testing.assert_close(state_l[n], state_p[n], rtol=1e-10, atol=1e-13, msg=f"{dims}-D {n}")
 
 
-
 @pytest.mark.parametrize("lean", [True, False])
 def test_checkpointed_edges_same_gradients_and_bn_statistics(lean):
     """--checkpoint_edges on (and cell, fine) recomputes the ops in backward: gradients (weights and α, β), the output
@@ -226,7 +225,6 @@ def test_checkpointed_edges_same_gradients_and_bn_statistics(lean):
         for n in stats[0]:
             torch.testing.assert_close(stats[0][n], stats[other][n], rtol=exact, atol=exact, msg=n)
     assert any(not torch.all(v == 0) for n, v in stats[1].items() if "running_mean" in n)   # they did update
-
 
 
 def test_memory_estimate_counts_what_backward_keeps():
@@ -280,3 +278,31 @@ def test_memory_estimate_counts_what_backward_keeps():
     assert plan_for_run("fine", torch.device("cpu"), net, skips, 2, (32, 32), False) == (["fine"] * 4, [])
 
 
+def test_shared_statistics_under_autocast_equal_separate_batchnorms():
+    """Under bf16 autocast the lean step's shared BatchNorm statistics (one pool's output for every edge leaving a
+    node; one grouped convolution op for all of them) equal what each edge's own modules record on the same bf16
+    input, in float32 buffers: the pools' up to summation order, the convolution ops' within bf16 rounding of
+    the grouped convolutions."""
+    from common.iac import make_op
+    from common.lean_cell import _batched_conv_op, _shared_batch_norm
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 12, 12).to(torch.bfloat16)           # what a node's C/K channels are under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for name in ("avg_pool_3x3", "max_pool_3x3", "sep_conv_5x5", "dil_conv_3x3"):
+            own = [make_op(name, 6, search=True) for _ in range(3)]
+            shared = copy.deepcopy(own)
+            outs = [m(x) for m in own]                          # each edge's op on its own
+            if "pool" in name:
+                got = [_shared_batch_norm(shared[0][0](x), [m[1] for m in shared])] * 3
+                tol = dict(rtol=1e-5, atol=1e-7)
+            else:
+                got = _batched_conv_op(shared, F.relu(x))
+                tol = dict(rtol=2e-2, atol=2e-3)
+            for a, b, y, z in zip(own, shared, outs, got):
+                assert y.dtype == z.dtype == torch.bfloat16
+                for (n, u), (_, v) in zip(a.named_buffers(), b.named_buffers()):
+                    if "running" in n:
+                        assert u.dtype == v.dtype == torch.float32 and not torch.equal(v, torch.zeros_like(v))
+                        torch.testing.assert_close(v, u, **tol, msg=f"{name} {n}")
+                    else:
+                        assert torch.equal(v, u), f"{name} {n}"          # num_batches_tracked
