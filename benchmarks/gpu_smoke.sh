@@ -4,7 +4,7 @@
 # phantom: 02, 03 lth and full (each stopped by SIGUSR1 inside an epoch and resumed from its mid-epoch checkpoint:
 # the RNG state read back on CUDA), 04 and 05; then, where nnunetv2 is importable, the nnU-Net search trainer for a
 # few iterations on CUDA. Every step prints its exit code; logs go to $OUT/smoke. benchmarks/gpu_check.sh runs it first.
-#   OUT=gpu_out bash benchmarks/gpu_smoke.sh
+#   OUT=gpu_out [SMOKE_PATIENTS=10 SMOKE_SIZE=64] bash benchmarks/gpu_smoke.sh
 set -u
 OUT=${OUT:-gpu_check_out}/smoke
 mkdir -p "$OUT"
@@ -17,8 +17,9 @@ step() {                                   # step NAME COMMAND...: run it, log i
     echo "smoke $name exit $rc"; [ $rc -eq 0 ] || tail -15 "$OUT/$name.log"
     return $rc
 }
-step phantom python3 01_preprocess.py --make_phantom "$W/raw" --layout acdc --patients 10 --phantom_size 64
-step preprocess python3 01_preprocess.py --dataset acdc --raw "$W/raw" --out "$W/data" --crop 64 64
+P=${SMOKE_PATIENTS:-10} S=${SMOKE_SIZE:-64}
+step phantom python3 01_preprocess.py --make_phantom "$W/raw" --layout acdc --patients $P --phantom_size $S
+step preprocess python3 01_preprocess.py --dataset acdc --raw "$W/raw" --out "$W/data" --crop $S $S
 step pretrain python3 02_pretrain.py $D --width 16 --epochs 2 --batch_size 16 --out "$W/ref"
 for mode in lth full; do                  # batch 4: many steps per epoch, so the stop lands inside one
     args="--backbone $W/ref/ckpt_best.pt $D --mode $mode --epochs 4 --warmup 1 --batch_size 4 --ckpt_every_steps 1"

@@ -19,34 +19,37 @@ echo "   batch $BS/$SBS, width-8 U-Nets). The same commands with default flags a
 t0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 
-step "1/6 phantom (ACDC layout) and preprocessing"
+step "1/7 phantom (ACDC layout) and preprocessing"
 [ -d "$D/raw" ] || $PY 01_preprocess.py --make_phantom "$D/raw" --layout acdc --patients 16 --seed 0
 $PY 01_preprocess.py --dataset acdc --raw "$D/raw" --out "$D/data" --crop 64 64 --processes 2 --overwrite
 
-step "2/6 stage I: base U-Net with ref / att / nested / resatt skips, and a MobileNetV3-Large U-Net"
+step "2/7 stage I: base U-Net with ref / att / nested / resatt skips, and a MobileNetV3-Large U-Net"
 for SK in ref att nested resatt; do
   $PY 02_pretrain.py $DATA --encoder base --width 8 --skip $SK --epochs $EP $COMMON --out "$D/base_$SK" --overwrite
 done
 $PY 02_pretrain.py $DATA --encoder mobilenet_v3_large --width 8 --skip ref --epochs $EP $COMMON \
     --out "$D/mobilenet_ref" --overwrite
 
-step "3/6 stage II: IAC search, --mode full and --mode lth, on the frozen base U-Net"
+step "3/7 stage II: IAC search, --mode full and --mode lth, on the frozen base U-Net"
 $PY 03_search.py --backbone "$D/base_ref/ckpt_best.pt" $DATA --mode full $SEARCH --out "$D/search_full" --overwrite
 $PY 03_search.py --backbone "$D/base_ref/ckpt_best.pt" $DATA --mode lth $SEARCH --gamma $GAMMA --out "$D/search_lth" \
     --overwrite
 
-step "4/6 stage III: IAC (fresh init) and IAC-LTH (reset to theta0) in the frozen backbone"
+step "4/7 stage III: IAC (fresh init) and IAC-LTH (reset to theta0) in the frozen backbone"
 $PY 04_finetune.py --backbone "$D/base_ref/ckpt_best.pt" --genotype "$D/search_full/genotype.json" $DATA \
     --epochs $EP $COMMON --out "$D/base_iac" --overwrite
 $PY 04_finetune.py --backbone "$D/base_ref/ckpt_best.pt" --genotype "$D/search_lth/genotype.json" $DATA \
     --epochs $EP $COMMON --out "$D/base_iac_lth" --overwrite
 
-step "5/6 evaluation on the test patients"
+step "5/7 evaluation on the test patients"
 $PY 05_evaluate.py $DATA --run ref="$D/base_ref" --run att="$D/base_att" --run nested="$D/base_nested" \
     --run resatt="$D/base_resatt" --run iac="$D/base_iac" --run iac_lth="$D/base_iac_lth" \
     --run ref_mobilenet="$D/mobilenet_ref" --reference ref --compare iac:iac_lth \
     --search full="$D/search_full" --search lth="$D/search_lth" --out "$D/eval" --save_nifti "$D/eval/nifti"
 
-step "6/6 done in $(( $(date +%s) - t0 ))s"
+step "6/7 predict: the IAC-LTH run segments raw NIfTI images (here the phantom's own) into label maps"
+$PY predict.py --run "$D/base_iac_lth" --input "$D/raw" --out "$D/predictions"
+
+step "7/7 done in $(( $(date +%s) - t0 ))s"
 echo "tables: $D/eval/summary.md, $D/eval/paired.md, $D/eval/inference_cost.md, $D/eval/search_cost.md"
-echo "figures: $D/eval/overlay.png and $D/eval/dynamics/"
+echo "figures: $D/eval/overlay.png and $D/eval/dynamics/; label maps: $D/predictions/"
