@@ -37,8 +37,9 @@ Paired comparisons (paper Sec. 6.4), one row of paired.csv per pair and backbone
                  95% CI including seed-to-seed variation: a two-way bootstrap that resamples seeds and units
                  (the same drawn units under every drawn seed: seeds and patients are crossed; with one seed,
                  the patient bootstrap).
-  verdict        gain / loss only where the seed-inclusive CI excludes zero, else "no clear difference" (which
-                 is not evidence of equivalence: the CI's ends are the largest loss and gain the data allow).
+  verdict        gain / loss only where the seed-inclusive CI excludes zero over at least 6 units (fewer: "too few
+                 units"), else "no clear difference" (which is not evidence of equivalence: the CI's ends are the
+                 largest loss and gain the data allow).
 """
 import argparse
 import json
@@ -307,7 +308,7 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patien
                          **r, "seeds": len(per_seed),
                          "seed_deltas": " / ".join(f"{d.mean():+.4f}" for d in per_seed.values()),
                          "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"],
-                         "verdict": verdict(h["ci_low"], h["ci_high"])})
+                         "verdict": verdict(h["ci_low"], h["ci_high"], h["n"])})
             deltas.append(b - a)
         fisher = fisher_combined([r["wilcoxon_p"] for r in pair])
         rows += [{**r, "fisher_p": fisher} for r in pair]
@@ -346,9 +347,9 @@ def paired_markdown(paired, seeds, reference, primary, args):
             "trained models); Fisher p across backbones; holm_p: Wilcoxon p adjusted (Holm) within the family "
             f"(primary: {claims}; exploratory: the rest); seed_deltas: each seed's mean ΔDice; hier_ci: 95% CI over "
             "seeds and units (a two-way bootstrap: the same drawn units under every drawn seed; with one seed, the "
-            "patient bootstrap); verdict: gain / loss only where hier_ci excludes 0 (\"no clear difference\" is not "
-            "equivalence: the CI's ends bound the loss and gain). The mean over backbones has a bootstrap CI over "
-            "units.\n\n")
+            "patient bootstrap); verdict: gain / loss only where hier_ci excludes 0, over 6 units or more (\"no clear "
+            "difference\" is not equivalence: the CI's ends bound the loss and gain). The mean over backbones has a "
+            "bootstrap CI over units.\n\n")
     if paired.empty:
         return text + "no paired comparison\n"
     text += to_markdown(paired) + "\n"

@@ -115,16 +115,14 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     print(f"{len(found)} case(s) in {args.input}; {ckpt['kind']} run {args.run} ({ckpt['config']['encoder']}, "
           f"epoch {ckpt['epoch'] + 1}), preprocessing of {data}: crop {meta['crop']}, spacing {meta['spacing']}")
-    inputs, failed = {}, {}
+    inputs, failed, larger = {}, {}, []
     for case_id, channels in tqdm(found, desc="predict", unit="case"):
         try:
             case = Case(case_id, case_id, channel_files(case_id, channels, modalities), None,
                         case_modality(meta, case_id, args.modality))
             r = preprocess(case, meta)
             if any(int(w) > c for w, c in zip(r["work_shape"], meta["crop"])):
-                tqdm.write(f"note: case {case_id}: slices of {r['work_shape'].tolist()} voxels are larger than the "
-                           f"crop {meta['crop']} the run was trained with; voxels outside the centred crop are "
-                           "background")
+                larger.append(f"{case_id} {r['work_shape'].tolist()}")
             stack = predict_stack(model, r["images"], device, amp, cl)        # (Z, H, W) our label indices
             write_nifti(slices_to_nifti(stack, meta, case_id, geometry=r), os.path.join(args.out, f"{case_id}.nii.gz"))
         except Exception as e:                           # noqa: BLE001 - this case only, the others go on
@@ -136,6 +134,10 @@ def main(args):
                       {**run_metadata(args), "data": data, "checkpoint": {"path": ckpt_path, "kind": ckpt["kind"],
                                                                           "epoch": ckpt["epoch"]},
                        "cases": inputs, "failed": failed})
+    if larger:
+        print(f"note: {len(larger)} case(s) have slices larger than the crop {meta['crop']} the run was trained with "
+              f"({', '.join(larger[:3])}{' ...' if len(larger) > 3 else ''}); voxels outside the centred crop are "
+              "background, as in training (01's crop_report.json)")
     print(f"{len(inputs)} of {len(found)} case(s) predicted into {args.out}")
     if failed:
         raise InputError(f"{len(failed)} of {len(found)} case(s) failed ({', '.join(list(failed)[:5])}"

@@ -95,10 +95,17 @@ def holm(pvalues):
     return out
 
 
-def verdict(ci_low, ci_high):
-    """A difference is called a gain or a loss only when its CI (the seed-inclusive one) excludes zero."""
+MIN_UNITS = 6      # the fewest paired units with which a two-sided Wilcoxon test can reach p < 0.05 (2 / 2^6)
+
+
+def verdict(ci_low, ci_high, n=None):
+    """A difference is called a gain or a loss only when its CI (the seed-inclusive one) excludes zero, and only
+    over at least MIN_UNITS paired units: a bootstrap CI over 3 patients (the demo's test set) excludes zero as
+    easily as it includes it."""
     if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
         return ""
+    if n is not None and n < MIN_UNITS:
+        return f"too few units (n < {MIN_UNITS})"
     return "gain" if ci_low > 0 else "loss" if ci_high < 0 else "no clear difference"
 
 

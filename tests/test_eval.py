@@ -352,3 +352,12 @@ def test_seed_inclusive_ci_is_not_narrower_than_the_patient_ci_when_patients_dom
     h = hierarchical_bootstrap(d, 1999, seed=1)
     p = paired_comparison(np.zeros(20), d.mean(0), 1999, seed=1)
     assert h["ci_high"] - h["ci_low"] >= 0.9 * (p["ci_high"] - p["ci_low"])
+
+
+def test_no_verdict_over_too_few_units():
+    """A bootstrap CI over 3 patients (the demo's test set) can exclude zero; no gain or loss is called below the
+    fewest units with which a two-sided Wilcoxon test can reach p < 0.05 (6)."""
+    from common.analysis import MIN_UNITS, verdict
+    assert MIN_UNITS == 6 and verdict(0.005, 0.03, n=3) == "too few units (n < 6)"
+    assert verdict(0.005, 0.03, n=6) == "gain" and verdict(-0.03, -0.005, n=20) == "loss"
+    assert verdict(-0.01, 0.01, n=20) == "no clear difference" and verdict(float("nan"), 0.1, n=20) == ""
