@@ -4,7 +4,7 @@ In:  nothing; a synthetic 2-D task is drawn (bright disks on noise, --size x --s
 Out: printed per stage; with --out DIR also DIR/genotype.json (iac.write_genotype) and DIR/summary.json
      (Dice of each stage, the genotype, the search's epochs and JS settings, the predicted mask's shape).
 
-    python examples/monai_basicunet.py      # 2.5 min on one CPU core: the search stops at epoch 37 of 60;
+    python examples/monai_basicunet.py      # ~2 min on one CPU core: the search stops at epoch 37 of 60;
                                             # held-out Dice 0.96 (backbone), 0.73 (cells at θ0), 0.96 (stage III)
 
 The chain of the paper on a third-party U-Net:
