@@ -39,7 +39,7 @@ STRIDE = 32                                  # the U-Nets' total down-sampling: 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", choices=["acdc", "brats", "kits", "amos", "nnunet"],
                    help="layout of the raw folder (nnunet: any nnU-Net v2 raw data set) (needed unless --make_phantom)")
     p.add_argument("--raw", help="raw data folder (needed unless --make_phantom)")

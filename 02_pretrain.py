@@ -28,7 +28,7 @@ from common.utils import HelpFormatter, add_run_flags
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py (required)")
     p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py (required)")
     p.add_argument("--encoder", choices=ENCODERS, default="base",

@@ -47,7 +47,7 @@ from common.utils import (HelpFormatter, JsonlLog, add_run_flags, autocast, epoc
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--backbone", required=True, help="ckpt_best.pt of 02_pretrain.py with --skip ref (required)")
     p.add_argument("--data", required=True, help="slices.h5 from 01_preprocess.py (required)")
     p.add_argument("--splits", required=True, help="splits.json from 01_preprocess.py (required)")

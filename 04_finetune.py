@@ -35,7 +35,7 @@ from common.utils import HelpFormatter, InputError, add_run_flags, require_file
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--backbone", required=True, help="ckpt_best.pt of 02_pretrain.py with --skip ref (required)")
     p.add_argument("--genotype", default=None, help="genotype.json of 03_search.py (needed with --skip iac)")
     p.add_argument("--theta0", default=None,

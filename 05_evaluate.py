@@ -71,7 +71,7 @@ PRIMARY = ("ref:iac", "iac:iac_lth")          # the paper's claims: IAC vs the p
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--data", default=None, help="slices.h5 from 01_preprocess.py (needed with --run)")
     p.add_argument("--splits", default=None, help="splits.json from 01_preprocess.py (needed with --run)")
     p.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
@@ -106,8 +106,9 @@ def get_args(argv=None):
                    help="score the --run/--nnunet_pred inputs into OUT/per_patient.csv (+ inference_cost.csv), stop: "
                         "one scoring job per run, tables later from --rows")
     add_unfinished_flag(p)
-    p.add_argument("--split", default="test", choices=["test", "val"],
-                   help="which part of splits.json to evaluate: the test or the val cases")
+    p.add_argument("--subset", default="test", choices=["test", "val"],
+                   help="which cases of splits.json to evaluate: the test or the val cases (01_preprocess.py's "
+                        "--split is how patients were divided, a different thing)")
     p.add_argument("--out", required=True, help="output folder for the tables and figures (required)")
     p.add_argument("--save_nifti", default=None, metavar="DIR",
                    help="also write the predictions as NIfTI label maps under DIR/NAME/ (default: off)")
@@ -521,9 +522,9 @@ def main(args):
         if not (args.data and args.splits):
             raise InputError("--run needs --data slices.h5 and --splits splits.json")
         meta = read_meta(args.data)
-        cases = load_splits(args.splits, meta)[args.split]
+        cases = load_splits(args.splits, meta)[args.subset]
         if not cases:
-            raise InputError(f"the {args.split} split of {args.splits} is empty; nothing to evaluate")
+            raise InputError(f"the {args.subset} split of {args.splits} is empty; nothing to evaluate")
     device = pick_device(args.device) if args.run else None
     os.makedirs(args.out, exist_ok=True)
     mark_unfinished(args.out)
@@ -576,7 +577,7 @@ def main(args):
             atomic_to_csv(table, os.path.join(args.out, f"{name}.csv"))
         titles = {"dice": "Dice", "hd95": "HD95 (mm, lower is better)", "nsd": "NSD (normalised surface Dice)"}
         write_text(os.path.join(args.out, "summary.md"), "".join(
-            f"## Patient-level {titles[metric]} on {n_cases} {args.split} cases ({dataset}), whole volumes\n\n"
+            f"## Patient-level {titles[metric]} on {n_cases} {args.subset} cases ({dataset}), whole volumes\n\n"
             + to_markdown(t.drop(columns="metric").dropna(axis=1, how="all")) + "\n"
             for metric, t in summary.groupby("metric", sort=False)))
         write_text(os.path.join(args.out, "paired.md"), paired_markdown(paired, seeds, reference, primary, args))

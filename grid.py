@@ -680,7 +680,7 @@ def report(c, jobs, a):
 
 # --------------------------------------------------------------------------- command line
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("command", choices=["plan", "run", "status", "report"],
                    help="plan: list the jobs; run: run the jobs not done yet; status: where each job stands; "
                         "report: the tables and figures from the scored runs")

@@ -37,7 +37,7 @@ from common.utils import (HelpFormatter, InputError, add_device_flags, atomic_wr
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--run", required=True,
                    help="run folder of 02_pretrain.py or 04_finetune.py (with ckpt_best.pt) (required)")
     p.add_argument("--input", required=True,

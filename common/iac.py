@@ -1,10 +1,8 @@
-"""Implantable Adaptive Cells (IAC): the searchable skip cell of the paper, its genotype and θ0.
-
-Imports only torch: copy this file (and common/lth.py for the LTH search) into any project. A cell replaces one
-U-Net skip connection: it takes the encoder skip tensor x0 and the decoder tensor x1, up-sampled to the skip's
-size, and returns a tensor of the skip's shape, so a frozen decoder is unchanged (paper Sec. 3.1-3.2, Eq. 1).
-6 nodes: inputs 0 (skip), 1 (up), intermediate nodes 2..5; 14 edges i -> j (i < j); 7 candidate ops per edge
-(no `none` op). One genotype for all skip levels, each level with its own weights; α (14x7) and β (14) are shared.
+"""Implantable Adaptive Cells (IAC): the searchable skip cell of the paper, its genotype and θ0. Imports only torch:
+copy this file (and common/lth.py for the LTH search) into any project. A cell replaces one U-Net skip connection:
+from the encoder skip x0 and the decoder tensor x1 (up-sampled to the skip's size) it returns a tensor of the skip's
+shape, so a frozen decoder is unchanged (Sec. 3.1-3.2, Eq. 1). Nodes 0 (skip), 1 (up) and 2..5; 14 edges i -> j
+(i < j); 7 ops per edge (no `none`). One genotype for all levels, each level with its own weights; α, β shared.
 
     skips = IACSearchSkips(skip_channels=[32, 64, 128], up_channels=[32, 64, 128])
     # in the decoder, at each level:  s = skips(level, enc_feat, upsampled);  x = block(cat([s, upsampled]))
@@ -19,11 +17,10 @@ Contracts (examples/monai_basicunet.py follows them in MONAI's BasicUNet):
   the up-sampling halves them). Both tensors have the same spatial size; a mismatch is a ValueError naming the level.
 - `prune_op` / `prune_edge` delete modules: build the weight optimizer again over `weight_parameters()`.
 - `unet.eval()` (to freeze a backbone) puts the cells in eval mode too: call `skips.train()` while they learn.
-- `output="residual"` (this project's option): skip + the output conv, started at zero (again after θ0), so the
-  frozen decoder first sees its own skip tensor; `replace` is the paper's. `dims=3`: volumetric cells, with the
-  same genotype JSON and θ0 layout.
-This is the reference step, edge by edge as Eq. (4) and (9) are written; common/lean_cell.py runs the same
-mathematics regrouped and recomputed for memory, pinned to this file by tests/test_lean_cell.py.
+- `output="residual"` (our option; `replace` is the paper's): skip + the output conv, started at zero (again after
+  θ0). `dims=3`: volumetric cells, with the same genotype JSON and θ0 layout.
+This is the reference step, edge by edge as Eq. (4) and (9) read; common/lean_cell.py regroups and recomputes the same
+mathematics for memory, pinned to this file by tests/test_lean_cell.py.
 """
 import json
 import os
@@ -115,13 +112,11 @@ EDGE_RULES = ("w", "max_importance")
 
 
 def edge_scores(op_w, edge_w, rule="w"):
-    """What ranks a node's incoming edges: `w` = w'_e (paper Sec. 3.4, Eq. 6-8, the default) or
-    `max_importance` = max_o softmax(α_e)_o · w'_e (PC-DARTS). The same for single-op edges."""
-    if rule == "w":
-        return edge_w
-    if rule == "max_importance":
-        return (op_w * edge_w[..., None]).max(dim=-1).values
-    raise ValueError(f"unknown edge rule {rule!r}; known: {', '.join(EDGE_RULES)}")
+    """What ranks a node's incoming edges: `w` = w'_e (Sec. 3.4, Eq. 6-8, the default) or `max_importance` =
+    max_o softmax(α_e)_o · w'_e (PC-DARTS)."""
+    if rule not in EDGE_RULES:
+        raise ValueError(f"unknown edge rule {rule!r}; known: {', '.join(EDGE_RULES)}")
+    return edge_w if rule == "w" else (op_w * edge_w[..., None]).max(dim=-1).values
 
 
 def top2_incoming(score, edge_mask=None):
@@ -195,12 +190,11 @@ class Cell(nn.Module):
     def check_inputs(self, level, skip, up):
         """The contract above, with an error a copier can act on."""
         if skip.shape[2:] != up.shape[2:]:
-            raise ValueError(f"IAC level {level}: skip {tuple(skip.shape)} and up {tuple(up.shape)} differ in spatial "
-                             "size; up-sample the decoder tensor to the skip's size before the cell")
-        if skip.shape[1] != self.c_skip or up.shape[1] != self.c_up:
-            raise ValueError(f"IAC level {level}: got skip / up with {skip.shape[1]} / {up.shape[1]} channels, the "
-                             f"cell was built for skip_channels {self.c_skip}, up_channels {self.c_up} (level 0 is "
-                             "the finest skip)")
+            raise ValueError(f"IAC level {level}: skip {tuple(skip.shape)} and up {tuple(up.shape)} differ in size; "
+                             "up-sample the decoder tensor to the skip's size before the cell")
+        if (skip.shape[1], up.shape[1]) != (self.c_skip, self.c_up):
+            raise ValueError(f"IAC level {level}: skip / up have {skip.shape[1]} / {up.shape[1]} channels, the cell "
+                             f"was built for {self.c_skip} / {self.c_up} (level 0 is the finest skip)")
 
 
 @torch.no_grad()
@@ -211,11 +205,10 @@ def zero_output(cell):
 
 
 def _widths(skip_channels, cell_channels):
+    """Cell width C per level: the skip's channels (docs/method.md §1), else one int or one width per level."""
     if cell_channels is None:
-        return list(skip_channels)                  # docs/method.md §1: C = skip channels at that level
-    if isinstance(cell_channels, int):
-        return [cell_channels] * len(skip_channels)
-    return list(cell_channels)
+        return list(skip_channels)
+    return [cell_channels] * len(skip_channels) if isinstance(cell_channels, int) else list(cell_channels)
 
 
 class IACSearchSkips(nn.Module):
@@ -340,8 +333,7 @@ def validate_genotype(g, source="genotype"):
     """Raise GenotypeError naming what is wrong: unknown ops, bad node indices, nodes without 2 inputs."""
     if not isinstance(g, dict) or "edges" not in g:
         raise GenotypeError(f"{source}: not a genotype (no 'edges' list)")
-    counts = {j: 0 for j in NODES}
-    seen = set()
+    pairs = []
     for item in g["edges"]:
         if not (isinstance(item, (list, tuple)) and len(item) == 3):
             raise GenotypeError(f"{source}: edge {item!r} is not [op, src, dst]")
@@ -350,11 +342,10 @@ def validate_genotype(g, source="genotype"):
             raise GenotypeError(f"{source}: unknown operation {op!r} on edge {src}->{dst}; known: {', '.join(OPS)}")
         if not (isinstance(src, int) and isinstance(dst, int)) or dst not in NODES or not 0 <= src < dst:
             raise GenotypeError(f"{source}: bad node indices {src}->{dst}; nodes are 0-1 (inputs) and 2-5, src < dst")
-        if (src, dst) in seen:
+        if (src, dst) in pairs:
             raise GenotypeError(f"{source}: edge {src}->{dst} appears twice")
-        seen.add((src, dst))
-        counts[dst] += 1
-    bad = {j: n for j, n in counts.items() if n != 2}
+        pairs.append((src, dst))
+    bad = {j: n for j in NODES if (n := sum(d == j for _, d in pairs)) != 2}
     if bad:
         raise GenotypeError(f"{source}: every node needs exactly 2 inputs; "
                             + ", ".join(f"node {j} has {n}" for j, n in bad.items()))
@@ -363,11 +354,12 @@ def validate_genotype(g, source="genotype"):
 
 
 def write_genotype(path, genotype, search_info):
+    """The genotype as JSON with what the search recorded, written to a temporary name and renamed."""
     validate_genotype(genotype)
-    g = {"ops": list(OPS), "edges": genotype["edges"], "concat": list(NODES), "search": search_info}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(g, f, indent=2)
+        json.dump({"ops": list(OPS), "edges": genotype["edges"], "concat": list(NODES), "search": search_info}, f,
+                  indent=2)
     os.replace(tmp, path)
 
 

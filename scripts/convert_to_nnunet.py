@@ -39,7 +39,7 @@ from common.utils import HelpFormatter, InputError, atomic_write_json
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", required=True, choices=["acdc", "brats", "kits", "amos"],
                    help="layout of the raw folder (required)")
     p.add_argument("--raw", required=True, help="raw data folder (required)")

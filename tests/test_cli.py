@@ -253,6 +253,31 @@ def test_help_shows_every_default_in_plain_words(script, monkeypatch):
         assert out.split("\n\n", 2)[1].startswith(STAGE_NAMES[script]), f"{script}: name it as the other stages do"
 
 
+def test_one_meaning_per_flag_name(monkeypatch):
+    """A flag shared by several scripts takes the same number of values and overlapping choices in each (05's
+    --split test|val beside 01's --split random|official was two meanings of one name; 05 says --subset now), and no
+    script reads an abbreviation (05's --split would have been taken for --splits)."""
+    seen = {}
+    for script in HELP_SCRIPTS:
+        if script == "grid.py":                                     # subcommands; its flags are its own
+            continue
+        parser = parser_of(script, monkeypatch)
+        assert parser.allow_abbrev is False, script
+        for action in parser._actions:
+            for flag in action.option_strings:
+                seen.setdefault(flag, []).append((script, action.nargs, set(action.choices or ())))
+    shared = {flag: uses for flag, uses in seen.items() if len(uses) > 1}
+    assert {"--data", "--out", "--device", "--amp"} <= set(shared)
+    for flag, uses in shared.items():
+        assert len({nargs for _, nargs, _ in uses}) == 1, (flag, uses)
+        with_choices = [choices for _, _, choices in uses if choices]
+        assert all(a & b for a in with_choices for b in with_choices), (flag, uses)
+    evaluate = load_script("05_evaluate")
+    assert evaluate.get_args(["--out", "x", "--subset", "val"]).subset == "val"
+    with pytest.raises(SystemExit):
+        evaluate.get_args(["--out", "x", "--split", "test"])
+
+
 def test_help_check_sees_the_continuations():
     """The usage examples of 03 and 05 span lines with backslashes (what the --help test checks is there)."""
     for script, n in (("03_search.py", 1), ("05_evaluate.py", 2), ("04_finetune.py", 1)):
