@@ -36,9 +36,10 @@ demo-mri: $(VENV)/.installed
 	PYTHON=$(PYTHON) DEMO_DIR=$(DEMO_DIR) bash scripts/demo_mri.sh
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite itself. Two workers (pytest-xdist),
-# each file's tests on one: the real-SLURM test (bound by SLURM's clock) runs first while the other takes the rest
+# each file's tests on one: the real-SLURM test (bound by SLURM's clock) runs first while the other takes the rest;
+# the ten slowest tests are listed at the end (the suite is meant to stay under 20 minutes on 2 cores)
 test: $(VENV)/.installed $(VENV)/.installed-nnunet $(VENV)/.installed-test $(VENV)/.installed-grid
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --durations=10 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; rc=0; fi; exit $$rc
 
 # the lowest versions requirements.txt allows (every `>=` taken as `==`), in .venv-floors, then the tests
 test-floors:
