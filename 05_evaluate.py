@@ -53,8 +53,8 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.analysis import (FIRST_ENTRY_COLUMNS, arch_epochs, backbone_mean, cosine_matrix, fisher_combined,
-                             first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix,
+from common.analysis import (FIRST_ENTRY_COLUMNS, MIN_UNITS, arch_epochs, backbone_mean, cosine_matrix,
+                             fisher_combined, first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix,
                              hierarchical_bootstrap, holm, importance_tensor, paired_comparison, topk_masks, verdict)
 from common.checkpoints import check_same_data, load_checkpoint, load_genotype, model_from_checkpoint
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
@@ -348,9 +348,9 @@ def paired_markdown(paired, seeds, reference, primary, args):
             "trained models); Fisher p across backbones; holm_p: Wilcoxon p adjusted (Holm) within the family "
             f"(primary: {claims}; exploratory: the rest); seed_deltas: each seed's mean ΔDice; hier_ci: 95% CI over "
             "seeds and units (a two-way bootstrap: the same drawn units under every drawn seed; with one seed, the "
-            "patient bootstrap); verdict: gain / loss only where hier_ci excludes 0, over 6 units or more (\"no clear "
-            "difference\" is not equivalence: the CI's ends bound the loss and gain). The mean over backbones has a "
-            "bootstrap CI over units.\n\n")
+            f"patient bootstrap); verdict: gain / loss only where hier_ci excludes 0, over {MIN_UNITS} units or more "
+            "(\"no clear difference\" is not equivalence: the CI's ends bound the loss and gain). The mean over "
+            "backbones has a bootstrap CI over units.\n\n")
     if paired.empty:
         return text + "no paired comparison\n"
     text += to_markdown(paired) + "\n"

@@ -197,6 +197,11 @@ def process_alive(pid, start=None):
     return start is None or process_start(pid) in (start, None)
 
 
+def this_runner():
+    """What a record says of the local runner that writes it: this process's pid and start time."""
+    return {"runner_pid": os.getpid(), "runner_start": process_start(os.getpid())}
+
+
 def local_runner_alive(rec):
     """Whether the job a local runner recorded (no SLURM job: run --backend local, or submitit's local executor)
     still runs: its runner or its stage process alive, checked by pid and start time, on the host that wrote the
@@ -339,7 +344,7 @@ def start_stage(j, env=None, **info):
     os.makedirs(j.out, exist_ok=True)
     if not info.get("slurm_job") and os.path.exists(os.path.join(j.out, SUBMIT)):
         os.remove(os.path.join(j.out, SUBMIT))       # run here, not by the SLURM job it once recorded
-    runner = {"runner_pid": os.getpid(), "runner_start": process_start(os.getpid())}
+    runner = this_runner()
     set_state(j, "running", **runner, **info)
     with open(os.path.join(j.out, "grid.log"), "a") as log:
         log.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(j.command)}\n")
@@ -482,8 +487,7 @@ def run_local(jobs, selected, gpus=None, max_requeues=3):
                 set_state(j, state, exit_code=rc, why=f"stopped for a requeue {max_requeues + 1} times "
                                                       "(--max_requeues)")
             else:
-                set_state(j, state, exit_code=rc, **({"runner_pid": os.getpid(),
-                                                      "runner_start": process_start(os.getpid())} if again else {}))
+                set_state(j, state, exit_code=rc, **(this_runner() if again else {}))
             log_line(j, f"exit {rc} ({state})")
             print(f"[{state}] {j.id} (exit {rc})", flush=True)
             if state == "done":
