@@ -21,25 +21,32 @@ Out: OUT/per_patient.csv (method, backbone, seed, patient, patient_id, region, m
         --run iac=runs/iac --run iac_lth=runs/iac_lth --search full=runs/search_full \
         --search lth=runs/search_lth --out runs/eval
 
-Paired comparisons (paper Sec. 6.4), one row of paired.csv per pair and backbone:
+Paired comparisons (paper Sec. 6.4), one row of paired.csv per pair and backbone; every number of a row is
+computed on ONE set of (seed, unit) pairs:
+  seeds, seeds_used, seeds_left_out
+                 the seeds both methods have (a seed only one method has is left out, and named), and their ids.
   unit, n        the paired unit (--paired_unit): by default the patient, whose cases' ΔDice are averaged first
                  (ACDC's two frames are one unit; the patient of each case comes from slices.h5, or from the
-                 "patients" of dataset.json for --nnunet_pred), or the case; n units.
+                 "patients" of dataset.json for --nnunet_pred), or the case; n units, those every used seed scored
+                 for both methods.
   mean_delta, ci_low, ci_high, wilcoxon_p
-                 with each method's Dice averaged over its seeds first: 95% paired bootstrap CI and Wilcoxon
+                 with each method's Dice averaged over the used seeds first: 95% paired bootstrap CI and Wilcoxon
                  signed-rank p over the units. Both are conditional on the trained models (the seeds run).
-  fisher_p       Fisher's combination of the Wilcoxon p across backbones.
+  fisher_p       Fisher's combination of the Wilcoxon p across backbones (the paper's Table 1; it assumes
+                 independent p-values, and backbones scored on the same patients are not: anti-conservative).
+  combined_p     on the "mean over N backbones" row: sign-flip permutation test over units of the mean ΔDice over
+                 backbones and seeds (holds when backbones share patients); nnU-Net rows are not in that mean.
   family, holm_p primary: the paper's two claims (--primary; IAC vs ref, IAC-LTH vs IAC), exploratory: every other
-                 pair; holm_p is the Wilcoxon p adjusted by Holm's method within the row's family.
-  seeds, seed_deltas
-                 the seeds both methods have, and each seed's mean ΔDice (its CI and p in paired_seeds.csv).
+                 pair; holm_p is the row's test (Wilcoxon, or combined_p) adjusted by Holm within its family.
+  seed_deltas    each used seed's mean ΔDice over the row's units (its CI and p in paired_seeds.csv).
   hier_ci_low, hier_ci_high
                  95% CI including seed-to-seed variation: a two-way bootstrap that resamples seeds and units
                  (the same drawn units under every drawn seed: seeds and patients are crossed; with one seed,
                  the patient bootstrap).
-  verdict        gain / loss only where the seed-inclusive CI excludes zero over at least 6 units (fewer: "too few
-                 units"), else "no clear difference" (which is not evidence of equivalence: the CI's ends are the
-                 largest loss and gain the data allow).
+  verdict        a call at the family-wise level the table states (0.05): gain / loss only where holm_p < 0.05 AND
+                 hier_ci excludes zero on that side, over at least 6 units (fewer: "too few units"); else "no clear
+                 difference" (not evidence of equivalence: the CI's ends are the largest loss and gain the data
+                 allow). With --alternative greater only a gain is called.
 """
 import argparse
 import json
@@ -53,9 +60,10 @@ import torch
 from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.analysis import (FIRST_ENTRY_COLUMNS, MIN_UNITS, arch_epochs, backbone_mean, cosine_matrix,
+from common.analysis import (ALPHA, FIRST_ENTRY_COLUMNS, MIN_UNITS, arch_epochs, backbone_mean, cosine_matrix,
                              fisher_combined, first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix,
-                             hierarchical_bootstrap, holm, importance_tensor, paired_comparison, topk_masks, verdict)
+                             hierarchical_bootstrap, holm, importance_tensor, paired_comparison, sign_flip_p, topk_masks,
+                             verdict)
 from common.checkpoints import check_same_data, load_checkpoint, load_genotype, model_from_checkpoint
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
 from common.engine import predict_stack
@@ -268,6 +276,22 @@ def unit_dice(a, b):
     return g["a"].mean(), g["b"].mean(), g.size()
 
 
+def seed_unit_matrices(A, B):
+    """The (seed, unit) pairs one row of paired.csv is computed on.
+    In: A, B: case_mean rows of the two methods on one backbone (index (patient, unit)). Out: (seeds, left_out,
+    a, b, cases): the seeds both methods have; a note of the seeds only one has (left out); a, b: DataFrames
+    (seeds x units) of each method's Dice per unit under each shared seed, NaN where a unit has no case both
+    methods scored under that seed; cases: how many cases each unit averages (same shape)."""
+    sa, sb = set(A["seed"]), set(B["seed"])
+    seeds = sorted(sa & sb)
+    only = [(m, sorted(x)) for m, x in ((A["method"].iloc[0], sa - sb), (B["method"].iloc[0], sb - sa)) if x]
+    left_out = "; ".join(f"seed {', '.join(map(str, x))} (only {m})" for m, x in only)
+    per = {s: unit_dice(*(X.loc[X["seed"] == s, "value"] for X in (A, B))) for s in seeds}
+    units = list(dict.fromkeys(u for a_s, _, _ in per.values() for u in a_s.index))
+    frame = (lambda k: pd.DataFrame({s: per[s][k] for s in seeds}, index=units, dtype=float).T)
+    return seeds, left_out, frame(0), frame(1), frame(2)
+
+
 def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patient", primary=(), boot_seed=0):
     """ΔDice (case mean over regions) of `method` vs `vs` for every (vs, method) pair and backbone.
 
@@ -275,57 +299,86 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patien
          unit "patient" (the ΔDice of a patient's cases averaged first; without patient_id each case is its own
          patient) or "case"; primary: the pairs that are the paper's claims, the others are exploratory.
     Out: (paired, seeds, units) DataFrames:
-         paired: per pair and backbone, with each method's Dice averaged over its seeds: n units, mean ΔDice,
-                 95% paired bootstrap CI and Wilcoxon p over units (conditional on the trained models); Fisher's
-                 combination across backbones; family and Holm's adjustment within it; the seeds both methods
-                 have, each one's mean ΔDice, the two-way CI over seeds and units, and the verdict from it.
-                 With several backbones, their mean ΔDice (Table 1) with a paired bootstrap CI over units.
-         seeds:  per pair, backbone and shared seed: n, mean ΔDice, 95% CI and Wilcoxon p over units.
-         units:  per pair, backbone, shared seed and unit: the number of cases averaged and the ΔDice."""
+         paired: per pair and backbone, every number computed on ONE set of (seed, unit) pairs: the seeds both
+                 methods have (seeds_used; seeds_left_out: those only one has) and the units every one of those
+                 seeds scored for both (n). On them: mean ΔDice, 95% paired bootstrap CI and Wilcoxon p over units
+                 of the Dice averaged over the seeds (conditional on the trained models); Fisher's combination across
+                 backbones (the paper's, assuming independence); family and Holm's adjustment within it; each
+                 seed's mean ΔDice, the two-way CI over seeds and units, and the verdict (common/analysis.verdict).
+                 With several backbones of the slice track, their mean ΔDice (Table 1) over the seeds and units all
+                 of them share, with a bootstrap CI over units, the two-way CI and a sign-flip permutation p over
+                 units (combined_p: holds although the backbones share patients). nnU-Net rows (backbone nnunet_*,
+                 Table 2) are not in that mean.
+         seeds:  per pair, backbone and shared seed: n, mean ΔDice, 95% CI and Wilcoxon p over the row's units.
+         units:  per pair, backbone, shared seed and unit: the number of cases averaged, the ΔDice, and whether
+                 the unit is in the row (in_row: False where another shared seed lacks it)."""
     key = "patient_id" if unit == "patient" and "patient_id" in case_mean else "patient"
     cm = case_mean.assign(unit=case_mean[key].astype(str)).set_index(["patient", "unit"])
     primary = set(primary)
     rows, seed_rows, unit_rows = [], [], []
     for vs, method in pairs:
-        pair, deltas = [], []
+        pair, deltas = [], {}
         for backbone in dict.fromkeys(cm.loc[cm["method"] == method, "backbone"]):
             A, B = (cm[(cm["method"] == m) & (cm["backbone"] == backbone)] for m in (vs, method))
             if A.empty:
                 continue
             name = {"method": method, "vs": vs, "backbone": backbone}
-            a, b, _ = unit_dice(*(X.groupby(level=[0, 1], sort=False)["value"].mean() for X in (A, B)))  # seeds avg
-            r = paired_comparison(a.values, b.values, n_resamples=n_boot, seed=boot_seed, alternative=alternative)
-            per_seed = {}
-            for seed in sorted(set(A["seed"]) & set(B["seed"])):
-                a_s, b_s, cases = unit_dice(*(X.loc[X["seed"] == seed, "value"] for X in (A, B)))
-                per_seed[seed] = b_s - a_s                                        # ΔDice per unit, this seed
-                seed_rows.append({**name, "seed": seed, "unit": unit, **paired_comparison(
-                    a_s.values, b_s.values, n_resamples=n_boot, seed=boot_seed, alternative=alternative)})
-                unit_rows += [{**name, "seed": seed, "unit": unit, "unit_id": u, "cases": int(cases[u]),
-                               "delta_dice": float(d)} for u, d in per_seed[seed].items()]
-            D = pd.DataFrame(per_seed).T                                          # (seeds, units), NaN: missing
+            seeds, left_out, a, b, cases = seed_unit_matrices(A, B)
+            keep = a.columns[a.notna().all() & b.notna().all()] if seeds else a.columns[:0]   # every seed has them
+            D = (b - a)[keep]                                                # (seeds, units) ΔDice
+            r = paired_comparison(a[keep].mean().values, b[keep].mean().values, n_resamples=n_boot, seed=boot_seed,
+                                  alternative=alternative)                   # Dice averaged over the shared seeds
             h = hierarchical_bootstrap(D.values, n_resamples=n_boot, seed=boot_seed)
+            for s in seeds:
+                seed_rows.append({**name, "seed": s, "unit": unit, **paired_comparison(
+                    a.loc[s, keep].values, b.loc[s, keep].values, n_resamples=n_boot, seed=boot_seed,
+                    alternative=alternative)})
+                unit_rows += [{**name, "seed": s, "unit": unit, "unit_id": u, "cases": int(cases.loc[s, u]),
+                               "delta_dice": float(b.loc[s, u] - a.loc[s, u]), "in_row": u in keep}
+                              for u in a.columns if np.isfinite(b.loc[s, u] - a.loc[s, u])]
             pair.append({**name, "family": "primary" if (vs, method) in primary else "exploratory", "unit": unit,
-                         **r, "seeds": len(per_seed),
-                         "seed_deltas": " / ".join(f"{d.mean():+.4f}" for d in per_seed.values()),
-                         "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"],
-                         "verdict": verdict(h["ci_low"], h["ci_high"], h["n"])})
-            deltas.append(b - a)
-        fisher = fisher_combined([r["wilcoxon_p"] for r in pair])
-        rows += [{**r, "fisher_p": fisher} for r in pair]
-        if len(deltas) > 1 and all(d.index.equals(deltas[0].index) for d in deltas):
-            rows.append({"method": method, "vs": vs, "backbone": f"mean over {len(deltas)} backbones",
-                         "family": pair[0]["family"], "unit": unit,
-                         **backbone_mean(np.stack([d.values for d in deltas]), n_resamples=n_boot, seed=boot_seed),
-                         "wilcoxon_p": float("nan"), "fisher_p": fisher})
+                         **r, "seeds": len(seeds), "seeds_used": " ".join(map(str, seeds)),
+                         "seeds_left_out": left_out,
+                         "seed_deltas": " / ".join(f"{D.loc[s].mean():+.4f}" for s in seeds) if len(keep) else "",
+                         "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"]})
+            if not backbone.startswith("nnunet") and seeds and len(keep):
+                deltas[backbone] = D
+        table1 = [x for x in pair if x["backbone"] in deltas]
+        fisher = fisher_combined([x["wilcoxon_p"] for x in table1])
+        rows += [{**x, "fisher_p": fisher if x["backbone"] in deltas else float("nan")} for x in pair]
+        if len(deltas) > 1:
+            rows.append({"method": method, "vs": vs, "family": pair[0]["family"], "unit": unit, "fisher_p": fisher,
+                         **backbone_mean_row(deltas, n_boot, boot_seed, alternative)})
     cols = ["method", "vs", "backbone", "family", "unit", "n", "mean_delta", "ci_low", "ci_high", "wilcoxon_p",
-            "fisher_p", "holm_p", "seeds", "seed_deltas", "hier_ci_low", "hier_ci_high", "verdict"]
-    paired = pd.DataFrame(rows, columns=[c for c in cols if c != "holm_p"])
-    paired.insert(cols.index("holm_p"), "holm_p", np.nan)
-    paired["seeds"] = paired["seeds"].astype("Int64")                # empty on the mean-over-backbones rows
+            "fisher_p", "combined_p", "holm_p", "seeds", "seeds_used", "seeds_left_out", "seed_deltas",
+            "hier_ci_low", "hier_ci_high", "verdict"]
+    paired = pd.DataFrame(rows).reindex(columns=cols)
+    paired["seeds"] = paired["seeds"].astype("Int64")
+    test_p = paired["wilcoxon_p"].where(paired["wilcoxon_p"].notna(), paired["combined_p"])   # each row's test
     for _, idx in paired.groupby("family").groups.items():         # Holm within each family of comparisons
-        paired.loc[idx, "holm_p"] = holm(paired.loc[idx, "wilcoxon_p"].values)
+        paired.loc[idx, "holm_p"] = holm(test_p.loc[idx].values)
+    paired["verdict"] = [verdict(r.hier_ci_low, r.hier_ci_high, r.n, r.holm_p, alternative)
+                         for r in paired.itertuples()]
     return paired, pd.DataFrame(seed_rows), pd.DataFrame(unit_rows)
+
+
+def backbone_mean_row(deltas, n_boot, boot_seed, alternative):
+    """Table 1's "mean over backbones" of one pair: {backbone: (seeds x units) ΔDice} -> the row's numbers on the
+    seeds and units every backbone has: mean, bootstrap CI over units (seeds averaged), the two-way CI over seeds
+    and units, and the sign-flip permutation p over units (the backbones share patients)."""
+    seeds = sorted(set.intersection(*(set(D.index) for D in deltas.values())))
+    units = [u for u in next(iter(deltas.values())).columns if all(u in D.columns for D in deltas.values())]
+    X = np.stack([D.loc[seeds, units].values for D in deltas.values()]) if seeds else np.zeros((len(deltas), 0, 0))
+    r = backbone_mean(X.mean(1), n_resamples=n_boot, seed=boot_seed) if seeds else {"n": 0, "mean_delta": np.nan}
+    h = hierarchical_bootstrap(X.mean(0), n_resamples=n_boot, seed=boot_seed)
+    every = set.union(*(set(D.index) for D in deltas.values()))
+    return {"backbone": f"mean over {len(deltas)} backbones", **r, "wilcoxon_p": float("nan"),
+            "combined_p": sign_flip_p(X, n_boot, boot_seed, alternative) if seeds else float("nan"),
+            "seeds": len(seeds), "seeds_used": " ".join(map(str, seeds)),
+            "seeds_left_out": (f"seed {', '.join(map(str, sorted(every - set(seeds))))} (not on every backbone)"
+                               if every - set(seeds) else ""),
+            "seed_deltas": " / ".join(f"{X[:, i].mean():+.4f}" for i in range(len(seeds))) if units else "",
+            "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"]}
 
 
 def method_pair(item, flag, methods):
@@ -337,31 +390,49 @@ def method_pair(item, flag, methods):
 
 
 def paired_markdown(paired, seeds, reference, primary, args):
-    """paired.md: what the columns are, the table, each seed's ΔDice, and a reading that calls a difference a
-    gain or a loss only where its seed-inclusive CI excludes zero."""
+    """paired.md: what the columns are, the rule of the calls, the table, each seed's ΔDice, and a reading that
+    calls a gain or a loss only where the rule does, saying where a row uses fewer seeds than a method has."""
     unit = ("the patient (the ΔDice of a patient's cases averaged first)" if args.paired_unit == "patient"
             else "the case (one volume)")
     claims = ", ".join(f"{b} vs {a}" for a, b in primary) or "none"
     text = (f"## ΔDice (case mean over regions) of method vs `vs` (reference {reference}); paired unit: {unit}\n\n"
-            "n units; mean ΔDice, 95% paired bootstrap CI and Wilcoxon p "
-            f"({args.alternative}) over units with each method's Dice averaged over its seeds (conditional on the "
-            "trained models); Fisher p across backbones; holm_p: Wilcoxon p adjusted (Holm) within the family "
-            f"(primary: {claims}; exploratory: the rest); seed_deltas: each seed's mean ΔDice; hier_ci: 95% CI over "
-            "seeds and units (a two-way bootstrap: the same drawn units under every drawn seed; with one seed, the "
-            f"patient bootstrap); verdict: gain / loss only where hier_ci excludes 0, over {MIN_UNITS} units or more "
-            "(\"no clear difference\" is not equivalence: the CI's ends bound the loss and gain). The mean over "
-            "backbones has a bootstrap CI over units.\n\n")
+            "Every number of a row is computed on one set of (seed, unit) pairs: the seeds both methods have "
+            "(seeds_used; seeds_left_out: those only one method has) and the n units every one of them scored for "
+            "both. mean ΔDice, 95% paired bootstrap CI and Wilcoxon p "
+            f"({args.alternative}) over units with each method's Dice averaged over those seeds (conditional on the "
+            "trained models); fisher_p: Fisher's combination of the backbones' Wilcoxon p (the paper's Table 1; it "
+            "assumes independent p-values, and backbones scored on the same patients are not: anti-conservative); "
+            "combined_p (mean over backbones): sign-flip permutation test over units of the mean ΔDice over "
+            "backbones and seeds, which holds with shared patients; holm_p: the row's test (Wilcoxon, or combined_p) "
+            f"adjusted by Holm within its family (primary: {claims}; exploratory: the rest); seed_deltas: each "
+            "seed's mean ΔDice; hier_ci: 95% CI over seeds and units (a two-way bootstrap: the same drawn units under "
+            "every drawn seed; with one seed, the patient bootstrap).\n\n"
+            f"**Calls** (verdict) are made at a family-wise error rate of {ALPHA:g} within each family: gain / loss "
+            f"only where holm_p < {ALPHA:g} AND hier_ci excludes 0 on that side, over {MIN_UNITS} units or more "
+            "(fewer: \"too few units\")"
+            + ("; with --alternative greater only a gain is called" if args.alternative == "greater" else "")
+            + ". \"No clear difference\" is not equivalence: the CI's ends bound the loss and gain the data "
+            "allow.\n\n")
     if paired.empty:
         return text + "no paired comparison\n"
     text += to_markdown(paired) + "\n"
     if not seeds.empty and paired["seeds"].max() > 1:
-        text += "### ΔDice of each seed (95% paired bootstrap CI and Wilcoxon p over units)\n\n" + to_markdown(seeds)
-    said = paired[(paired["family"] == "primary") | paired["verdict"].isin(["gain", "loss"])]
-    lines = [f"- {r.family}: {r.method} vs {r.vs} ({r.backbone}): ΔDice {r.mean_delta:+.4f}, "
-             + (f"95% CI with seeds [{r.hier_ci_low:+.4f}, {r.hier_ci_high:+.4f}] over {r.seeds} seed(s) and {r.n} "
-                f"{r.unit}s: {r.verdict}" if r.verdict else "no seed-inclusive CI: no claim")
-             + (f" (Holm p {format_p(r.holm_p)})" if r.family == "exploratory" else "")
-             for r in said.itertuples() if np.isfinite(r.mean_delta) and not pd.isna(r.seeds)]
+        text += "### ΔDice of each seed (95% paired bootstrap CI and Wilcoxon p over the row's units)\n\n" + \
+            to_markdown(seeds)
+    said = paired[(paired["family"] == "primary") | paired["verdict"].isin(["gain", "loss"])
+                  | paired["seeds_left_out"].fillna("").astype(bool)]
+    lines = []
+    for r in said.itertuples():
+        fewer = f"; fewer seeds than a method has: {r.seeds_left_out} left out" if r.seeds_left_out else ""
+        if not np.isfinite(r.mean_delta):
+            lines.append(f"- {r.family}: {r.method} vs {r.vs} ({r.backbone}): no (seed, unit) pair both methods "
+                         f"have{fewer}: no comparison")
+            continue
+        ci = (f"95% CI with seeds [{r.hier_ci_low:+.4f}, {r.hier_ci_high:+.4f}]" if np.isfinite(r.hier_ci_low)
+              else "no seed-inclusive CI")
+        lines.append(f"- {r.family}: {r.method} vs {r.vs} ({r.backbone}): ΔDice {r.mean_delta:+.4f}, {ci} over "
+                     f"{r.seeds} seed(s) ({r.seeds_used}) and {r.n} {r.unit}s, Holm p {format_p(r.holm_p) or 'n/a'}: "
+                     f"{r.verdict or 'no claim'}{fewer}")
     return text + ("\n" + "\n".join(lines) + "\n" if lines else "")
 
 

@@ -1,6 +1,6 @@
 """Paired statistics (paper Sec. 6.4) and search-dynamics analysis (Sec. 4), as pure functions.
 
-Statistics come from scipy.stats (bootstrap, wilcoxon, combine_pvalues); what scipy does not have is
+Statistics come from scipy.stats (bootstrap, wilcoxon, permutation_test, combine_pvalues); what scipy does not have is
 written in numpy: the two-way bootstrap over seeds and patients, and Holm's adjustment.
 Trajectories are the lists of dicts in trajectory.jsonl.
 """
@@ -46,6 +46,23 @@ def backbone_mean(deltas, n_resamples=9999, seed=0):
                              rng=np.random.default_rng(seed)).confidence_interval
         out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
     return out
+
+
+def sign_flip_p(deltas, n_resamples=9999, seed=0, alternative="two-sided"):
+    """A combined test across backbones that holds when they share patients: the sign-flip permutation test over
+    units of the mean ΔDice over backbones (and seeds). `deltas` (..., n_units): every unit's ΔDice on every
+    backbone (and seed); a unit's values are averaged first and its sign flipped as one, so the dependence between
+    backbones scored on the same patient is kept (Fisher's combination treats their p-values as independent).
+    scipy.stats.permutation_test with one sample flips signs; exact (every flip) where 2^n <= n_resamples."""
+    d = np.asarray(deltas, float).reshape(-1, np.shape(deltas)[-1])
+    d = d[:, ~np.isnan(d).any(0)].mean(0)
+    if d.size == 0:
+        return float("nan")
+    if not np.any(d != 0):
+        return 1.0
+    r = stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=n_resamples,
+                               alternative=alternative, rng=np.random.default_rng(seed))
+    return float(r.pvalue)
 
 
 def hierarchical_bootstrap(deltas, n_resamples=9999, seed=0, confidence_level=0.95):
@@ -96,21 +113,34 @@ def holm(pvalues):
 
 
 MIN_UNITS = 6      # the fewest paired units with which a two-sided Wilcoxon test can reach p < 0.05 (2 / 2^6)
+ALPHA = 0.05       # the family-wise error rate of the calls (Holm within each family of comparisons)
 
 
-def verdict(ci_low, ci_high, n=None):
-    """A difference is called a gain or a loss only when its CI (the seed-inclusive one) excludes zero, and only
-    over at least MIN_UNITS paired units: a bootstrap CI over 3 patients (the demo's test set) excludes zero as
-    easily as it includes it."""
+def verdict(ci_low, ci_high, n, holm_p, alternative="two-sided", alpha=ALPHA):
+    """The call on one comparison: gain or loss only where both hold, else "no clear difference":
+    - its test, Holm-adjusted within the row's family, has p < `alpha` (the family-wise error rate the table
+      states: a call is made at that level, never at the unadjusted one), and
+    - its seed-inclusive CI (ci_low, ci_high) excludes zero, on the side called.
+    Over fewer than MIN_UNITS paired units no call is made: a bootstrap CI over 3 patients excludes zero as easily
+    as it includes it. With `alternative` "greater" (a one-sided test for a gain) a loss is never called.
+    "No clear difference" is not equivalence: the CI's ends bound the loss and the gain the data allow."""
     if not (np.isfinite(ci_low) and np.isfinite(ci_high)):
         return ""
-    if n is not None and n < MIN_UNITS:
+    if n < MIN_UNITS:
         return f"too few units (n < {MIN_UNITS})"
-    return "gain" if ci_low > 0 else "loss" if ci_high < 0 else "no clear difference"
+    if not (np.isfinite(holm_p) and holm_p < alpha):
+        return "no clear difference"
+    if ci_low > 0:
+        return "gain"
+    if ci_high < 0 and alternative == "two-sided":
+        return "loss"
+    return "no clear difference"
 
 
 def fisher_combined(pvalues):
-    """Fisher's combination of per-backbone p-values (one-sided ones when the claim is a gain)."""
+    """Fisher's combination of per-backbone p-values (one-sided ones when the claim is a gain), as the paper's
+    Table 1. It assumes independent p-values; backbones scored on the same patients are not, so the combined p is
+    anti-conservative there (sign_flip_p is the test that holds)."""
     p = [x for x in pvalues if np.isfinite(x)]
     if not p:
         return float("nan")

@@ -358,6 +358,72 @@ def test_no_verdict_over_too_few_units():
     """A bootstrap CI over 3 patients (the demo's test set) can exclude zero; no gain or loss is called below the
     fewest units with which a two-sided Wilcoxon test can reach p < 0.05 (6)."""
     from common.analysis import MIN_UNITS, verdict
-    assert MIN_UNITS == 6 and verdict(0.005, 0.03, n=3) == "too few units (n < 6)"
-    assert verdict(0.005, 0.03, n=6) == "gain" and verdict(-0.03, -0.005, n=20) == "loss"
-    assert verdict(-0.01, 0.01, n=20) == "no clear difference" and verdict(float("nan"), 0.1, n=20) == ""
+    assert MIN_UNITS == 6 and verdict(0.005, 0.03, 3, 0.001) == "too few units (n < 6)"
+    assert verdict(0.005, 0.03, 6, 0.03) == "gain" and verdict(-0.03, -0.005, 20, 0.001) == "loss"
+    assert verdict(-0.01, 0.01, 20, 0.001) == "no clear difference" and verdict(float("nan"), 0.1, 20, 0.01) == ""
+    assert verdict(0.005, 0.03, 20, 0.06) == "no clear difference"             # CI excludes 0, Holm p does not
+    assert verdict(-0.03, -0.005, 20, 0.001, alternative="greater") == "no clear difference"
+
+
+def dice_rows(deltas, method="iac", backbone="base", seed=0, ref=0.8):
+    """Dice rows of ref and `method` for one backbone and seed: one case per patient, `method` = ref + delta."""
+    return [{"method": m, "backbone": backbone, "seed": seed, "patient": f"c{i}", "patient_id": f"p{i}",
+             "value": ref + 0.01 * i + (d if m == method else 0.0)}
+            for m in ("ref", method) for i, d in enumerate(deltas)]
+
+
+def test_a_row_uses_one_seed_set(tmp_path, scripts):
+    """A partly finished grid: ref done for seeds 0-2, iac for seed 0. Every number of the row is on seed 0 (the
+    seed both have): mean ΔDice, CI, Wilcoxon and the per-seed ΔDice agree, and the row and paired.md name the
+    seeds left out. (Before, mean_delta and Wilcoxon averaged ref over its 3 seeds: −0.018 beside a +0.016 gain.)"""
+    e = scripts["05_evaluate"]
+    deltas = [0.012, 0.014, 0.016, 0.016, 0.018, 0.02]
+    rows = dice_rows(deltas)
+    for s in (1, 2):                                            # ref's other seeds: 0.05 better
+        rows += [dict(r, seed=s, value=r["value"] + 0.05) for r in dice_rows(deltas) if r["method"] == "ref"]
+    table, seeds, units = e.paired_table(pd.DataFrame(rows), [("ref", "iac")], 999)
+    t = table.iloc[0]
+    assert t["mean_delta"] == pytest.approx(np.mean(deltas)) and t["seed_deltas"] == f"{np.mean(deltas):+.4f}"
+    assert (t["seeds"], t["seeds_used"], t["seeds_left_out"]) == (1, "0", "seed 1, 2 (only ref)")
+    assert t["wilcoxon_p"] == pytest.approx(stats.wilcoxon(deltas).pvalue) and t["ci_low"] > 0
+    assert len(seeds) == 1 and set(units["seed"]) == {0}
+    path = str(tmp_path / "per_patient.csv")
+    pd.DataFrame(rows).assign(region="all", metric="dice").to_csv(path, index=False)
+    e.main(e.get_args(["--rows", path, "--out", str(tmp_path / "eval"), "--n_boot", "99"]))
+    md = open(tmp_path / "eval" / "paired.md").read()
+    assert "fewer seeds than a method has: seed 1, 2 (only ref) left out" in md, md
+
+
+def test_calls_are_made_at_the_family_level(scripts):
+    """Three exploratory pairs over 6 patients, every ΔDice positive: Wilcoxon p 1/32 each, Holm p 3/32 each: no
+    gain is called, though every CI excludes 0 (before: three gains). One pair alone (Holm p = 1/32): a gain."""
+    e = scripts["05_evaluate"]
+    rows = []
+    for m, off in (("a", 0.01), ("b", 0.02), ("c", 0.03)):
+        rows += [r for r in dice_rows([off + 0.001 * i for i in range(6)], method=m) if r["method"] == m or m == "a"]
+    table, _, _ = e.paired_table(pd.DataFrame(rows), [("ref", "a"), ("ref", "b"), ("ref", "c")], 999)
+    assert table["wilcoxon_p"].tolist() == pytest.approx([1 / 32] * 3)
+    assert table["holm_p"].tolist() == pytest.approx([3 / 32] * 3) and (table["hier_ci_low"] > 0).all()
+    assert (table["verdict"] == "no clear difference").all(), table
+    one, _, _ = e.paired_table(pd.DataFrame(rows), [("ref", "a")], 999)
+    assert one["holm_p"].item() == pytest.approx(1 / 32) and one["verdict"].item() == "gain"
+
+
+def test_combined_test_across_backbones_holds_with_shared_patients(scripts):
+    """Three backbones scored on the same 6 patients with the same ΔDice (perfectly dependent): Fisher's
+    combination treats them as 3 independent tests (p far below 1/32); the sign-flip permutation test over
+    patients of the backbone mean gives the exact 2/64 of one backbone, and Holm takes that row's test from it."""
+    e = scripts["05_evaluate"]
+    deltas = [0.01, 0.02, 0.03, 0.015, 0.025, 0.035]
+    rows = sum((dice_rows(deltas, backbone=b) for b in ("base", "vgg16", "resnet50")), [])
+    rows += dice_rows([d + 0.01 for d in deltas], backbone="nnunet_2d")           # Table 2: not in the mean
+    table, _, _ = e.paired_table(pd.DataFrame(rows), [("ref", "iac")], 9999)
+    mean = table[table["backbone"] == "mean over 3 backbones"].iloc[0]
+    assert mean["combined_p"] == pytest.approx(2 / 64) and mean["mean_delta"] == pytest.approx(np.mean(deltas))
+    d = np.mean(deltas)
+    ref = stats.permutation_test((np.array(deltas),), np.mean, permutation_type="samples").pvalue
+    assert mean["combined_p"] == pytest.approx(ref) and d > 0
+    assert mean["fisher_p"] < mean["combined_p"] / 10                        # the independence assumption
+    assert np.isnan(table.loc[table["backbone"] == "nnunet_2d", "fisher_p"]).all()
+    assert mean["hier_ci_low"] > 0 and mean["seeds"] == 1 and mean["n"] == 6
+    assert len(table) == 5 and table["holm_p"].notna().all()
