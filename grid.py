@@ -150,8 +150,23 @@ def write_manifest(c, jobs):
 # --------------------------------------------------------------------------- state, from the run folders
 STATES = ("done", "running", "submitted", "requeued", "stopped", "failed", "blocked", "waiting")
 ALIVE = ("submitted", "running", "requeued")          # states in which a recorded SLURM job may still be queued
-SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING", "COMPLETING",
-                "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED"}
+# SLURM's job states (squeue / sacct "JOB STATE CODES"): a job ends in one of SLURM_TERMINAL; every other state,
+# and one not listed here, is a job SLURM still holds (pending, running, suspended, stopped, held, requeued, being
+# signalled, completing ...): never submitted again while it is in it. PREEMPTED is terminal only where squeue no
+# longer shows it (sacct's word): while squeue shows it, SLURM may still requeue it.
+SLURM_TERMINAL = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                  "PREEMPTED", "REVOKED", "TIMEOUT"}
+SLURM_KNOWN_LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+                    "CONFIGURING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED", "STOPPED",
+                    "POWER_UP_NODE", "UPDATE_DB"}
+
+
+def slurm_holds(state, reason=""):
+    """Whether SLURM still holds a job in `state` (reason "sacct": the state comes from sacct, squeue no longer
+    shows the job): every state but the terminal ones, and PREEMPTED while squeue shows it."""
+    if state in SLURM_TERMINAL:
+        return state == "PREEMPTED" and reason != "sacct"
+    return True
 
 
 def _read(path):
@@ -287,16 +302,22 @@ def job_states(jobs, live=None):
             if alive is False:
                 state, why = "waiting", f"its local runner ({where}) is gone; `run` starts it again"
             else:
-                why = f"local runner {where}" + ("" if alive else ", not checked from this host")
+                why = f"local runner {where}" + ("" if alive else (
+                    f", not checked from this host: run `grid.py status` on {rec.get('host')}; if that runner is gone "
+                    f"(the host rebooted or left), `grid.py forget CONFIG --only {j.id}` clears its record and the "
+                    "next `run` starts the job again"))
         elif live is not None and state in ALIVE and rec.get("slurm_job"):
             slurm, reason = live.get(str(rec["slurm_job"]), (None, ""))
             if slurm is None:
                 state, why = "waiting", f"SLURM job {rec['slurm_job']} is gone (lost); `run` submits it again"
             elif slurm == "RUNNING":
                 state, why = "running", f"SLURM job {rec['slurm_job']}"
-            elif slurm in SLURM_ACTIVE:
-                state = "requeued" if state == "requeued" or slurm.startswith("REQUEUE") else "submitted"
-                why = f"SLURM job {rec['slurm_job']} {slurm} ({reason})"
+            elif slurm_holds(slurm, reason):
+                state = "requeued" if state == "requeued" or slurm.startswith("REQUEUE") or slurm == "PREEMPTED" \
+                    else "submitted"
+                why = (f"SLURM job {rec['slurm_job']} {slurm} ({reason})"
+                       + ("" if slurm in SLURM_KNOWN_LIVE or slurm == "PREEMPTED" else
+                          "; a state this grid does not know, taken as held by SLURM: `scancel` it to submit anew"))
             elif slurm == "CANCELLED" and "Dependency" in reason:
                 state, why = "blocked", f"SLURM job {rec['slurm_job']} cancelled: {reason}"
             else:
@@ -582,8 +603,12 @@ def run_slurm(c, jobs, selected, a):
     it needs, with --kill-on-invalid-dep so that the dependants of a failed job are cancelled (status: blocked)
     instead of pending forever; requeue on time limit / preemption through submitit's checkpointing.
 
-    Safe to re-run: a job whose recorded SLURM job is still queued or running is left alone (and its dependants
-    wait on it), one that failed, was cancelled or vanished is submitted again; a job a live local runner runs
+    Safe to re-run: a job whose recorded SLURM job SLURM still holds (any state but a terminal one: pending,
+    running, suspended, stopped, held, requeued, preempted while squeue shows it; slurm_holds) is left alone (and
+    its dependants wait on it), one that ended without done.json (failed, timed out, cancelled) or vanished is
+    submitted again. Before anything is submitted, a job SLURM still holds whose dependency failed is cancelled
+    (scancel: it would wait forever), and so is one that waits on a lost job being submitted again; a job a live
+    local runner runs
     (run --backend local) is left alone too, and its dependants wait for a later run. While squeue does not answer,
     nothing is submitted (a failed squeue must not read as an empty queue). A submission is recorded before sbatch
     (its SLURM job name) and after (its id), so a run killed in between leaves no job unaccounted for
@@ -600,22 +625,31 @@ def run_slurm(c, jobs, selected, a):
         adopt_submissions(jobs, queue)
     live = live_states(jobs, queue=queue) if queue is not None else None
     states = job_states(jobs, live)
+    if live is not None:                              # before anything is submitted: what SLURM would keep forever
+        for j in jobs:
+            job = recorded(j).get("slurm_job")
+            if states[j.id][0] == "blocked" and job and slurm_holds(*live.get(str(job), ("COMPLETED", ""))):
+                scancel(j, job, f"{states[j.id][1]}: it would wait on a failed job")
     s = dict(c.get("slurm", {}))
     ex = slurm_executor(c, a, os.path.join(c["root"], "grid", "submitit", "%j"))
     stop_wait = max(5, min(120, int(s.get("signal_delay_s", 180)) - 15))   # the requeue must beat the time limit
     chosen = {j.id for j in selected}
-    slurm_id, handle_of, handles = {}, {}, []
+    slurm_id, handle_of, handles, again = {}, {}, [], set()
     for j in jobs:
         state, why = states[j.id]
         if state == "done":
             continue
         rec = recorded(j)
         if state in ALIVE and (live is not None or not rec.get("slurm_job")):   # queued / running: left alone
-            if rec.get("slurm_job"):
-                slurm_id[j.id] = str(rec["slurm_job"])
-            if j.id in chosen:
-                print(f"[kept] {j.id}: {why}")
-            continue
+            stale = [d for d in j.deps if d in again]          # ... unless it waits on a job submitted again
+            if not (stale and rec.get("slurm_job") and j.id in chosen and state != "running"):
+                if rec.get("slurm_job"):
+                    slurm_id[j.id] = str(rec["slurm_job"])
+                if j.id in chosen:
+                    print(f"[kept] {j.id}: {why}" + (f" (but it waits on the lost job of {stale[0]}: run it again "
+                                                     "with this job selected)" if stale else ""))
+                continue
+            scancel(j, rec["slurm_job"], f"it waits on the lost SLURM job of {stale[0]}, submitted again now")
         if j.id not in chosen:
             continue
         need = [d for d in j.deps if states[d][0] != "done"]
@@ -638,6 +672,7 @@ def run_slurm(c, jobs, selected, a):
                                                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
         h = ex.submit(StageJob(tuple(j), stop_wait))
         slurm_id[j.id], handle_of[j.id] = str(h.job_id), h
+        again.add(j.id)
         handles.append(h)
         if a.cluster != "local":
             atomic_write_json(os.path.join(j.out, SUBMIT), {"slurm_job": str(h.job_id), "after": after, "name": name,
@@ -645,6 +680,24 @@ def run_slurm(c, jobs, selected, a):
         print(f"[submit] {j.id}: job {h.job_id}" + (f", after {', '.join(after)}" if after else ""), flush=True)
     print(f"{len(handles)} jobs submitted")
     return handles
+
+
+def scancel(j, job, why):
+    """Cancel SLURM job `job` recorded for grid job j (its record then says blocked, with why); a failed scancel
+    stops the run before a second copy could be submitted."""
+    try:
+        r = subprocess.run(["scancel", str(job)], capture_output=True, text=True, timeout=60)
+        err = r.stderr.strip() if r.returncode else ""
+    except (OSError, subprocess.SubprocessError) as e:
+        err = str(e)
+    if err:
+        raise InputError(f"scancel {job} ({j.id}) failed ({err}); nothing more was submitted. Cancel it by hand "
+                         "(`scancel`), then run again")
+    log_line(j, f"cancelled SLURM job {job}: {why}")
+    if os.path.exists(os.path.join(j.out, SUBMIT)):
+        os.remove(os.path.join(j.out, SUBMIT))
+    set_state(j, "blocked", why=f"SLURM job {job} cancelled: {why}", cancelled_slurm_job=str(job))
+    print(f"[cancel] {j.id}: SLURM job {job} ({why})")
 
 
 def wait_all(handles):
@@ -685,9 +738,10 @@ def report(c, jobs, a):
 # --------------------------------------------------------------------------- command line
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("command", choices=["plan", "run", "status", "report"],
+    p.add_argument("command", choices=["plan", "run", "status", "report", "forget"],
                    help="plan: list the jobs; run: run the jobs not done yet; status: where each job stands; "
-                        "report: the tables and figures from the scored runs")
+                        "report: the tables and figures from the scored runs; forget: clear the records of jobs "
+                        "(--only) that nothing is known to run, e.g. a local runner's on a host that is gone")
     p.add_argument("config", help="grid config (JSON; see configs/grid_example.json)")
     p.add_argument("--backend", choices=["local", "slurm"], default="local",
                    help="run: where the jobs run: local = on this machine, one job per GPU; slurm = one SLURM job "
@@ -718,7 +772,7 @@ def print_status(c, jobs, selected):
     for j in selected:
         state, why = states[j.id]
         if state in ("failed", "blocked", "stopped", "requeued") or (state == "waiting" and why) or \
-                recorded(j).get("submitting"):
+                recorded(j).get("submitting") or "not checked from this host" in why:
             print(f"  {state}: {j.id}  ({why})")
     return states
 
@@ -735,8 +789,33 @@ def main(a):
     elif a.command == "run":
         with grid_lock(c["root"]):
             run(c, jobs, selected, a)
+    elif a.command == "forget":
+        with grid_lock(c["root"]):
+            forget(jobs, selected)
     elif a.command == "report" and not report(c, jobs, a):
         sys.exit(1)
+
+
+def forget(jobs, selected):
+    """`grid.py forget`: clear the runner's records (grid_job.json, grid_submit.json) of the selected jobs that are
+    not done and that nothing is known to run: a local runner's record written on another host (which this host
+    cannot check: the host rebooted or left the cluster), a failed, stopped or lost one. A job SLURM still holds or
+    a live local runner on this host runs is kept. The next `run` starts a forgotten job again (its --resume auto
+    continues from its checkpoint)."""
+    states = job_states(jobs, live_states(jobs))
+    for j in selected:
+        state, why = states[j.id]
+        rec = recorded(j)
+        if state == "done" or not rec:
+            continue
+        if state in ALIVE and (rec.get("slurm_job") or rec.get("submitting") or local_runner_alive(rec)):
+            print(f"[kept] {j.id}: {why}" + ("; `scancel` it first" if rec.get("slurm_job") else ""))
+            continue
+        for name in (STATE, SUBMIT):
+            if os.path.exists(os.path.join(j.out, name)):
+                os.remove(os.path.join(j.out, name))
+        log_line(j, f"record cleared by `grid.py forget` (was {state}: {why})")
+        print(f"[forgot] {j.id}: was {state} ({why})")
 
 
 def run(c, jobs, selected, a):

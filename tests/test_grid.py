@@ -149,10 +149,18 @@ if left > 0:
     open(fails, "w").write(str(left - 1))
     print("slurm_load_jobs error: Socket timed out on send/recv operation", file=sys.stderr)
     sys.exit(1)
-if name == "squeue":                        # every job submitted so far is still pending, under its name
+states = os.environ.get("FAKE_SLURM_STATES")   # a file: {id: {"squeue": [STATE, reason] or null, "sacct": STATE}}
+states = json.load(open(states)) if states and os.path.exists(states) else {}
+if name == "squeue":                        # every job submitted so far is pending, under its name, unless told
     for i, sub in enumerate(subs):
         job_name = next(ln.split("=", 1)[1] for ln in sub["script"].splitlines() if ln.startswith("#SBATCH --job-name"))
-        print(f"{1000 + i}|PENDING|Dependency|{job_name}")
+        shown = states.get(str(1000 + i), {}).get("squeue", ["PENDING", "Dependency"])
+        if shown:
+            print(f"{1000 + i}|{shown[0]}|{shown[1]}|{job_name}")
+if name == "sacct":
+    for i in sys.argv[sys.argv.index("-j") + 1].split(","):
+        if states.get(i, {}).get("sacct"):
+            print(f"{i}|{states[i]['sacct']}")
 with open(log, "a") as f:
     f.write(json.dumps(rec) + "\\n")
 """
@@ -374,3 +382,63 @@ stage()
     assert result["rc"] == 75, (result, (tmp_path / "run" / "grid.log").read_text())
     assert result["seconds"] < 30, result                       # returned when the stage left, not after 60 s
     assert re.search(r"stopped by SIGUSR[12]", (tmp_path / "run" / "grid.log").read_text())   # pending, then handled
+
+
+def test_slurm_states_from_the_whole_list(tmp_path, raws, fake_slurm, monkeypatch):
+    """Every state SLURM still holds a job in (stopped, suspended, preempted while squeue shows it, held, requeued,
+    signalled, one this grid does not know) is live: nothing is submitted again. A failed job is submitted again,
+    but first its dependant pending on it (DependencyNeverSatisfied) is cancelled, and so is one that waits on a lost
+    job; a PREEMPTED job squeue no longer shows (sacct's word) is terminal. A record a local runner left on another
+    host: status says how to clear it, and `forget` does."""
+    env, log = fake_slurm
+    states = tmp_path / "states.json"
+    env = {**env, "FAKE_SLURM_STATES": str(states)}
+    monkeypatch.setenv("FAKE_SLURM_STATES", str(states))
+    cfg = config(tmp_path, tmp_path / "W", {"acdc": raws["acdc"]}, seeds=(0,))
+    grid("run", cfg, "--backend", "slurm", env=env)
+    ids = {j: str(1000 + i) for i, j in enumerate(["data", "ref", "search_full", "iac", "search_lth", "iac_lth",
+                                                   "ref/score", "iac/score", "iac_lth/score"])}
+    held = {"data": "STOPPED", "ref": "SUSPENDED", "search_full": "PREEMPTED", "iac": "REQUEUE_HOLD",
+            "search_lth": "RESV_DEL_HOLD", "iac_lth": "SPECIAL_EXIT", "ref/score": "PENDING", "iac/score": "SIGNALING",
+            "iac_lth/score": "SOME_NEW_STATE"}
+    states.write_text(json.dumps({ids[j]: {"squeue": [st, "JobHeldUser" if st == "PENDING" else "None"]}
+                                  for j, st in held.items()}))
+    again = grid("run", cfg, "--backend", "slurm", env=env).stdout
+    assert "0 jobs submitted" in again and again.count("[kept]") == 9, again
+    status = grid("status", cfg, env=env).stdout
+    assert "  failed:" not in status and "  blocked:" not in status and "  requeued: acdc/base/seed0/iac " in status
+    assert "SOME_NEW_STATE" in again and "`scancel` it to submit anew" in again, again
+    assert len(submitted(log)) == 9
+
+    states.write_text(json.dumps({
+        ids["search_full"]: {"squeue": None, "sacct": "PREEMPTED"},       # ended: preempted, not requeued
+        ids["iac"]: {"squeue": ["PENDING", "DependencyNeverSatisfied"]},  # would wait forever
+        ids["iac/score"]: {"squeue": ["PENDING", "Dependency"]},
+        ids["search_lth"]: {"squeue": None},                              # lost: squeue and sacct forgot it
+        ids["iac_lth"]: {"squeue": ["PENDING", "Dependency"]}}))          # waits on the lost job
+    out = grid("run", cfg, "--backend", "slurm", env=env).stdout
+    calls = [json.loads(ln) for ln in log.read_text().splitlines()]
+    cancels = [c["argv"][0] for c in calls if c["tool"] == "scancel"]
+    first_new = [i for i, c in enumerate(calls) if c["tool"] == "sbatch"][9]
+    assert cancels[:2] == [ids["iac"], ids["iac/score"]], (cancels, out)          # blocked: before any submission
+    assert all(i < first_new for i, c in enumerate(calls) if c["tool"] == "scancel" and c["argv"][0] in cancels[:2])
+    assert sorted(cancels[2:]) == [ids["iac_lth"], ids["iac_lth/score"]], cancels   # wait on jobs submitted again
+    assert "[cancel] acdc/base/seed0/iac: SLURM job 1003" in out, out
+    new = [ln for ln in out.splitlines() if ln.startswith("[submit]")]
+    assert [ln.split(":")[0] for ln in new] == ["[submit] acdc/base/seed0/search_full", "[submit] acdc/base/seed0/iac",
+                                                "[submit] acdc/base/seed0/search_lth",
+                                                "[submit] acdc/base/seed0/iac_lth",
+                                                "[submit] acdc/base/seed0/iac/score",
+                                                "[submit] acdc/base/seed0/iac_lth/score"], out
+    assert "[submit] acdc/base/seed0/iac: job 1010, after 1001, 1009" in out, out
+
+    from conftest import load_script
+    g = load_script("grid")
+    job = next(j for j in g.plan(g.load_config(cfg)) if j.id == "acdc/base/seed0/ref")
+    os.remove(os.path.join(job.out, g.SUBMIT))
+    g.atomic_write_json(os.path.join(job.out, g.STATE), {"state": "running", "host": "gone-node", "runner_pid": 7})
+    status = grid("status", cfg, env=env).stdout
+    assert "not checked from this host" in status and "grid.py forget CONFIG --only acdc/base/seed0/ref" in status
+    forgot = grid("forget", cfg, "--only", "acdc/base/seed0", env=env).stdout
+    assert "[forgot] acdc/base/seed0/ref: was running" in forgot and "[kept] acdc/base/seed0/iac:" in forgot, forgot
+    assert not os.path.exists(os.path.join(job.out, g.STATE))
