@@ -18,7 +18,9 @@ BraTS 2023 case BraTS-GLI-XXXXX-YYY its BraTS-GLI-XXXXX; elsewhere each case is 
 subject. Case ids that look like repeated scans (sub-01_ses-1, sub-01_ses-2) without it get a warning.
 
 Both writes go to a temporary name and are renamed at the end, so an interrupted or
-failed run leaves nothing half-written. Bad input stops with a message naming the case.
+failed run leaves nothing half-written. Bad input stops with a message naming the case, and no
+slices.h5 is written: a channel or label whose shape, spacing, origin or direction differs from the
+case's first channel (mirrored, shifted, resampled) is bad input too (common/raw.py, check_same_grid).
 """
 import argparse
 import contextlib

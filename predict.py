@@ -11,14 +11,23 @@ In:  --run RUN, a finished run of 02_pretrain.py or 04_finetune.py (its ckpt_bes
 Out: OUT/CASE.nii.gz for each case: labels in the data set's own values, in the case's original shape and
      affine (crop, resampling and reorientation undone; voxels outside the crop are background): for a
      test case, exactly what 05_evaluate.py --save_nifti writes. OUT/predict.json: flags, run, data, the
-     input files of each case and the cases that failed.
+     input files of each case, the cases that failed and the files skipped, each with its reason.
 
     python predict.py --run runs/acdc/iac_lth --input /data/new_scans --out runs/acdc/predictions
 
+Which file is which case: the channels of a case sit in one folder (CASE_0000, CASE_0001, ... or the
+layout's names). With one modality, names without a _0000 beside them are cases of their own:
+A/liver_0012.nii.gz and B/liver_0013.nii.gz are liver_0012 and liver_0013, and a folder where nothing is
+named in a layout takes every file but labels as a case. Every other NIfTI file is skipped and listed (one
+line here, all of them in predict.json "skipped" with the reason): label files (labelsTr/, _gt, _seg,
+segmentation), 4-D series (_4d), names of no layout. Two files that would give one case id (x_0001.nii.gz
+beside x_0001_0000.nii.gz with one modality, A/x.nii.gz and B/x.nii.gz) stop the run naming both.
+
 A case with bad input (a modality missing or extra, a 4-D volume, NaN voxels, an unreadable or truncated
-file, modalities of different shapes) gets one line `error: case ...` and no output file (each file is
-written to a temporary name, then renamed); the other cases still finish, and the exit code is 1 when
-any case failed. An existing OUT/CASE.nii.gz is replaced.
+file, a channel whose shape, spacing, origin or direction differs from the first channel's) gets one line
+`error: case ...` and no output file (each file is written to a temporary name, then renamed; an earlier
+run's OUT/CASE.nii.gz of it is removed, and the line says so); the other cases still finish, and the exit
+code is 1 when any case failed. An existing OUT/CASE.nii.gz of a case that succeeds is replaced.
 """
 import argparse
 import os
@@ -108,15 +117,21 @@ def main(args):
     if args.modality and args.modality not in kinds:
         raise InputError(f"--modality {args.modality}: the run was trained on {' and '.join(kinds)} scans only")
     modalities = meta["modalities"]
-    found = image_cases(args.input, meta["dataset"], modalities)
+    found, skipped = image_cases(args.input, meta["dataset"], modalities)
     device = pick_device(args.device)
     amp, cl = precision(args, device)                    # as 05_evaluate.py: the same logits for the same case
     model = model_from_checkpoint(ckpt).to(device)
     os.makedirs(args.out, exist_ok=True)
     print(f"{len(found)} case(s) in {args.input}; {ckpt['kind']} run {args.run} ({ckpt['config']['encoder']}, "
           f"epoch {ckpt['epoch'] + 1}), preprocessing of {data}: crop {meta['crop']}, spacing {meta['spacing']}")
+    if skipped:
+        names = ", ".join(f"{os.path.basename(f)} ({why})" for f, why in list(skipped.items())[:3])
+        print(f"skipped {len(skipped)} file(s) that are no image of this run's layout: {names}"
+              f"{' ...' if len(skipped) > 3 else ''}; all of them in {os.path.join(args.out, 'predict.json')} "
+              "\"skipped\"")
     inputs, failed, larger = {}, {}, []
     for case_id, channels in tqdm(found, desc="predict", unit="case"):
+        target = os.path.join(args.out, f"{case_id}.nii.gz")
         try:
             case = Case(case_id, case_id, channel_files(case_id, channels, modalities), None,
                         case_modality(meta, case_id, args.modality))
@@ -124,16 +139,19 @@ def main(args):
             if any(int(w) > c for w, c in zip(r["work_shape"], meta["crop"])):
                 larger.append(f"{case_id} {r['work_shape'].tolist()}")
             stack = predict_stack(model, r["images"], device, amp, cl)        # (Z, H, W) our label indices
-            write_nifti(slices_to_nifti(stack, meta, case_id, geometry=r), os.path.join(args.out, f"{case_id}.nii.gz"))
+            write_nifti(slices_to_nifti(stack, meta, case_id, geometry=r), target)
         except Exception as e:                           # noqa: BLE001 - this case only, the others go on
             failed[case_id] = str(e) if isinstance(e, InputError) else f"case {case_id}: {type(e).__name__}: {e}"
+            if os.path.exists(target):                   # an earlier run's prediction: not beside the fresh ones
+                os.remove(target)
+                failed[case_id] += f" (removed {target}, an earlier run's prediction of this case)"
             tqdm.write(f"error: {failed[case_id]}", file=sys.stderr)
             continue
         inputs[case_id] = case.images
     atomic_write_json(os.path.join(args.out, "predict.json"),
                       {**run_metadata(args), "data": data, "checkpoint": {"path": ckpt_path, "kind": ckpt["kind"],
                                                                           "epoch": ckpt["epoch"]},
-                       "cases": inputs, "failed": failed})
+                       "cases": inputs, "failed": failed, "skipped": skipped})
     if larger:
         print(f"note: {len(larger)} case(s) have slices larger than the crop {meta['crop']} the run was trained with "
               f"({', '.join(larger[:3])}{' ...' if len(larger) > 3 else ''}); voxels outside the centred crop are "

@@ -13,7 +13,9 @@ BraTS-GLI-XXXXX-YYY, YYY the time point), an nnU-Net data set takes it from data
 `repeated_scans` warns when case ids look like several scans of one subject and nothing says so.
 
 `image_cases(path, dataset, modalities)` finds unlabelled cases to predict (predict.py): the training
-layout's image names or nnU-Net's CASE_0000.nii.gz.
+layout's image names or nnU-Net's CASE_0000.nii.gz, and says why it skips each other NIfTI file; two files that
+give one case id are refused. Every channel and label of a case must lie on its first channel's voxel grid
+(`check_same_grid`: shape, spacing, origin, direction), else the case is refused.
 """
 import glob
 import os
@@ -232,17 +234,69 @@ def from_canonical(data, orig_affine):
     return nib.orientations.apply_orientation(data, nib.orientations.ornt_transform(RAS, ornt))
 
 
+# A channel or label is on the first channel's grid when the shapes are equal and every entry of the two 4x4 affines
+# agrees within GRID_ATOL + GRID_RTOL * |entry| (np.allclose): the origin to 1e-3 mm + 0.01%, each spacing x direction
+# entry to 1e-3 + 0.01%. Float32 header rounding passes; a mirrored, rotated, shifted or resampled grid does not.
+# nnU-Net (its image readers, verify_dataset_integrity) compares the same four (shape, spacing, origin, direction)
+# with np.allclose's tighter defaults (rtol 1e-5, atol 1e-8) but refuses only shape and spacing and warns on origin
+# and direction; we refuse all four, with a tolerance loose enough for headers written by different tools.
+GRID_RTOL, GRID_ATOL = 1e-4, 1e-3
+AXES = "xyz"                                   # the voxel array's axes i, j, k
+
+
+def _direction_change(ref_dirs, dirs):
+    """How the voxel axes of `dirs` (3x3, unit columns) lie in those of `ref_dirs`, in words."""
+    m = ref_dirs.T @ dirs
+    if np.allclose(np.abs(m), np.eye(3), atol=GRID_ATOL):
+        flipped = [AXES[i] for i in range(3) if m[i, i] < 0]
+        return f"mirrored {' and '.join(flipped)} ax{'is' if len(flipped) == 1 else 'es'}"
+    if np.linalg.det(m) > 0:
+        return f"rotated by {np.degrees(np.arccos(np.clip((np.trace(m) - 1) / 2, -1, 1))):.3g}°"
+    order = np.abs(m).argmax(axis=0)
+    if np.allclose(np.abs(m), np.eye(3)[:, order], atol=GRID_ATOL):
+        return f"axes swapped: {' '.join(AXES)} -> {' '.join(AXES[i] for i in order)}"
+    return "mirrored and rotated"
+
+
+def grid_differences(shape, affine, ref_shape, ref_affine):
+    """What differs between two voxel grids beyond the tolerance (GRID_RTOL, GRID_ATOL), in words; [] when none."""
+    out = [] if tuple(shape) == tuple(ref_shape) else [f"shape {tuple(shape)} vs {tuple(ref_shape)}"]
+    if np.allclose(affine, ref_affine, rtol=GRID_RTOL, atol=GRID_ATOL):
+        return out
+    spacing, ref_spacing = nib.affines.voxel_sizes(affine), nib.affines.voxel_sizes(ref_affine)
+    dirs, ref_dirs = affine[:3, :3] / spacing, ref_affine[:3, :3] / ref_spacing
+    shift = float(np.linalg.norm(affine[:3, 3] - ref_affine[:3, 3]))
+    if not np.allclose(spacing, ref_spacing, rtol=GRID_RTOL, atol=GRID_ATOL):
+        out.append(f"spacing {tuple(round(float(v), 4) for v in spacing)} vs "
+                   f"{tuple(round(float(v), 4) for v in ref_spacing)}")
+    if not np.allclose(dirs, ref_dirs, rtol=GRID_RTOL, atol=GRID_ATOL):
+        out.append(f"direction differs ({_direction_change(ref_dirs, dirs)})")
+    if not np.allclose(affine[:3, 3], ref_affine[:3, 3], rtol=GRID_RTOL, atol=GRID_ATOL):
+        out.append(f"origin differs by {shift:.1f} mm" if shift >= 0.1 else f"origin differs by {shift:.2g} mm")
+    return out or [f"affine differs by up to {np.abs(affine - ref_affine).max():.2g}"]
+
+
+def check_same_grid(case_id, path, shape, affine, ref_path, ref_shape, ref_affine):
+    """A channel or label file of a case on the voxel grid of its first channel (`ref_path`): shape, spacing, origin
+    and direction within GRID_RTOL / GRID_ATOL; else DataError in one line naming the case, both files, what
+    differs and what to do."""
+    diffs = grid_differences(shape, affine, ref_shape, ref_affine)
+    if diffs:
+        raise DataError(f"case {case_id}: {path} is not on the voxel grid of {ref_path}: {'; '.join(diffs)}. Stacked "
+                        "as they are, their voxels would not match: resample / reorient it onto that grid (nearest "
+                        "neighbour for a label), or leave the case out")
+
+
 def load_images(case):
     """Read and validate the image files of one case (one per modality) -> (x, y, z, C) float32, the first
-    file's affine and shape. A missing or unreadable file, a 4-D volume, NaN / inf voxels or modalities of
-    different shapes raise DataError naming the case."""
+    file's affine and shape. A missing or unreadable file, a 4-D volume, NaN / inf voxels or a channel not on
+    the first channel's voxel grid (check_same_grid) raise DataError naming the case."""
     images, ref_affine, ref_shape = [], None, None
     for path in case.images:
         data, affine = _load_nifti(path, case.case_id)
         if ref_shape is None:
             ref_shape, ref_affine = data.shape, affine
-        elif data.shape != ref_shape:
-            raise DataError(f"case {case.case_id}: {path} has shape {data.shape}, {case.images[0]} has {ref_shape}")
+        check_same_grid(case.case_id, path, data.shape, affine, case.images[0], ref_shape, ref_affine)
         data = np.asarray(data, dtype=np.float32)
         if not np.all(np.isfinite(data)):
             raise DataError(f"case {case.case_id}: {path} contains NaN or inf voxels; fix or exclude the case")
@@ -251,14 +305,10 @@ def load_images(case):
 
 
 def load_label(case, info, ref_shape, ref_affine):
-    """Read and validate the label file of one case -> (x, y, z) uint8 in our consecutive indices."""
+    """Read and validate the label file of one case -> (x, y, z) uint8 in our consecutive indices; it must lie on
+    the grid of the case's first image (check_same_grid)."""
     label, lab_affine = _load_nifti(case.label, case.case_id)
-    if label.shape != ref_shape:
-        raise DataError(f"case {case.case_id}: label {case.label} has shape {label.shape} but image "
-                        f"{case.images[0]} has {ref_shape}")
-    if not np.allclose(lab_affine, ref_affine, rtol=1e-4, atol=1e-3):
-        raise DataError(f"case {case.case_id}: the affine of {case.label} differs from {case.images[0]} "
-                        "beyond tolerance; image and label are not in the same space")
+    check_same_grid(case.case_id, case.label, label.shape, lab_affine, case.images[0], ref_shape, ref_affine)
     label = np.asarray(label)
     if not np.all(np.isfinite(label)) or not np.all(label == np.round(label)):
         raise DataError(f"case {case.case_id}: {case.label} has non-integer label values")
@@ -390,15 +440,37 @@ def _layout_name(path, dataset, modalities):
     return None
 
 
+LABEL_FOLDER = re.compile(r"labels(?:Tr|Ts|Va|Val)?", re.I)                  # nnU-Net's and AMOS's label folders
+LABEL_NAME = re.compile(r"(?:^|[_\-.])(?:gt|seg|segmentation|labels?)$", re.I)  # _gt (ACDC), _seg (BraTS), KiTS's
+
+
+def _not_an_image(path):
+    """Why a NIfTI file is no image to predict whatever its name's layout (a label file, a 4-D series); None if it
+    may be one."""
+    folder, stem = os.path.basename(os.path.dirname(os.path.abspath(path))), _stem(path)
+    if LABEL_FOLDER.fullmatch(folder):
+        return f"a label file (in {folder}/)"
+    if m := LABEL_NAME.search(stem):
+        return f"a label file ({m.group(0)})"
+    if re.search(r"[_\-]4d$", stem, re.I):
+        return "a 4-D series (_4d)"
+    return None
+
+
 def image_cases(path, dataset, modalities):
-    """Cases to predict under `path` (a NIfTI file or a folder, searched recursively) -> [(case id, {channel:
-    file})], sorted by case id. Files are named as in the raw layout of `dataset` (ACDC patientXXX_frameYY,
-    KiTS case_XXXXX/imaging, AMOS amos_XXXX, BraTS CASE_t1 ... / CASE-t1n ...) or as nnU-Net's
-    CASE_0000.nii.gz (channel 0000, 0001, ... in the order of `modalities`; with one modality, names without a
-    _0000 beside them are plain names: liver_0012.nii.gz is a case of its own); files named neither way (labels,
-    4-D cine files) are left out. A folder where no file is named so, with one modality, takes every NIfTI file
-    as a case of its own. A file takes the case it belongs to (its other channels beside it). Whether each case
-    has exactly the channels of `modalities` is for `channel_files` to say, case by case."""
+    """Cases to predict under `path` (a NIfTI file or a folder, searched recursively) -> (cases, skipped): cases
+    [(case id, {channel: [files]})] sorted by case id, skipped {file: why} for every other NIfTI file under a folder.
+
+    Files are named as in the raw layout of `dataset` (ACDC patientXXX_frameYY, KiTS case_XXXXX/imaging, AMOS
+    amos_XXXX, BraTS CASE_t1 ... / CASE-t1n ...) or as nnU-Net's CASE_0000.nii.gz (channel 0000, 0001, ... in the
+    order of `modalities`), grouped into cases per folder. With one modality, the names of a folder's group without a
+    _0000 are plain names: A/liver_0012.nii.gz and B/liver_0013.nii.gz are the cases liver_0012 and liver_0013. Label
+    files (in labelsTr/ ..., or named _gt, _seg, segmentation), 4-D series (_4d) and names of neither kind are
+    skipped. A folder where no file is named so, with one modality, takes every other NIfTI file as a case of its own.
+    Two files that give one case id (x_0001.nii.gz, a plain name, beside x_0001_0000.nii.gz; A/x_0000 and B/x_0000)
+    raise InputError naming both: never one of them dropped in silence. A single file takes the case it belongs to
+    (its other channels beside it). Whether each case has exactly the channels of `modalities` is for
+    `channel_files` to say, case by case."""
     if os.path.isfile(path):                                          # the file and its siblings
         folder, only = os.path.dirname(path) or ".", path
         files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
@@ -407,36 +479,46 @@ def image_cases(path, dataset, modalities):
     else:
         raise InputError(f"--input {path}: no such file or folder")
     files = [f for f in files if f.endswith(NIFTI_ENDINGS) and os.path.isfile(f)]
-    cases, where = {}, {}
+    groups, skipped = {}, {}                                          # (folder, case) -> {channel: [files]}
     for f in files:
-        named = _layout_name(f, dataset, modalities)
-        if named is None and (m := NNUNET_CHANNEL.match(_stem(f))):
+        why = _not_an_image(f)
+        named = None if why else _layout_name(f, dataset, modalities)
+        if named is None and not why and (m := NNUNET_CHANNEL.match(_stem(f))):
             named = m.group("case"), int(m.group("channel"))
         if named is None:
+            skipped[f] = why or f"not named as an image of the {dataset} layout or as CASE_0000.nii.gz"
             continue
-        case, channel = named
-        if case in where and where[case] != os.path.dirname(f):
-            raise InputError(f"--input {path}: case id {case} is found in {where[case]} and {os.path.dirname(f)}; "
-                             "give each case a name of its own")
-        where[case] = os.path.dirname(f)
-        cases.setdefault(case, {}).setdefault(channel, []).append(f)
-    if len(modalities) == 1:                    # liver_0012, liver_0013 without liver_0000: plain names, not channels
-        for case in [c for c, ch in cases.items() if 0 not in ch]:
-            for f in (f for fs in cases.pop(case).values() for f in fs):
-                cases[_stem(f)] = {0: [f]}
+        groups.setdefault((os.path.dirname(f), named[0]), {}).setdefault(named[1], []).append(f)
+    cases = []                                                        # [(case id, {channel: [files]})]
+    for (_, case), channels in groups.items():
+        if len(modalities) == 1 and 0 not in channels:                # liver_0012, liver_0013 without liver_0000
+            cases += [(_stem(f), {0: [f]}) for fs in channels.values() for f in fs]
+        else:
+            cases.append((case, channels))
+    if not cases and only is None and len(modalities) == 1:          # no file named in a layout: plain names
+        plain = [f for f in files if not _not_an_image(f)]
+        cases = [(_case_of_plain(f), {0: [f]}) for f in plain]
+        skipped = {f: why for f, why in skipped.items() if f not in plain}
     if only is not None:
-        mine = [c for c, ch in cases.items() if any(os.path.samefile(only, f) for fs in ch.values() for f in fs)]
-        cases = {c: cases[c] for c in mine} or {_case_of_plain(only): {0: [only]}}
-    elif not cases and len(modalities) == 1:
-        for f in files:
-            c = _case_of_plain(f)
-            if c in cases:
-                raise InputError(f"--input {path}: two files give case id {c} ({cases[c][0][0]}, {f}); rename one")
-            cases[c] = {0: [f]}
+        cases = [(c, ch) for c, ch in cases if any(os.path.samefile(only, f) for fs in ch.values() for f in fs)] \
+            or [(_case_of_plain(only), {0: [only]})]
+        skipped = {}
+    first = {}
+    for case, channels in cases:                                      # one case id, one source
+        f = min(f for fs in channels.values() for f in fs)
+        if case in first:
+            a, b = sorted((first[case], f))
+            raise InputError(f"--input {path}: case id {case} comes from {a} and from {b} (both would be written "
+                             f"to OUT/{case}.nii.gz); rename one so that each case has an id of its own (the channels "
+                             "of one case sit in one folder)")
+        first[case] = f
     if not cases:
+        listed = ", ".join(f"{os.path.basename(f)} ({why})" for f, why in list(skipped.items())[:3])
         raise InputError(f"--input {path}: no images found; name them as in the training layout or as nnU-Net's "
-                         f"CASE_0000.nii.gz ({len(modalities)} modalities: {', '.join(modalities)})")
-    return sorted(cases.items())
+                         f"CASE_0000.nii.gz ({len(modalities)} modalities: {', '.join(modalities)})"
+                         + (f"; {len(skipped)} NIfTI file(s) skipped: {listed}{' ...' if len(skipped) > 3 else ''}"
+                            if skipped else ""))
+    return sorted(cases, key=lambda c: c[0]), skipped
 
 
 def _case_of_plain(path):

@@ -221,6 +221,24 @@ def test_missing_modality_and_empty_folder(tmp_path, scripts):
         preprocess(scripts, "kits", str(empty), str(tmp_path / "o2"))
 
 
+@pytest.mark.parametrize("processes", ["0", "2"])
+def test_channel_off_the_first_grid_stops_01(tmp_path, scripts, processes):
+    """A BraTS case whose t2 header is mirrored (read as aligned, its slices would be the wrong way round beside the
+    other channels): 01 stops naming the case, both files and what differs, and writes no slices (nor a temporary);
+    in this process or in worker processes alike."""
+    raw = str(tmp_path / "brats")
+    write_phantom(raw, "brats2021", 3, seed=1, size=32)
+    t1, t2 = (os.path.join(raw, "BraTS2021_00001", f"BraTS2021_00001_{m}.nii.gz") for m in ("t1", "t2"))
+    _mutate(t2, lambda d, a: (d, a @ np.diag([-1.0, 1, 1, 1])))
+    out = str(tmp_path / "out")
+    with pytest.raises(DataError) as err:
+        preprocess(scripts, "brats", raw, out, "--processes", processes)
+    msg = str(err.value)
+    assert msg.startswith(f"case BraTS2021_00001: {t2} ") and t1 in msg and "mirrored x axis" in msg, msg
+    assert "resample" in msg and "\n" not in msg
+    assert not glob.glob(os.path.join(out, "slices.h5*")) and not os.path.exists(os.path.join(out, "splits.json"))
+
+
 def test_all_background_volume_is_valid(tmp_path, scripts):
     raw = _acdc_raw(tmp_path)
     _mutate(_gt(raw), lambda d, a: (np.zeros_like(d), a))
