@@ -28,7 +28,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common.checkpoints import (load_frozen_backbone, resume_search, save_checkpoint, save_theta0,
+from common.checkpoints import (load_frozen_backbone, resume_search, save_checkpoint, save_theta0, weights_hash,
                                 search_checkpoint)
 from common.data import SliceDataset, read_meta
 from common.engine import (EpochTimer, check_finite, make_loader, resume_iterator, setup_run, step_saver, stop_early,
@@ -231,7 +231,8 @@ def main(args):
     genotype = skips.derive_genotype(args.edge_rule)                  # Eq. (12), Sec. 3.4
     write_genotype(os.path.join(args.out, "genotype.json"), genotype,
                    search_summary(args.mode, args, lth, epoch + 1, stopped, seconds,
-                                  backbone=os.path.abspath(args.backbone), encoder=bb["config"]["encoder"],
+                                  backbone=os.path.abspath(args.backbone), backbone_sha256=weights_hash(bb["model"]),
+                                  encoder=bb["config"]["encoder"],
                                   dataset=meta["dataset"], seed=args.seed, geometry=geometry))
     print(f"genotype after {epoch + 1} epochs ({seconds / 60:.1f} min): "
           + ", ".join(f"{op}({s}->{d})" for op, s, d in genotype["edges"]))

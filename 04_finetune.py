@@ -6,11 +6,12 @@ Out: RUN/args.json, RUN/log.jsonl (one line per epoch), RUN/ckpt_last.pt, RUN/ck
      (best validation patient-level mean foreground Dice). Checkpoints hold model,
      optimizer, epoch, args and the model config, and are written atomically.
 
-    python 04_finetune.py --backbone runs/ref/ckpt_best.pt --genotype runs/search_lth/genotype.json \
+    python 04_finetune.py --genotype runs/search_lth/genotype.json \
         --data D/slices.h5 --splits D/splits.json --out runs/iac_lth
 
-The discrete cell at full width sits in every skip level; the backbone is frozen and only
-the cell is trained (Adam lr 1e-3, batch 128, 200 epochs, the stage I loss). `--init
+The discrete cell at full width sits in every skip level of the backbone it was searched in (the paper's "U-Net
+that was used during search": genotype.json records its path and weights hash; --backbone defaults to it and
+another one is refused unless --allow_other_backbone); the backbone is frozen and only the cell is trained (Adam lr 1e-3, batch 128, 200 epochs, the stage I loss). `--init
 fresh` (IAC) draws new weights, `--init theta0` (IAC-LTH) resets the cell to the weights
 it had before the search; the default follows the genotype's search mode (docs/method.md §5).
 `--skip att|resatt` trains a baseline skip module into the same frozen backbone instead.
@@ -24,7 +25,8 @@ import os
 
 import torch
 
-from common.checkpoints import cell_config, load_frozen_backbone, load_genotype, load_theta0_into, resume_training
+from common.checkpoints import (cell_config, check_searched_backbone, load_frozen_backbone, load_genotype,
+                                load_theta0_into, resume_training, weights_hash)
 from common.data import SliceDataset
 from common.engine import add_fit_flags, fit, setup_run
 from common.iac import CELL_OUTPUTS, IACSkips
@@ -36,7 +38,12 @@ from common.utils import HelpFormatter, InputError, add_run_flags, require_file
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("--backbone", required=True, help="ckpt_best.pt of 02_pretrain.py with --skip ref (required)")
+    p.add_argument("--backbone", default=None,
+                   help="ckpt_best.pt of 02_pretrain.py with --skip ref: the frozen backbone (default with --skip iac: "
+                        "the one the genotype was searched on, as genotype.json records it; needed with att / resatt)")
+    p.add_argument("--allow_other_backbone", action="store_true",
+                   help="train the cell in a backbone whose weights differ from the one it was searched on (a "
+                        "deliberate transfer; without it such a backbone is refused; recorded in args.json)")
     p.add_argument("--genotype", default=None, help="genotype.json of 03_search.py (needed with --skip iac)")
     p.add_argument("--theta0", default=None,
                    help="theta0.pt of 03_search.py: the cell weights before the search (default: the theta0.pt "
@@ -65,15 +72,26 @@ def get_args(argv=None):
 
 
 def build_model(args, meta):
-    """Frozen backbone + the cell of the genotype (or a baseline skip) in every skip level."""
-    model, _ = load_frozen_backbone(args.backbone, meta)
+    """Frozen backbone + the cell of the genotype (or a baseline skip) in every skip level. The cell's backbone is
+    the one it was searched on (genotype.json records its path and weights hash): another is refused unless
+    --allow_other_backbone."""
+    genotype = None
+    if args.skip == "iac":
+        if not args.genotype:
+            raise InputError("--genotype is required with --skip iac")
+        genotype = load_genotype(require_file(args.genotype, "--genotype", "the genotype.json of 03_search.py"))
+        args.backbone = args.backbone or genotype.get("search", {}).get("backbone")
+    if not args.backbone:
+        raise InputError("--backbone is required (" + ("the genotype does not record the backbone it was searched on"
+                                                       if genotype else f"--skip {args.skip}") + ")")
+    model, ckpt = load_frozen_backbone(args.backbone, meta)
+    args.backbone_sha256 = weights_hash(ckpt["model"])                # recorded in args.json
     if args.skip != "iac":
         model.set_skips(build_skips(args.skip, model.skip_channels, model.up_channels, None))
         model.config = {**model.config, "skip": args.skip}
         return model
-    if not args.genotype:
-        raise InputError("--genotype is required with --skip iac")
-    genotype = load_genotype(require_file(args.genotype, "--genotype", "the genotype.json of 03_search.py"))
+    args.backbone_note = check_searched_backbone(genotype, args.backbone, args.backbone_sha256,
+                                                 args.allow_other_backbone)
     geometry = genotype.get("search", {}).get("geometry", {})
     if geometry and (geometry["skip_channels"] != model.skip_channels or geometry["up_channels"] != model.up_channels):
         raise InputError(f"{args.genotype} was searched on another backbone (skip channels "
@@ -111,6 +129,8 @@ def main(args):
     write_args(args)
 
     train_set = SliceDataset(args.data, splits["train"], meta=meta)
+    note = getattr(args, "backbone_note", "")
+    print(f"backbone {args.backbone} (weights sha256 {args.backbone_sha256})" + (f"; {note}" if note else ""))
     print(f"frozen {model.config['encoder']} U-Net, training {args.skip} skips ({args.init or 'fresh'} init, "
           f"{sum(p.numel() for p in trainable_parameters(model)):,} parameters), {len(train_set)} training slices, "
           f"device {device}")

@@ -11,6 +11,7 @@ reading it back with torch.load(weights_only=True), checking it, and rebuilding 
 `data` is the slices.h5 a model was trained on (dataset, class_names, crop); `geometry` the cell's
 skip_channels, up_channels and cell_channels. Every problem is an InputError naming the file.
 """
+import hashlib
 import os
 
 import torch
@@ -95,6 +96,36 @@ def resume_training(path, kind, model, optimizer, device):
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     return ckpt["epoch"] + 1, (ckpt["best_dice"], ckpt["best_epoch"]), ckpt.get("position")
+
+
+def weights_hash(state):
+    """The identity of a model's weights: the first 16 hex digits of the sha256 over its state dict (names, shapes,
+    dtypes and bytes, in name order). Another file with the same weights has the same hash; another seed's
+    training, or one more step, does not."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_searched_backbone(genotype, path, sha256, allow_other, flag="--backbone"):
+    """Stage III trains a cell in the backbone it was searched in (paper Sec. 6.3): a backbone whose weights differ
+    from the ones genotype.json recorded at search time is refused, naming both, unless `allow_other` (a
+    deliberate transfer). Returns a note for the log ("" when they match)."""
+    searched = genotype.get("search", {})
+    want = searched.get("backbone_sha256")
+    if not want:
+        return "the genotype records no backbone hash (an older search): not checked"
+    if want == sha256:
+        return ""
+    if not allow_other:
+        raise InputError(f"the cell of this genotype was searched on {searched.get('backbone')} (weights sha256 "
+                         f"{want}), {flag} {path} has other weights (sha256 {sha256}): a cell is trained in the "
+                         "backbone it was searched in. Give that backbone, or --allow_other_backbone for a "
+                         "deliberate transfer (recorded in args.json)")
+    return f"transferred: searched on {searched.get('backbone')} (sha256 {want}), --allow_other_backbone"
 
 
 def load_frozen_backbone(path, meta):

@@ -65,6 +65,34 @@ def test_finetune_resume_and_frozen_backbone(tmp_path, scripts, acdc, backbone, 
             assert torch.equal(sa[k], bb[k]), k               # backbone untouched by stage III
 
 
+def test_the_cell_trains_in_the_backbone_it_was_searched_in(tmp_path, scripts, acdc, backbone, lth_search):
+    """genotype.json records the backbone's path and weights hash; 04 takes that backbone by default, accepts a copy
+    with the same weights, and refuses one with other weights (another seed's, one more step) naming both, unless
+    --allow_other_backbone, which args.json records."""
+    f = scripts["04_finetune"]
+    meta = read_meta(data_args(acdc)[1])
+    searched = json.load(open(os.path.join(lth_search, "genotype.json")))["search"]
+    ckpt_path = os.path.join(backbone, "ckpt_best.pt")
+    assert searched["backbone"] == os.path.abspath(ckpt_path) and len(searched["backbone_sha256"]) == 16
+    args = f.get_args(["--genotype", os.path.join(lth_search, "genotype.json"), *data_args(acdc), "--out",
+                       str(tmp_path / "a")])
+    f.build_model(args, meta)
+    assert args.backbone == searched["backbone"] and args.backbone_sha256 == searched["backbone_sha256"]
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    torch.save(ckpt, tmp_path / "copy.pt")                                       # the same weights elsewhere
+    f.build_model(f.get_args(finetune_args(acdc, backbone, lth_search, str(tmp_path / "b"))[2:] +
+                             ["--backbone", str(tmp_path / "copy.pt")]), meta)
+    k = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and not k.startswith("skips."))
+    ckpt["model"][k] = ckpt["model"][k] + 1e-3                                   # another backbone, same shapes
+    torch.save(ckpt, tmp_path / "other.pt")
+    other = finetune_args(acdc, backbone, lth_search, str(tmp_path / "c"))[2:] + ["--backbone", str(tmp_path / "other.pt")]
+    with pytest.raises(InputError, match=f"searched on {searched['backbone']}.*other.pt has other weights"):
+        f.build_model(f.get_args(other), meta)
+    args = f.get_args(other + ["--allow_other_backbone"])
+    f.build_model(args, meta)
+    assert "transferred: searched on" in args.backbone_note and args.allow_other_backbone
+
+
 def test_evaluate_end_to_end(tmp_path, scripts, acdc, backbone, lth_search):
     f, e = scripts["04_finetune"], scripts["05_evaluate"]
     iac, att = str(tmp_path / "iac"), str(tmp_path / "att")
