@@ -11,14 +11,22 @@ shape, so a frozen decoder is unchanged (Sec. 3.1-3.2, Eq. 1). Nodes 0 (skip), 1
     genotype = skips.derive_genotype()                             # Eq. (12) + top-2 edges per node
     final = IACSkips(genotype, [32, 64, 128], [32, 64, 128])      # full width, affine BN
 
-Contracts (examples/monai_basicunet.py follows them in MONAI's BasicUNet):
-- Level 0 is the finest skip, the last level the coarsest. `skip_channels[l]`: channels of the encoder tensor at
-  level l; `up_channels[l]`: channels of the decoder tensor handed to the cell there, after up-sampling (halved, if
-  the up-sampling halves them). Both tensors have the same spatial size; a mismatch is a ValueError naming the level.
+Contracts (examples/monai_basicunet.py follows them in MONAI's BasicUNet, examples/smp_unet.py in smp's Unet):
+- Level 0 is the finest skip the decoder HAS, whatever its resolution (full in BasicUNet, H/2 in smp's Unet, whose
+  last block has no skip), the last level the coarsest. `skip_channels[l]`: channels of the encoder tensor at level
+  l; `up_channels[l]`: channels of the decoder tensor handed to the cell there, after up-sampling (halved, if the
+  up-sampling halves them). Up-sampling happens before the cell: up has the skip's spatial size (else ValueError).
+- Order: split the concatenation in your decoder's order (BasicUNet cat([skip, up]), smp cat([up, skip])), hand
+  the cell (skip, up) and put its output in the skip's place. A swap is a ValueError where the channels differ; where
+  they are equal only `probe_levels` (one dry forward, optional) tells which end is the encoder's tensor.
+- `prepare(x)`: this project's hook over the encoder features (its UNet++ skips rewrite them there). The cells return
+  x unchanged; a search supernet also computes α, β's weights once for the levels that follow (without it each level
+  computes them: the same values). A copier does not need it; if used, call it at the start of every forward.
 - `prune_op` / `prune_edge` delete modules: build the weight optimizer again over `weight_parameters()`.
 - `unet.eval()` (to freeze a backbone) puts the cells in eval mode too: call `skips.train()` while they learn.
 - `output="residual"` (our option; `replace` is the paper's): skip + the output conv, started at zero (again after
   θ0). `dims=3`: volumetric cells, with the same genotype JSON and θ0 layout.
+- `write_genotype(path, genotype, search_info)`: search_info, any JSON dict, is the file's "search" block (below).
 This is the reference step, edge by edge as Eq. (4) and (9) read; common/lean_cell.py regroups and recomputes the same
 mathematics for memory, pinned to this file by tests/test_lean_cell.py.
 """
@@ -193,8 +201,11 @@ class Cell(nn.Module):
             raise ValueError(f"IAC level {level}: skip {tuple(skip.shape)} and up {tuple(up.shape)} differ in size; "
                              "up-sample the decoder tensor to the skip's size before the cell")
         if (skip.shape[1], up.shape[1]) != (self.c_skip, self.c_up):
+            swapped = (up.shape[1], skip.shape[1]) == (self.c_skip, self.c_up)
             raise ValueError(f"IAC level {level}: skip / up have {skip.shape[1]} / {up.shape[1]} channels, the cell "
-                             f"was built for {self.c_skip} / {self.c_up} (level 0 is the finest skip)")
+                             f"was built for {self.c_skip} / {self.c_up} " + ("(skip and up may be swapped: split "
+                             "your decoder's concatenation in its order; probe_levels tells)" if swapped else
+                             "(level 0 is the finest skip)"))
 
 
 @torch.no_grad()
@@ -263,7 +274,7 @@ class IACSearchSkips(nn.Module):
     def forward(self, level, skip, up):
         op_w, edge_w = self._weights if getattr(self, "_weights", None) else (self.op_weights(), self.edge_weights())
         if level == 0:
-            self._weights = None                  # the decoder's last level: never reuse stale weights
+            self._weights = None                  # the last level a decoder calls: no stale weights
         self.cells[level].check_inputs(level, skip, up)
         return self.cells[level](skip, up, op_w, edge_w)
 
@@ -292,6 +303,44 @@ class IACSkips(nn.Module):
     def forward(self, level, skip, up):
         self.cells[level].check_inputs(level, skip, up)
         return self.cells[level](skip, up)
+
+
+# --------------------------------------------------------------------------- a copier's U-Net
+@torch.no_grad()
+def probe_levels(model, x, points, encoder):
+    """Optional: what each skip level of a built U-Net concatenates, from one dry forward of `model` on `x` (in eval
+    mode: no statistics change). `points[l]`: the module whose input is level l's concatenation of the encoder skip
+    and the up-sampled decoder tensor, level 0 (the finest) first; `encoder`: the module(s) whose outputs hold the
+    skip tensors (a tensor, list or tuple each). The skip is the end of the concatenation equal to an encoder output,
+    so a split in the wrong order shows even where skip and up have the same channels; probe before the cells go in.
+    Returns, level 0 first, {"skip": C_skip, "up": C_up, "size": spatial size, "skip_first": cat([skip, up])}."""
+    cats, feats = {}, []
+    hooks = [p.register_forward_pre_hook(lambda m, a, l=l: cats.setdefault(l, a[0])) for l, p in enumerate(points)]
+    hooks += [e.register_forward_hook(lambda m, a, out: feats.extend(out if isinstance(out, (list, tuple)) else [out]))
+              for e in (encoder if isinstance(encoder, (list, tuple)) else [encoder])]
+    training = model.training
+    try:
+        model.eval()(x)
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    levels = []
+    for l in range(len(points)):
+        if l not in cats:
+            raise ValueError(f"IAC level {l}: points[{l}] was not called in a forward of the model")
+        t = cats[l]                                                          # (B, C_skip + C_up, *spatial)
+        ends = {(f.shape[1], first) for f in feats for first in (True, False) if f.shape[1] < t.shape[1] and
+                (f.shape[0], *f.shape[2:]) == (t.shape[0], *t.shape[2:]) and
+                torch.equal(f, t[:, :f.shape[1]] if first else t[:, t.shape[1] - f.shape[1]:])}
+        if len(ends) != 1:
+            raise ValueError(f"IAC level {l}: {'no' if not ends else 'more than one'} end of the concatenation "
+                             f"{tuple(t.shape)} is an encoder output; does points[{l}] take cat(skip, up)?")
+        (c, first), = ends
+        levels.append({"skip": c, "up": t.shape[1] - c, "size": tuple(t.shape[2:]), "skip_first": first})
+        if l and any(a > b for a, b in zip(levels[l]["size"], levels[l - 1]["size"])):
+            raise ValueError(f"IAC level {l} is finer than level {l - 1}: give the points finest first")
+    return levels
 
 
 # --------------------------------------------------------------------------- θ0
@@ -354,7 +403,15 @@ def validate_genotype(g, source="genotype"):
 
 
 def write_genotype(path, genotype, search_info):
-    """The genotype as JSON with what the search recorded, written to a temporary name and renamed."""
+    """The genotype as JSON with `search_info` (any JSON dict) as its "search" block, written to a temporary name and
+    renamed. read_genotype and validate_genotype ignore that block; this project's scripts write and read "mode"
+    ("lth": 04_finetune resets the cell to θ0 by default), "geometry" {"skip_channels", "up_channels", "cell_channels"}
+    (04 and the nnU-Net trainer refuse a backbone with other channels), "epochs_run", "epochs_cap", "stopped_early",
+    "seconds", "lth" (LTHState.settings(), τ0 included), "settings" (the search flags; 05 reads "edge_rule", else
+    "max_importance", and "cell_output"), "dataset", "encoder", "seed" (05's search tables, which also need
+    trajectory.jsonl beside the file), "backbone" and "backbone_sha256" (the searched backbone's path and weights
+    hash: 04 and the nnU-Net cell trainers train the cell in that backbone and refuse another). All optional here;
+    the examples write mode, geometry and epochs_run to lth."""
     validate_genotype(genotype)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

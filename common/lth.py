@@ -1,14 +1,15 @@
 """IAC-LTH: operation importance, the per-edge JS stability test and pruning (paper Sec. 5.2-5.5).
 
 This file imports only torch: copy it with common/iac.py into your own project (examples/monai_basicunet.py
-does, with MONAI's BasicUNet). Small pure functions, `LTHState` (which goes into the search checkpoint) and
-`end_of_epoch`, the whole test of one epoch on an `iac.IACSearchSkips`.
+does, with MONAI's BasicUNet; examples/smp_unet.py with segmentation_models_pytorch's Unet). Small pure
+functions, `LTHState` (which goes into the search checkpoint) and `end_of_epoch`, the whole test of one epoch
+on an `iac.IACSearchSkips`.
 
     I_{e,o}   = softmax(α_e)_o · w'_e                              Eq. (13)/(18), docs/method.md §3
     p_{e,o}   = I_{e,o} / (Σ_o' I_{e,o'} + ε)   (uniform if Σ = 0)  Eq. (19)
     JS(p, q)  = ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q)                Eq. (20)
-    τ0        = κ · median_e JS_e at the first test after warm-up (lower median), which prunes nothing
-                (self-calibrated, docs/method.md §3)
+    τ0        = κ · median_e JS_e (lower median, over the edges with > 1 op) at the calibration test, which
+                prunes nothing: the first test with a previous p and a median > 0 (self-calibrated, below)
     stable    : JS_e(t) < τ_e, else τ_e ← γ τ_e                     Sec. 5.3
     prune     : I < μ − kσ over the edge's active ops, else the lowest one;
                 never the last op                                  Eq. (21), Sec. 5.4
@@ -17,7 +18,7 @@ does, with MONAI's BasicUNet). Small pure functions, `LTHState` (which goes into
 The search loop in your own U-Net (single level: one forward and backward, both optimizers step):
 
     import iac, lth
-    skips = iac.IACSearchSkips(skip_channels, up_channels)   # level 0 = the finest (full-resolution) skip
+    skips = iac.IACSearchSkips(skip_channels, up_channels)   # level 0 = the finest skip the decoder has
     theta0 = iac.make_theta0(skip_channels, up_channels)   # θ0: saved before any update, for stage III
     iac.init_from_theta0(skips, theta0)
     state = lth.LTHState(len(iac.EDGES), tau0_rel=0.2)      # κ = 0.2, γ = 1.1, k = 1, JS over common ops
@@ -38,11 +39,14 @@ The search loop in your own U-Net (single level: one forward and backward, both 
     genotype = skips.derive_genotype()                       # each node's top-2 incoming edges
 
 Contracts a copier must know:
-- Levels: `skips(level, skip, up)` with level 0 the finest skip (the decoder's last, full-resolution level)
-  and the coarsest last. `skip_channels[level]` is the channel count of the encoder skip tensor, and
-  `up_channels[level]` that of the decoder tensor the cell gets beside it, *after* up-sampling to the skip's
-  size: where up-sampling halves the channels (a transposed conv from 2C to C, as in MONAI's UpCat), it is the
-  halved count, not the count of the coarser level's output. The cell returns the skip's channels.
+- Levels: `skips(level, skip, up)` with level 0 the finest skip the decoder has, whatever its resolution (full in
+  MONAI's BasicUNet; H/2 in smp's Unet, whose last, full-resolution block has no skip), and the coarsest last.
+  `skip_channels[level]` is the channel count of the encoder skip tensor, and `up_channels[level]` that of the
+  decoder tensor the cell gets beside it, *after* up-sampling to the skip's size (up-sampling happens before
+  the cell): where it halves the channels (a transposed conv from 2C to C, as in MONAI's UpCat), the halved
+  count. Split the concatenation in your decoder's order (MONAI cat([skip, up]), smp cat([up, skip])) and hand
+  the cell (skip, up); iac.probe_levels reads the channels and the order from one dry forward. The cell
+  returns the skip's channels.
 - A prune deletes the op's module (`IACSearchSkips.prune_op`): an optimizer built before it still holds the
   removed parameters and keeps stepping them. Build the weight optimizer again after every epoch that
   pruned (`info["pruned"]` not empty); SGD without momentum loses nothing by it. α and β stay (Adam's state
@@ -52,6 +56,13 @@ Contracts a copier must know:
   call `skips.train()` after it.
 - The test runs on the CPU in float64 whatever device the cells are on; `LTHState.state_dict()` is what a
   checkpoint needs to resume the test exactly.
+
+When τ0 is set (`tau0_rel`): at the first test that has a previous distribution and a positive median JS over
+the edges with more than one op; that test prunes nothing. The first test only records p. While the median is
+0 (α has not moved: lr_arch 0, say) τ0 stays None, nothing is pruned and the next test tries again. The test
+of the last warm-up epoch records p, so the first epoch after warm-up calibrates; with a warm-up of 0 the test
+of epoch 0 records p (α has moved already, but there is nothing to compare with) and that of epoch 1
+calibrates.
 
 Why τ0 calibrates itself: p_e is softmax(α_e) over the active ops (w'_e cancels), and for small
 moves JS_e ≈ ⅛·Var_p(Δα_e). Adam moves α by about its lr per step, so the per-epoch JS scales
@@ -118,8 +129,9 @@ def all_edges_single(op_mask, edge_mask=None):
 class LTHState:
     """Per-edge thresholds τ and the previous epoch's distributions; checkpointable.
 
-    Give either `tau0` (absolute) or `tau0_rel` (κ: τ0 = κ · median JS of the first test, at which
-    nothing is pruned). `tau` is None until the threshold is set."""
+    Give either `tau0` (absolute) or `tau0_rel` (κ: τ0 = κ · median JS over the multi-op edges at the first
+    test that has a previous p and a median > 0; that test prunes nothing, and while the median is 0 every
+    test only tries again). `tau0` and `tau` are None until the threshold is set."""
 
     def __init__(self, n_edges, tau0=None, tau0_rel=None, gamma=1.1, k_std=1.0, eps=1e-8, js_support="common"):
         if (tau0 is None) == (tau0_rel is None):
@@ -187,10 +199,13 @@ def end_of_epoch(skips, state, epoch, warmup):
     cell weights: importance (Eq. 13/18), the JS test (Eq. 20) and pruning (Eq. 21) on `skips` (an
     iac.IACSearchSkips, or anything with `importance()`, an `op_mask` buffer (E, O) and `prune_op(e, o)`).
 
-    The test starts at the last warm-up epoch (it only records p there: α, β have not moved yet); the next
-    test, the first after warm-up, calibrates τ0 when `state` is self-calibrating and prunes nothing.
+    The test starts at the last warm-up epoch (it only records p there: α, β have not moved yet), or at epoch 0
+    with `warmup=0`; the next test calibrates τ0 when `state` is self-calibrating (if the median JS is > 0, else
+    a later one: LTHState) and prunes nothing.
     Returns {"importance": I (E, O), "js": (E,) or None, "tau": τ used (E,) or None, "pruned": [(e, o), ...],
     "stopped": every edge has one op}. After a prune, rebuild the weight optimizer (module docstring)."""
+    if warmup < 0:
+        raise ValueError(f"warmup must be 0 or more epochs, not {warmup}")
     I = skips.importance()
     js, tau, pruned = None, state.tau, []
     if epoch >= warmup - 1:

@@ -11,9 +11,9 @@ The chain of the paper on a third-party U-Net:
   stage I    train BasicUNet (2-D) alone, then freeze it (eval mode, no gradients);
   stage II   an IAC search cell in each of its 4 skip connections (one α, β for all), LTH search: --warmup
              epochs train only the cell weights, then single level (one forward and backward, both optimizers
-             step); after each epoch the JS test prunes ops on stable edges (lth.end_of_epoch; the first test
-             after warm-up calibrates τ0 and prunes nothing); stop when every edge has one op; each node keeps
-             its top-2 incoming edges (derive_genotype);
+             step); after each epoch the JS test prunes ops on stable edges (lth.end_of_epoch; τ0 is
+             calibrated at the first test with a previous p and a positive median JS, which prunes nothing);
+             stop when every edge has one op; each node keeps its top-2 incoming edges (derive_genotype);
   stage III  the found cell at full width, reset to θ0 (its weights before the search), trained with the
              backbone frozen; then a prediction on held-out images and their Dice.
 
@@ -23,8 +23,10 @@ forward-pre-hook on `upcat_k.convs` splits that concatenation into skip = x_e an
 cat([cell(skip, up), up]) in its place: the frozen decoder gets a tensor of the shape it was trained on.
 
 Contracts (iac.py and lth.py say the same in their docstrings):
-- level 0 is the finest skip: level k-1 is upcat_k, so upcat_1 (full resolution) is level 0 and upcat_4
-  level 3. skips(level, ...) is called from the coarsest level to level 0, once each per forward.
+- level 0 is the finest skip the decoder has: level k-1 is upcat_k, so upcat_1 (full resolution here) is
+  level 0 and upcat_4 level 3. skips(level, ...) is called from the coarsest level to level 0, once each per
+  forward. UpCat concatenates the skip first, cat([x_e, x_0]); the hook splits in that order and hands the
+  cell (skip, up) (examples/smp_unet.py: smp puts the up-sampled tensor first).
 - skip_channels[level]: channels of the encoder tensor x_e (features[k-1] for upcat_k); up_channels[level]:
   channels of the up-sampled tensor x_0 given to the cell, not of the coarser output x: UpCat's transposed
   conv halves them (features[k] // 2) except in upcat_1 (halves=False: features[1]). With the default
@@ -85,8 +87,8 @@ def get_args(argv=None):
     p.add_argument("--lr_arch", type=float, default=1e-3, help="Adam learning rate of α and β (default: 1e-3)")
     p.add_argument("--pc_k", type=int, default=4, help="partial channels: 1/K of a cell's channels go "
                    "through the mixed ops in the search (K, Eq. 4) (default: 4)")
-    p.add_argument("--tau0_rel", type=float, default=0.2, help="JS threshold at the first test after warm-up "
-                   "as a fraction of the median edge JS (κ; τ0 = κ · median JS) (default: 0.2)")
+    p.add_argument("--tau0_rel", type=float, default=0.2, help="JS threshold at the calibration test as a "
+                   "fraction of the median edge JS (κ; τ0 = κ · median JS) (default: 0.2)")
     p.add_argument("--gamma", type=float, default=1.1,
                    help="growth of an unstable edge's threshold per epoch (γ, τ ← γ τ) (default: 1.1)")
     p.add_argument("--k_std", type=float, default=1.0,
@@ -99,6 +101,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.size % 16:
         p.error(f"--size {args.size}: BasicUNet pools four times; give a multiple of 16")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: give 0 or more epochs")
     return args
 
 
@@ -201,6 +205,14 @@ def dice(pred, label):
     return float(compute_dice(onehot(pred), onehot(label), include_background=False))
 
 
+def tau0_note(state, calibrated_before, arch_on):
+    """τ0 at the test that calibrated it; 'not calibrated yet' after a warm-up while no test had a previous p and
+    a positive median JS (lth.LTHState)."""
+    if state.tau0 is not None:
+        return "" if calibrated_before else f"  τ0 {state.tau0:.2e}"
+    return "  τ0 not calibrated yet" if arch_on else ""
+
+
 def search(args, net, loader, loss_fn):
     """Stage II, IAC-LTH, on the search cells `net.skips`. Returns (genotype, search info)."""
     skips = net.skips
@@ -222,18 +234,18 @@ def search(args, net, loader, loss_fn):
             w_opt.zero_grad(set_to_none=True)
             a_opt.zero_grad(set_to_none=True)
         loss = train_epoch(net, loader, loss_fn, step)
+        calibrated = state.tau0 is not None
         info = lth.end_of_epoch(skips, state, epoch, args.warmup)            # JS test, prune, stop rule
         if info["pruned"]:                                                   # the removed ops' weights leave it
             w_opt = torch.optim.SGD(skips.weight_parameters(), lr=lr)
         print(f"search epoch {epoch + 1}/{args.search_epochs}  loss {loss:.4f}  active ops "
               f"{int(skips.op_mask.sum())}/{skips.op_mask.numel()}  pruned {len(info['pruned'])}"
-              + ("  (warm-up)" if not arch_on else "") + (f"  τ0 {state.tau0:.2e}" if epoch == args.warmup else ""),
-              flush=True)
+              + ("  (warm-up)" if not arch_on else "") + tau0_note(state, calibrated, arch_on), flush=True)
         if info["stopped"]:
             break
     genotype = skips.derive_genotype()                                       # argmax op; top-2 edges per node
     return genotype, {"mode": "lth", "epochs_run": epoch + 1, "epochs_cap": args.search_epochs,
-                              "stopped_early": info["stopped"], "seconds": time.time() - t0, "lth": state.settings()}
+                      "stopped_early": info["stopped"], "seconds": time.time() - t0, "lth": state.settings()}
 
 
 def write_json(path, obj):
@@ -264,6 +276,7 @@ def main(args):
     iac.init_from_theta0(skips, theta0)                                      # partial-channel ops = slices of θ0
     net = ImplantedUNet(unet, skips, skip_ch)
     genotype, info = search(args, net, loader, loss_fn)
+    info["geometry"] = {"skip_channels": skip_ch, "up_channels": up_ch, "cell_channels": None}
     print(f"genotype after {info['epochs_run']} search epochs ({info['seconds']:.0f} s, "
           f"{'stopped: one op per edge' if info['stopped_early'] else 'cap reached'}): "
           + ", ".join(f"{op}({s}->{d})" for op, s, d in genotype["edges"]))
