@@ -2,7 +2,9 @@ r"""Evaluation (05): score trained models at patient level and reproduce the pap
 
 In:  slices.h5, splits.json, runs of 02_pretrain.py / 04_finetune.py (`--run NAME=DIR`,
      repeatable; the same NAME for several backbones or seeds), searches of 03_search.py
-     (`--search NAME=DIR`) for the search-cost table and the dynamics analysis.
+     (`--search NAME=DIR`) for the search-cost table and the dynamics analysis, nnUNetv2_predict output folders
+     (`--nnunet_pred NAME=DIR`; their backbone is named from the folder's plans.json, e.g. nnunet_2d:PlainConvUNet or
+     nnunet_2d:ResidualEncoderUNet, and kept out of the mean over backbones).
 Out: OUT/per_patient.csv (method, backbone, seed, patient, patient_id, region, metric, value; `patient` is the
      case, one volume, and `patient_id` the person it belongs to: ACDC's ED and ES frames share one): Dice, HD95 (mm)
      and NSD of every region the data set is scored on (BraTS WT/TC/ET, KiTS kidney+masses /
@@ -64,7 +66,8 @@ from common.analysis import (ALPHA, FIRST_ENTRY_COLUMNS, MIN_UNITS, arch_epochs,
                              fisher_combined, first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix,
                              hierarchical_bootstrap, holm, importance_tensor, paired_comparison, sign_flip_p, topk_masks,
                              verdict)
-from common.checkpoints import check_same_data, load_checkpoint, load_genotype, model_from_checkpoint
+from common.checkpoints import (check_same_data, load_checkpoint, load_genotype, model_from_checkpoint,
+                                nnunet_network_class)
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
 from common.engine import predict_stack
 from common.metrics import case_metrics
@@ -72,7 +75,7 @@ from common.raw import BOTH_EMPTY, NSD_TOLERANCE_MM, regions_of
 from common.runs import (add_unfinished_flag, cli, install_stop_signals, mark_done, mark_unfinished,
                          require_done)
 from common.utils import (HelpFormatter, InputError, add_device_flags, atomic_to_csv, atomic_write_json, pick_device,
-                          precision, read_jsonl, require_file, run_metadata)
+                          precision, read_json, read_jsonl, require_file, run_metadata)
 
 
 PRIMARY = ("ref:iac", "iac:iac_lth")          # the paper's claims: IAC vs the plain skip, IAC-LTH vs IAC
@@ -87,6 +90,13 @@ def get_args(argv=None):
                         "for several backbones or seeds (repeatable)")
     p.add_argument("--nnunet_pred", action="append", default=[], metavar="NAME[@SEED]=DIR",
                    help="a folder of nnUNetv2_predict outputs, scored as method NAME (of seed SEED) (repeatable)")
+    p.add_argument("--nnunet_configuration", default="2d", metavar="CONF",
+                   help="the nnU-Net configuration the --nnunet_pred folders were predicted with (2d, 3d_fullres, "
+                        "...): their backbone is named nnunet_CONF:NETWORK, the network class that configuration "
+                        "of the folder's plans.json builds (e.g. nnunet_2d:ResidualEncoderUNet)")
+    p.add_argument("--nnunet_tag", default=None, metavar="TAG",
+                   help="a word added to the configuration in the backbone name, nnunet_2d_TAG:PlainConvUNet (e.g. the "
+                        "augmentation regime, noda); default: none")
     p.add_argument("--nnunet_gt", default=None,
                    help="labelsTr (or labelsTs) of the nnU-Net raw data set, dataset.json one folder up (needed with "
                         "--nnunet_pred)")
@@ -211,6 +221,24 @@ def inference_cost(model, meta, device):
             "GMACs_per_slice": counter.get_total_flops() / 2e9}
 
 
+def nnunet_backbone(d, args):
+    """The backbone of an nnU-Net prediction folder, nnunet_CONFIGURATION[_TAG]:NETWORK, from the plans.json that
+    nnUNetv2_predict writes beside the predictions (the model's plans: PlainConvUNet for nnU-Net's default plans,
+    ResidualEncoderUNet for the ResEnc presets), and how it was named (for the log)."""
+    conf = args.nnunet_configuration
+    label = f"nnunet_{conf}" + (f"_{args.nnunet_tag}" if args.nnunet_tag else "")
+    path = os.path.join(d, "plans.json")
+    if not os.path.isfile(path):
+        return label, f"{conf}, network not named (no plans.json: not written by nnUNetv2_predict)"
+    plans = read_json(path, "--nnunet_pred plans")
+    if conf not in plans.get("configurations", {}):
+        raise InputError(f"--nnunet_pred {d}: its plans.json ({plans.get('plans_name', '?')}) has no configuration "
+                         f"{conf!r} (it has {', '.join(plans.get('configurations', {})) or 'none'}): give the one the "
+                         "folder was predicted with as --nnunet_configuration")
+    network = nnunet_network_class(plans, conf)
+    return f"{label}:{network}", f"{conf} {network}, plans {plans.get('plans_name', '?')}"
+
+
 def evaluate_nnunet(args):
     """Every metric of nnU-Net prediction folders against the raw labels (whole volumes)."""
     if not args.nnunet_gt:
@@ -228,6 +256,7 @@ def evaluate_nnunet(args):
         files = sorted(f for f in os.listdir(d) if f.endswith(".nii.gz")) if os.path.isdir(d) else []
         if not files:
             raise InputError(f"--nnunet_pred {name}={d}: no .nii.gz predictions there")
+        backbone, named = nnunet_backbone(d, args)
         for fn in files:
             gt_path = os.path.join(args.nnunet_gt, fn)
             if not os.path.isfile(gt_path):
@@ -237,9 +266,9 @@ def evaluate_nnunet(args):
             if pred.shape != gt.shape:
                 raise InputError(f"{fn}: prediction {pred.shape} and label {gt.shape} differ in shape")
             case = fn[:-len(".nii.gz")]
-            rows += metric_rows((name, "nnunet_2d", int(seed or 0)), case, patient_of.get(case, case), pred, gt,
+            rows += metric_rows((name, backbone, int(seed or 0)), case, patient_of.get(case, case), pred, gt,
                                 tuple(float(z) for z in gt_img.header.get_zooms()[:3]), score)
-        print(f"{name:>12s}  nnU-Net 2d seed {seed or 0}: {len(files)} cases")
+        print(f"{name:>12s}  nnU-Net {named}, seed {seed or 0}: {len(files)} cases as backbone {backbone}")
     return pd.DataFrame(rows), names
 
 

@@ -110,6 +110,22 @@ def weights_hash(state):
     return h.hexdigest()[:16]
 
 
+def nnunet_network_class(plans, configuration):
+    """The network class (e.g. PlainConvUNet, ResidualEncoderUNet) nnU-Net v2's plans build for `configuration`,
+    following "inherits_from" (3d_cascade_fullres, custom configurations); "?" where the plans do not say. Plain
+    JSON, no nnunetv2 import: nnunet_iac's trainers read it from a checkpoint, 05 from a prediction folder."""
+    confs = plans.get("configurations", {})
+    conf, seen = dict(confs.get(configuration, {})), {configuration}
+    while "architecture" not in conf and "UNet_class_name" not in conf and conf.get("inherits_from") not in seen:
+        parent = conf.pop("inherits_from", None)
+        if parent not in confs:
+            break
+        seen.add(parent)
+        conf = {**confs[parent], **conf}
+    name = conf.get("architecture", {}).get("network_class_name") or conf.get("UNet_class_name") or "?"   # (old plans)
+    return name.rsplit(".", 1)[-1]
+
+
 def check_searched_backbone(genotype, path, sha256, allow_other, flag="--backbone"):
     """Stage III trains a cell in the backbone it was searched in (paper Sec. 6.3): a backbone whose weights differ
     from the ones genotype.json recorded at search time is refused, naming both, unless `allow_other` (a

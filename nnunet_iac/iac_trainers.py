@@ -1,22 +1,27 @@
-"""IAC and IAC-LTH inside nnU-Net (nnU-Net v2 trainer plugin; paper Sec. 6.2, 6.5-6.7): the 2d configuration as
-in the paper, and 3d_fullres / 3d_lowres with 3-D cells (the paper's first stated limitation).
+"""IAC and IAC-LTH inside nnU-Net (nnU-Net v2 trainer plugin; paper Sec. 6.2, 6.5-6.7): cells implanted into the skips
+of a trained, frozen nnU-Net model: any nnU-Net v2 trainer's checkpoint of a PlainConvUNet (nnU-Net's default plans)
+or a ResidualEncoderUNet (the ResEnc M / L / XL presets), in 2d as in the paper, and in 3d_fullres / 3d_lowres with
+3-D cells (the paper's first stated limitation). docs/nnunet.md says how.
 
-Point nnU-Net at this folder and name a trainer:
+Point nnU-Net at this folder, give the model (IAC_BACKBONE) and the plans it was trained with (-p), name a trainer:
 
     export nnUNet_extTrainer=/path/to/iac-lth/nnunet_iac
-    nnUNetv2_train D 2d F -tr nnUNetTrainerIACRef                 # the 2-D reference
-    nnUNetv2_train D 2d F -tr nnUNetTrainerIACSearchLTH           # -> genotype.json, theta0.pt, trajectory.jsonl
-    IAC_GENOTYPE=$nnUNet_results/.../nnUNetTrainerIACSearchLTH__nnUNetPlans__2d/fold_F/genotype.json \\
-        nnUNetv2_train D 2d F -tr nnUNetTrainerIACLTH
-    IAC_GENOTYPE=(the same) nnUNetv2_predict -i IN -o OUT -d D -c 2d -f F -tr nnUNetTrainerIACLTH
+    IAC_BACKBONE=$nnUNet_results/.../nnUNetTrainer__PLANS__2d/fold_F/checkpoint_final.pth \\
+        nnUNetv2_train D 2d F -tr nnUNetTrainerIACSearchLTH -p PLANS   # -> genotype.json, theta0.pt, trajectory.jsonl
+    IAC_GENOTYPE=$nnUNet_results/.../nnUNetTrainerIACSearchLTH__PLANS__2d/fold_F/genotype.json \\
+        nnUNetv2_train D 2d F -tr nnUNetTrainerIACLTH -p PLANS         # in the backbone the genotype names
+    IAC_GENOTYPE=(the same) nnUNetv2_predict -i IN -o OUT -d D -c 2d -f F -tr nnUNetTrainerIACLTH -p PLANS
 
 Trainers (each also as a `...NoDA` variant without data augmentation, as nnUNetTrainerNoDA):
-    nnUNetTrainerIACRef        nnU-Net's own trainer with settable lengths: the reference 2-D nnU-Net
-    nnUNetTrainerIACSearchFull frozen reference + a supernet IAC on every skip, `full` search as in 03_search.py
+    nnUNetTrainerIACRef        nnU-Net's own trainer with settable lengths, IAC_BATCH, IAC_SEED and stop signals:
+                               the default backbone when IAC_BACKBONE is not set
+    nnUNetTrainerIACSearchFull frozen backbone + a supernet IAC on every skip, `full` search as in 03_search.py
     nnUNetTrainerIACSearchLTH  the same with `lth` search (common/lean_cell.py, common/lth.py, common/search.py);
-                               both write genotype.json, theta0.pt, trajectory.jsonl into their fold folder
-    nnUNetTrainerIAC           frozen reference + the discrete cell of IAC_GENOTYPE on every skip, deep
-                               supervision, nnU-Net's loss and optimiser; only the cells train; fresh init
+                               both write genotype.json (with the backbone's path, weights hash, trainer, network,
+                               plans, configuration), theta0.pt, trajectory.jsonl into their fold folder
+    nnUNetTrainerIAC           frozen backbone + the discrete cell of IAC_GENOTYPE on every skip, deep
+                               supervision, nnU-Net's loss and optimiser; only the cells train; fresh init;
+                               writes iac_cell.json (genotype, init, θ0, backbone and how it was chosen)
     nnUNetTrainerIACLTH        the same, cell reset to θ0 of the search (IAC-LTH)
 
 Settings (environment variables, so tests and demos can run tiny):
@@ -26,8 +31,17 @@ Settings (environment variables, so tests and demos can run tiny):
     IAC_AMP        search trainers: bf16 autocast auto (on with CUDA), on (also on the CPU: the GPU's dtype path) or off
     IAC_STOP_AFTER=N   search trainers: leave after N epochs (job time limits); `nnUNetv2_train ... --c` continues
                    from the search's checkpoint_latest.pth (pruned ops stay pruned, θ0 is kept)
-    IAC_BACKBONE   checkpoint of the finished reference; default: checkpoint_final.pth of the same fold
-                   of nnUNetTrainerIACRef (or ...RefNoDA for the NoDA trainers), same plans and configuration
+    IAC_BACKBONE   the trained nnU-Net model (checkpoint_final.pth of any trainer; its plans and configuration
+                   must be this run's -p and -c). Default: for a cell, the backbone its genotype was searched on;
+                   else checkpoint_final.pth of this fold of nnUNetTrainerIACRef (...RefNoDA for the NoDA trainers)
+    IAC_ALLOW_OTHER_BACKBONE=1   train a cell in a backbone with other weights than its genotype's (a transfer,
+                   recorded in iac_cell.json); refused otherwise, naming both
+    IAC_BATCH      the batch of every trainer here (default: the plans'; on the CPU a plans batch above 16 is
+                   noted in the log)
+    IAC_SAVE_EVERY checkpoint_latest.pth every N epochs (nnU-Net's 50; the search trainers: every epoch)
+    IAC_SEED       seeds random, numpy and torch before the network is made
+    OMP_NUM_THREADS  torch threads on the CPU (default: the cores this process may run on, where
+                   nnUNetv2_train -device cpu takes every core of the machine)
     IAC_GENOTYPE   genotype.json (nnUNetTrainerIAC / IACLTH, training and nnUNetv2_predict)
     IAC_THETA0     theta0.pt for nnUNetTrainerIACLTH (default: beside the genotype)
     IAC_<SETTING>  every search setting of 03_search.py, from the one table in common/search.py:
@@ -36,6 +50,9 @@ Settings (environment variables, so tests and demos can run tiny):
 
 Every trainer works in 2d, 3d_fullres and 3d_lowres: the cells take the encoder's dimensionality (3-D cells are
 checkpointed per edge on CUDA, IAC_CHECKPOINT_EDGES; benchmarks/bench_3d.py measures their memory per level).
+Backbone, genotype and θ0 are read and checked when a trainer is made, before nnU-Net starts its data-loader
+workers, so a wrong one is the last line printed. A stop signal (USR1, USR2, TERM; common/runs.py) ends a run after
+the step in progress: the data loaders are shut and it exits with 75; `nnUNetv2_train ... --c` continues.
 
 The cell sits where the decoder joins the transposed-conv output `up` with the encoder skip:
 cat(up, cell(skip, up)); its output keeps the skip's channel count, so the frozen decoder is unchanged.
@@ -45,6 +62,9 @@ In `lth` mode the search trains on all of the fold's training cases.
 """
 import argparse
 import os
+import random
+import sys
+import threading
 import time
 
 import numpy as np
@@ -54,16 +74,18 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoDA import nnUNetTrainerNoDA
 
 try:
-    from common.checkpoints import load_theta0_into, resume_search, save_checkpoint, save_theta0, search_checkpoint
+    from common.checkpoints import (load_theta0_into, nnunet_network_class, resume_search, save_checkpoint,
+                                    save_theta0, search_checkpoint, weights_hash)
 except ImportError as e:
     raise ImportError("the IAC-LTH project is not installed in this environment: run `pip install -e "
                       "/path/to/iac-lth` (the folder above nnunet_iac/) and try again") from e
-from common.iac import IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
+from common.iac import GenotypeError, IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
 from common.lean_cell import LeanSearchSkips
 from common.lth import all_edges_single
+from common.runs import REQUEUE_EXIT, Preempted, check_stop, install_stop_signals, mark_done
 from common.search import (arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state,
                            search_step, search_summary, settings_from_env, trajectory_record, weight_optimizer)
-from common.utils import SWITCH, JsonlLog, autocast, switch_on
+from common.utils import SWITCH, JsonlLog, atomic_write_json, autocast, switch_on
 
 
 def _env(name, default=None, cast=str):
@@ -71,18 +93,26 @@ def _env(name, default=None, cast=str):
     return default if v in (None, "") else cast(v)
 
 
+SUPPORTED_NETWORKS = ("PlainConvUNet", "ResidualEncoderUNet")     # nnU-Net's default and ResEnc M/L/XL plans
+
+
 def reference_checkpoint(trainer):
-    """IAC_BACKBONE, or checkpoint_final.pth of this fold of the matching reference trainer."""
-    if _env("IAC_BACKBONE"):
-        return _require_env("IAC_BACKBONE", "the checkpoint of the finished 2-D reference")
+    """The default backbone: checkpoint_final.pth of this fold of nnUNetTrainerIACRef (...RefNoDA for the NoDA
+    trainers), same plans and configuration."""
     ref = "nnUNetTrainerIACRefNoDA" if type(trainer).__name__.endswith("NoDA") else "nnUNetTrainerIACRef"
-    path = os.path.join(os.environ["nnUNet_results"], trainer.plans_manager.dataset_name,
+    return os.path.join(os.environ["nnUNet_results"], trainer.plans_manager.dataset_name,
                         f"{ref}__{trainer.plans_manager.plans_name}__{trainer.configuration_name}",
-                        f"fold_{trainer.fold}", "checkpoint_final.pth")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"no reference checkpoint {path}: train it first (nnUNetv2_train ... -tr {ref}) "
-                           "or set IAC_BACKBONE")
-    return path
+                        f"fold_{trainer.fold}", "checkpoint_final.pth"), ref
+
+
+def cpu_threads():
+    """Torch threads on the CPU: OMP_NUM_THREADS when set, else the cores this process may run on (a SLURM or
+    taskset allocation). nnUNetv2_train -device cpu sets multiprocessing.cpu_count(), every core of the machine,
+    and torch threads that outnumber the free cores make each step many times slower."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0]))
+    except ValueError:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _require_env(name, what):
@@ -95,13 +125,17 @@ def _require_env(name, what):
 
 
 class IACUNet(nn.Module):
-    """A frozen nnU-Net PlainConvUNet with a skip module at every decoder join.
+    """A frozen nnU-Net U-Net (PlainConvUNet, or ResidualEncoderUNet of the ResEnc plans: both have nnU-Net's
+    UNetDecoder) with a skip module at every decoder join.
 
     `skips(level, skip, up)` with level 0 = highest resolution; deep supervision is whatever
     `self.decoder.deep_supervision` says, as nnU-Net sets it."""
 
     def __init__(self, net, skips):
         super().__init__()
+        if type(net).__name__ not in SUPPORTED_NETWORKS:
+            raise RuntimeError(f"the plans build a {type(net).__name__}; IAC cells go into nnU-Net's "
+                               f"{' and '.join(SUPPORTED_NETWORKS)} (default and ResEnc plans)")
         self.net, self.skips = net, skips
         self.backbone_frozen = False
 
@@ -149,7 +183,6 @@ def net_dims(net):
 
 def load_nnunet_checkpoint(path):
     """torch.load(weights_only=True) of an nnU-Net checkpoint: its logs hold numpy scalars, allow just those."""
-    import numpy as np
     core = getattr(np, "_core", None) or np.core
     allowed = [core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in
                                                     ("float64", "float32", "float16", "int64", "int32", "bool")]
@@ -162,40 +195,149 @@ def unwrap(network):
     return getattr(network, "_orig_mod", network)
 
 
-def load_reference(trainer, path):
-    """Load the finished reference nnU-Net into trainer.network.net, checking it fits these plans."""
+class Backbone:
+    """A trained nnU-Net model used as the frozen backbone: any nnU-Net v2 trainer's checkpoint (stock
+    nnUNetTrainer, nnUNetTrainerIACRef, ...) of a PlainConvUNet or ResidualEncoderUNet, checked against the
+    trainer's configuration and plans when it is read (before nnU-Net starts its data-loader workers), and named
+    by its path and the sha256 of its weights (common/checkpoints.weights_hash)."""
+
+    def __init__(self, path, trainer, how):
+        try:
+            ck = load_nnunet_checkpoint(path)
+        except Exception as e:  # corrupt file or not a checkpoint
+            raise RuntimeError(f"backbone {path} ({how}) cannot be read as an nnU-Net checkpoint ({e})") from e
+        init = ck.get("init_args", {}) if isinstance(ck, dict) else {}
+        if "network_weights" not in ck or init.get("configuration") != trainer.configuration_name:
+            raise RuntimeError(f"backbone {path} ({how}) is not a {trainer.configuration_name} nnU-Net checkpoint "
+                               f"(found configuration {init.get('configuration')!r}); give this configuration's "
+                               "model")
+        plans = init.get("plans", {})
+        if plans.get("plans_name") != trainer.plans_manager.plans_name:
+            raise RuntimeError(f"backbone {path} ({how}) was trained with plans {plans.get('plans_name')!r}, this run "
+                               f"uses {trainer.plans_manager.plans_name!r}: give `-p {plans.get('plans_name')}` "
+                               "(the plans the model was trained with)")
+        self.path, self.how = os.path.abspath(path), how
+        self.state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v
+                      for k, v in ck["network_weights"].items()}
+        self.sha256 = weights_hash(self.state)
+        self.trainer_name = ck.get("trainer_name", "?")
+        self.network = nnunet_network_class(plans, trainer.configuration_name)
+
+    def info(self):
+        """What genotype.json, theta0.pt and the cell's iac_cell.json record of it."""
+        return {"backbone": self.path, "backbone_sha256": self.sha256, "backbone_trainer": self.trainer_name,
+                "network": self.network}
+
+    def __str__(self):
+        return f"{self.path} ({self.how}; {self.trainer_name}, {self.network}, weights sha256 {self.sha256})"
+
+
+def find_backbone(trainer, genotype=None):
+    """The backbone of a search or cell trainer: IAC_BACKBONE when set; else, for a cell, the backbone its genotype
+    was searched on; else this fold's nnUNetTrainerIACRef checkpoint. A cell whose backbone is not the one its
+    genotype was searched on (another file's weights) is refused, unless IAC_ALLOW_OTHER_BACKBONE=1 (a deliberate
+    transfer, recorded in the run)."""
+    searched = (genotype or {}).get("search", {})
+    if _env("IAC_BACKBONE"):
+        path, how = _require_env("IAC_BACKBONE", "the checkpoint of a trained nnU-Net model"), "IAC_BACKBONE"
+    elif searched.get("backbone") and os.path.isfile(searched["backbone"]):
+        path, how = searched["backbone"], "the backbone the genotype was searched on"
+    else:
+        path, ref = reference_checkpoint(trainer)
+        how = f"this fold's {ref}"
+        if not os.path.isfile(path):
+            raise RuntimeError(f"no backbone: IAC_BACKBONE is not set"
+                               + (f", the genotype's backbone {searched['backbone']} is not there"
+                                  if searched.get("backbone") else "")
+                               + f" and there is no {path}: set IAC_BACKBONE to your trained model's "
+                                 f"checkpoint_final.pth, or train the reference (nnUNetv2_train ... -tr {ref})")
+    bb = Backbone(path, trainer, how)
+    want = searched.get("backbone_sha256")
+    if genotype is not None and want and want != bb.sha256:
+        if _env("IAC_ALLOW_OTHER_BACKBONE", "0") != "1":
+            raise RuntimeError(f"the cell of IAC_GENOTYPE was searched on {searched.get('backbone')} (weights sha256 "
+                               f"{want}), this run would train it in {bb.path} (sha256 {bb.sha256}): a cell is "
+                               "trained in the backbone it was searched in. Point IAC_BACKBONE at that model, or "
+                               "set IAC_ALLOW_OTHER_BACKBONE=1 for a deliberate transfer (recorded in the run)")
+        bb.how += f"; transferred: searched on {searched.get('backbone')} (sha256 {want}), IAC_ALLOW_OTHER_BACKBONE=1"
+    elif genotype is not None and not want:
+        bb.how += "; the genotype records no backbone hash (an older search): not checked"
+    return bb
+
+
+def load_reference(trainer, backbone):
+    """The backbone's weights into trainer.network.net, frozen."""
     try:
-        ck = load_nnunet_checkpoint(path)
-    except Exception as e:  # corrupt file or not a checkpoint
-        raise RuntimeError(f"IAC_BACKBONE={path} cannot be read as an nnU-Net checkpoint ({e})") from e
-    init = ck.get("init_args", {}) if isinstance(ck, dict) else {}
-    if "network_weights" not in ck or init.get("configuration") != trainer.configuration_name:
-        raise RuntimeError(f"IAC_BACKBONE={path} is not a {trainer.configuration_name} nnU-Net checkpoint "
-                           f"(found configuration {init.get('configuration')!r}); train this configuration's "
-                           "reference first")
-    plans_name = init.get("plans", {}).get("plans_name")
-    if plans_name != trainer.plans_manager.plans_name:
-        raise RuntimeError(f"IAC_BACKBONE={path} was trained with plans {plans_name!r}, this run uses "
-                           f"{trainer.plans_manager.plans_name!r}")
-    state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in ck["network_weights"].items()}
-    try:
-        unwrap(trainer.network).net.load_state_dict(state)
+        unwrap(trainer.network).net.load_state_dict(backbone.state)
     except RuntimeError as e:
-        raise RuntimeError(f"IAC_BACKBONE={path} does not fit the network of these plans: {e}") from e
+        raise RuntimeError(f"backbone {backbone.path} does not fit the network of these plans: {e}") from e
     unwrap(trainer.network).freeze_backbone()
 
 
 class nnUNetTrainerIACRef(nnUNetTrainer):
-    """nnU-Net's trainer with epochs and iterations from IAC_EPOCHS / IAC_ITERS / IAC_VAL_ITERS."""
+    """nnU-Net's trainer with epochs and iterations from IAC_EPOCHS / IAC_ITERS / IAC_VAL_ITERS, a batch from
+    IAC_BATCH, checkpoint_latest every IAC_SAVE_EVERY epochs, seeded by IAC_SEED, and a clean stop on a
+    scheduler's signal (USR1 / USR2 / TERM: exit 75 after the step in progress; `--c` continues from the last
+    saved epoch)."""
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         for var in ("nnUNet_preprocessed", "nnUNet_results"):     # before nnU-Net fails less clearly
             if not os.environ.get(var):
                 raise RuntimeError(f"{var} is not set; export it as the nnU-Net documentation describes")
+        seed = _env("IAC_SEED", None, int)
+        if seed is not None:                                      # the grid's seeds: weights drawn from the seed
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.device.type == "cpu":       # nnUNetv2_train -device cpu takes every core of the machine
+            torch.set_num_threads(cpu_threads())
         self.num_epochs = _env("IAC_EPOCHS", self.num_epochs, int)
         self.num_iterations_per_epoch = _env("IAC_ITERS", self.num_iterations_per_epoch, int)
         self.num_val_iterations_per_epoch = _env("IAC_VAL_ITERS", self.num_val_iterations_per_epoch, int)
+        self.save_every = _env("IAC_SAVE_EVERY", self.save_every, int)
+        batch = _env("IAC_BATCH", None, int)
+        if batch:
+            self.print_to_log_file(f"batch {batch} (IAC_BATCH; the plans ask for "
+                                   f"{self.configuration_manager.batch_size})")
+            self.configuration_manager.configuration["batch_size"] = batch      # (a copy: the plans keep theirs)
+        elif self.device.type == "cpu" and self.configuration_manager.batch_size > 16:
+            self.print_to_log_file(f"note: the plans ask for batch {self.configuration_manager.batch_size}, slow on "
+                                   "the CPU; IAC_BATCH=N sets another")
+        install_stop_signals()
+
+    def train_step(self, batch):
+        check_stop()                                   # a stop signal: leave before the next step
+        return super().train_step(batch)
+
+    def run_training(self):
+        try:
+            super().run_training()
+        except Preempted as e:
+            self.stopped_by(e)
+
+    def stopped_by(self, signal_name):
+        """A stop signal arrived: shut the data loaders and leave with REQUEUE_EXIT (`--c` continues); the stop is
+        the last line printed."""
+        self._finish_loaders()
+        saved = os.path.isfile(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        self.print_to_log_file(f"stopped by {signal_name}: `nnUNetv2_train ... --c` continues from "
+                               + ("checkpoint_latest.pth" if saved else "the start (no epoch saved yet)")
+                               + f" (exit {REQUEUE_EXIT}: requeue)")
+        sys.exit(REQUEUE_EXIT)
+
+    def _finish_loaders(self):
+        """Shut nnU-Net's data loaders before leaving early. A batch still in flight when its worker exits makes the
+        loader's results thread fail (batchgenerators: the batch's shared memory went with the worker); once the
+        run is leaving, that thread's traceback is noise, and it is not printed."""
+        hook = threading.excepthook
+        threading.excepthook = lambda a: None if "results_loop" in getattr(a.thread, "name", "") else hook(a)
+        try:
+            for loader in (getattr(self, "dataloader_train", None), getattr(self, "dataloader_val", None)):
+                if hasattr(loader, "_finish"):
+                    loader._finish()
+        finally:
+            threading.excepthook = hook
 
     def perform_actual_validation(self, save_probabilities=False):
         if _env("IAC_FINAL_VALIDATION", "1") == "0":           # tests and demos: skip the sliding-window pass
@@ -205,8 +347,26 @@ class nnUNetTrainerIACRef(nnUNetTrainer):
 
 
 class nnUNetTrainerIAC(nnUNetTrainerIACRef):
-    """Stage III in nnU-Net: the discrete cell of IAC_GENOTYPE on every skip of the frozen reference."""
+    """Stage III in nnU-Net: the discrete cell of IAC_GENOTYPE on every skip of the frozen backbone it was searched
+    on (find_backbone). Genotype, θ0 and backbone are read and checked when the trainer is made, before nnU-Net
+    starts its data-loader workers, so a wrong one is the last thing printed."""
     theta0_init = False
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.genotype_path = _require_env("IAC_GENOTYPE", "give the genotype.json of the search")
+        try:
+            genotype = read_genotype(self.genotype_path)
+        except GenotypeError as e:
+            raise RuntimeError(str(e)) from None
+        self.theta0_path = None
+        if self.theta0_init:
+            self.theta0_path = _env("IAC_THETA0", os.path.join(os.path.dirname(self.genotype_path), "theta0.pt"))
+            if not os.path.isfile(self.theta0_path):
+                raise RuntimeError(f"IAC_THETA0={self.theta0_path} does not exist: the theta0.pt of the search (beside "
+                                   "its genotype.json)")
+        self.backbone = find_backbone(self, genotype)
+        self.print_to_log_file(f"IAC cell of {self.genotype_path}; backbone {self.backbone}")
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
@@ -214,7 +374,10 @@ class nnUNetTrainerIAC(nnUNetTrainerIACRef):
         net = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                        num_output_channels, enable_deep_supervision)
         path = _require_env("IAC_GENOTYPE", "give the genotype.json this model is (or was) trained with")
-        g = read_genotype(path)
+        try:
+            g = read_genotype(path)
+        except GenotypeError as e:
+            raise RuntimeError(str(e)) from None
         skip_ch = list(net.encoder.output_channels[:-1])
         geo = g.get("search", {}).get("geometry", {})
         if geo and list(geo.get("skip_channels", skip_ch)) != skip_ch:
@@ -230,15 +393,17 @@ class nnUNetTrainerIAC(nnUNetTrainerIACRef):
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()                             # the network, to load the backbone before the workers
+        load_reference(self, self.backbone)
+        if self.current_epoch == 0 and self.theta0_init:  # IAC-LTH: reset the found cell to θ0
+            load_theta0_into(unwrap(self.network).skips, self.theta0_path, flag="IAC_THETA0")
         super().on_train_start()
-        load_reference(self, reference_checkpoint(self))
-        if self.current_epoch == 0:
-            g_path = _env("IAC_GENOTYPE")
-            init = "theta0" if self.theta0_init else "fresh"
-            if self.theta0_init:                          # IAC-LTH: reset the found cell to θ0
-                t_path = _env("IAC_THETA0", os.path.join(os.path.dirname(g_path), "theta0.pt"))
-                load_theta0_into(unwrap(self.network).skips, t_path, flag="IAC_THETA0")
-            self.print_to_log_file(f"IAC cell: {g_path}, init {init}")
+        init = "theta0" if self.theta0_init else "fresh"
+        record = {"genotype": os.path.abspath(self.genotype_path), "init": init, "theta0": self.theta0_path,
+                  **self.backbone.info(), "backbone_how": self.backbone.how}
+        atomic_write_json(os.path.join(self.output_folder, "iac_cell.json"), record)
+        self.print_to_log_file(f"IAC cell: {self.genotype_path}, init {init}; backbone {self.backbone}")
 
 
 class nnUNetTrainerIACLTH(nnUNetTrainerIAC):
@@ -287,6 +452,8 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.search = search_settings()
         self.num_epochs = self.search.epochs              # IAC_EPOCHS, default the paper's 200
+        self.backbone = find_backbone(self)               # checked now, before nnU-Net starts its workers
+        self.print_to_log_file(f"IAC search [{self.search_mode}] on the backbone {self.backbone}")
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
@@ -312,24 +479,31 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         second alone."""
         self.continue_from = filename_or_checkpoint
 
-    def _finish_loaders(self):
-        for loader in (self.dataloader_train, self.dataloader_val):
-            if hasattr(loader, "_finish"):
-                loader._finish()
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()                             # the network, to load the backbone before the workers
+        load_reference(self, self.backbone)
+        super().on_train_start()
 
     def run_training(self):
+        try:
+            self._search()
+        except Preempted as e:                            # the last finished epoch is in checkpoint_latest.pth
+            self.stopped_by(e)
+
+    def _search(self):
         s, mode = self.search, self.search_mode
         out = self.output_folder
         cont = getattr(self, "continue_from", None)
         if cont and os.path.isfile(os.path.join(out, "genotype.json")):
             self.print_to_log_file("the search has ended (genotype.json): nothing to continue")
+            if not os.path.isfile(os.path.join(out, "done.json")):
+                mark_done(out, type(self).__name__)
             return
         self.on_train_start()
         self.amp = search_amp(self.device)
         self.print_to_log_file(f"IAC search [{mode}]: bf16 autocast {'on' if self.amp else 'off'} (IAC_AMP), "
                                f"checkpointed per level: {[c.checkpoint_edges for c in self.network.skips.cells]}")
-        backbone = reference_checkpoint(self)
-        load_reference(self, backbone)
         skips = self.network.skips
         skip_ch = self.network.skip_channels          # (no torch.compile here: see _do_i_compile)
         geometry = {"skip_channels": skip_ch, "up_channels": skip_ch, "cell_channels": None}
@@ -348,7 +522,8 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
         else:
             theta0 = make_theta0(**geometry, dims=dims)
             init_from_theta0(skips, theta0)
-            save_theta0(os.path.join(out, "theta0.pt"), theta0, geometry, "nnU-Net PlainConvUNet")
+            save_theta0(os.path.join(out, "theta0.pt"), theta0, geometry, f"nnU-Net {type(self.network.net).__name__} "
+                        f"{self.backbone.path} (sha256 {self.backbone.sha256})")
         traj = JsonlLog(os.path.join(out, "trajectory.jsonl"), start_epoch - 1 if cont else None)
         stop_after = _env("IAC_STOP_AFTER", 0, int)
         epoch = start_epoch - 1
@@ -362,6 +537,7 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
             self.network.train()
             total = 0.0
             for _ in range(self.num_iterations_per_epoch):
+                check_stop()                                           # a stop signal: leave before this step
                 value, _ = search_step(mode, epoch >= s.warmup, skips, w_opt, a_opt, self._batch_loss,
                                        next(self.dataloader_train), lambda: next(self.dataloader_val))
                 total += value
@@ -388,11 +564,20 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
             keep_top2_edges(skips, s.edge_rule)
         genotype = skips.derive_genotype(s.edge_rule)
         write_genotype(os.path.join(out, "genotype.json"), genotype,
-                       search_summary(mode, s, lth, epoch + 1, stopped, seconds, backbone=backbone,
-                                      encoder=f"nnunet_{dims}d", dataset=self.plans_manager.dataset_name, seed=None,
-                                      geometry=geometry))
+                       search_summary(mode, s, lth, epoch + 1, stopped, seconds, **self.backbone.info(),
+                                      encoder=self.search_label(dims), dataset=self.plans_manager.dataset_name,
+                                      seed=_env("IAC_SEED", None, int), geometry=geometry,
+                                      plans=self.plans_manager.plans_name, configuration=self.configuration_name))
         self.print_to_log_file(f"genotype: {genotype['edges']}")
         self.on_train_end()
+        mark_done(out, type(self).__name__, epochs_run=epoch + 1, stopped=stopped)   # 05 --search takes the folder
+
+    def search_label(self, dims):
+        """The search's `encoder` in genotype.json, which 05's search-cost table pairs LTH and full searches by:
+        nnunet_2d / nnunet_3d, with _noda for the NoDA trainers and the plans where they are not nnU-Net's default."""
+        plans = self.plans_manager.plans_name
+        return (f"nnunet_{dims}d" + ("_noda" if type(self).__name__.endswith("NoDA") else "")
+                + ("" if plans == "nnUNetPlans" else f"_{plans}"))
 
     def _batch_loss(self, batch):
         """nnU-Net's loss (deep supervision included) on one batch; bf16 autocast as IAC_AMP says (search_amp)."""

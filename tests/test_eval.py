@@ -455,3 +455,42 @@ def test_combined_test_across_backbones_holds_with_shared_patients(scripts):
     assert np.isnan(table.loc[table["backbone"] == "nnunet_2d", "fisher_p"]).all()
     assert mean["hier_ci_low"] > 0 and mean["seeds"] == 1 and mean["n"] == 6
     assert len(table) == 5 and table["holm_p"].notna().all()
+
+
+def test_nnunet_predictions_name_their_network(tmp_path, scripts):
+    """05 names an nnU-Net prediction folder's backbone after the network its plans.json builds (nnUNetv2_predict
+    writes the model's plans there): nnunet_CONF[_TAG]:NETWORK, "inherits_from" followed; a folder without
+    plans.json keeps nnunet_CONF; a configuration the plans lack is refused naming those they have."""
+    from common.checkpoints import nnunet_network_class
+    e = scripts["05_evaluate"]
+    gt, pred = tmp_path / "raw" / "labelsTr", tmp_path / "pred"
+    gt.mkdir(parents=True)
+    pred.mkdir()
+    (tmp_path / "raw" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "fg": 1}}))
+    lab = np.zeros((8, 8, 2), np.uint8)
+    lab[2:6, 2:6] = 1
+    for case in ("c1", "c2"):
+        for d in (gt, pred):
+            nib.save(nib.Nifti1Image(lab, np.eye(4)), str(d / f"{case}.nii.gz"))
+    net = "dynamic_network_architectures.architectures.unet."
+    plans = {"plans_name": "nnUNetResEncUNetMPlans", "configurations": {
+        "2d": {"architecture": {"network_class_name": net + "PlainConvUNet"}},
+        "3d_fullres": {"architecture": {"network_class_name": net + "ResidualEncoderUNet"}},
+        "3d_lowres": {"inherits_from": "3d_fullres", "batch_size": 2},
+        "3d_cascade_fullres": {"inherits_from": "3d_lowres"}}}
+    assert [nnunet_network_class(plans, c) for c in plans["configurations"]] == \
+        ["PlainConvUNet"] + ["ResidualEncoderUNet"] * 3
+    assert nnunet_network_class({"configurations": {"2d": {"UNet_class_name": "PlainConvUNet"}}}, "2d") == \
+        "PlainConvUNet"                                                     # plans of nnU-Net v2's first format
+    base = ["--nnunet_pred", f"m={pred}", "--nnunet_gt", str(gt), "--out", str(tmp_path / "e")]
+
+    def backbones(*extra):
+        df, _ = e.evaluate_nnunet(e.get_args(base + list(extra)))
+        return set(df["backbone"])
+    assert backbones() == {"nnunet_2d"}                                      # no plans.json: the network unnamed
+    (pred / "plans.json").write_text(json.dumps(plans))
+    assert backbones() == {"nnunet_2d:PlainConvUNet"}
+    assert backbones("--nnunet_configuration", "3d_cascade_fullres", "--nnunet_tag", "noda") == \
+        {"nnunet_3d_cascade_fullres_noda:ResidualEncoderUNet"}
+    with pytest.raises(InputError, match="no configuration '3d_other' .*it has 2d, 3d_fullres"):
+        backbones("--nnunet_configuration", "3d_other")
