@@ -4,10 +4,15 @@ r"""The paper's grid from one command: data sets x backbones x seeds, every stag
     python grid.py run    CONFIG.json [--backend local|slurm] [--gpus 0,1,2,3]
     python grid.py status CONFIG.json                       # done / running / submitted / failed / blocked ...
     python grid.py report CONFIG.json                       # tables and figures from the scored rows, no model
+    python grid.py forget CONFIG.json --only JOB            # clear a record nothing is known to run
 
 Jobs per data set: 01 (once); per backbone and seed: 02 ref and each baseline skip, 03 full and lth, 04 IAC
 (from the full search) and IAC-LTH (from the lth search), then 05 --rows_only for every trained run (its
-per-patient rows into RUN/score). `report` builds each data set's tables from those rows (05 --rows).
+per-patient rows into RUN/score). With an "nnunet" block, the nnU-Net track too (Table 2; plan_nnunet):
+conversion on the slice track's split, planning, then per configuration, augmentation regime, fold and seed the
+reference, the searches, the cells, their predictions of the test patients and a scoring job, each nnU-Net step
+inside scripts/nnunet_job.py (`--c`, exit 75 on a stop signal). `report` builds each data set's tables from the
+rows of both tracks (05 --rows).
 
 Every stage command carries `--resume auto`, so one command line is right on a first start and on every
 requeue; a job whose run folder has done.json is skipped, a requeued one continues from its last epoch.
@@ -21,6 +26,10 @@ SLURM job that `run --backend slurm` submitted, checked against squeue / sacct),
     seeds       training seeds;  baselines: skip types besides ref (att, nested, resatt);  modes: full, lth
     flags       extra flags per stage: {"all" (02-04), "preprocess", "pretrain", "search", "finetune", "score",
                 "report"}: [..]
+    nnunet      the nnU-Net track (optional): configurations, plans, augmentation (da, noda), folds, seeds,
+                methods (ref, full, lth), backbone (a path pattern of your own trained models), datasets,
+                dataset_ids, device, flags {plan, train, predict, score}, env {all, train, search, cell, predict}
+                (docs/grid.md)
     slurm       partition, gres / gpus_per_node (0: no GPU), time_min, mem_gb, cpus_per_task, account,
                 signal_delay_s (SLURM's warning before the time limit), max_requeues (SLURM requeues per job);
                 `run --backend slurm --partition ...` flags override partition, gres, time_min, mem_gb,
@@ -44,7 +53,13 @@ from common.runs import REQUEUE_EXIT, block_stop_signals, cli, is_done
 from common.utils import HelpFormatter, InputError, atomic_write_json, read_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STAGES = ("preprocess", "pretrain", "baseline", "search", "finetune", "score")
+STAGES = ("preprocess", "pretrain", "baseline", "search", "finetune", "score", "nnunet_convert", "nnunet_plan",
+          "nnunet_train", "nnunet_search", "nnunet_cell", "nnunet_predict", "nnunet_score")
+NNUNET_METHODS = {"ref": None, "full": ("search_full", "iac", "nnUNetTrainerIACSearchFull", "nnUNetTrainerIAC"),
+                  "lth": ("search_lth", "iac_lth", "nnUNetTrainerIACSearchLTH", "nnUNetTrainerIACLTH")}
+PLANNERS = {"nnUNetPlans": None, "nnUNetResEncUNetMPlans": "nnUNetPlannerResEncM",
+            "nnUNetResEncUNetLPlans": "nnUNetPlannerResEncL", "nnUNetResEncUNetXLPlans": "nnUNetPlannerResEncXL"}
+CONVERTIBLE = ("acdc", "brats", "kits", "amos")          # the layouts scripts/convert_to_nnunet.py reads
 SCRIPTS = {"preprocess": "01_preprocess.py", "pretrain": "02_pretrain.py", "baseline": "02_pretrain.py",
            "search": "03_search.py", "finetune": "04_finetune.py", "score": "05_evaluate.py"}
 FLAG_KEYS = {"preprocess": "preprocess", "pretrain": "pretrain", "baseline": "pretrain", "search": "search",
@@ -84,7 +99,43 @@ def load_config(path):
     c.setdefault("baselines", ["att", "nested", "resatt"])
     c.setdefault("modes", ["full", "lth"])
     c["root"] = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(path)), c["root"]))
+    if c.get("nnunet") is not None:
+        c["nnunet"] = nnunet_config(c, path)
     return c
+
+
+def nnunet_config(c, path):
+    """The config's "nnunet" block with its defaults, checked (docs/grid.md, "The nnU-Net track")."""
+    n = {"datasets": list(c["datasets"]), "configurations": ["2d"], "plans": ["nnUNetPlans"], "augmentation": ["da"],
+         "folds": [0], "seeds": c["seeds"], "methods": ["ref", "full", "lth"], "backbone": None, "device": "cuda",
+         "planners": {}, "dataset_ids": {}, "flags": {}, "env": {}, **c["nnunet"]}
+    n["plans"] = [n["plans"]] if isinstance(n["plans"], str) else list(n["plans"])
+    where = f"grid config {path}: nnunet"
+    for key, allowed in (("methods", NNUNET_METHODS), ("augmentation", ("da", "noda")),
+                         ("configurations", ("2d", "3d_fullres", "3d_lowres"))):
+        bad = sorted(set(n[key]) - set(allowed))
+        if bad or not n[key]:
+            raise InputError(f"{where}.{key}: {bad or 'empty'}; use some of {', '.join(allowed)}")
+    for plans in n["plans"]:
+        if plans not in PLANNERS and plans not in n["planners"]:
+            raise InputError(f"{where}.plans: {plans} is not one of {', '.join(PLANNERS)}; name its experiment "
+                             f"planner in nnunet.planners {{\"{plans}\": \"PlannerClass\"}}")
+    unknown = set(n["flags"]) - {"plan", "train", "predict", "score"} | set(n["env"]) - {"all", "train", "search",
+                                                                                          "cell", "predict"}
+    if unknown:
+        raise InputError(f"{where}: unknown flag / env groups {sorted(unknown)}; flags: plan, train, predict, score; "
+                         "env: all, train, search, cell, predict")
+    if set(n["datasets"]) - set(c["datasets"]):
+        raise InputError(f"{where}.datasets: {sorted(set(n['datasets']) - set(c['datasets']))} are not data sets of "
+                         "this config")
+    for ds in n["datasets"]:
+        d = c["datasets"][ds]
+        layout = next((x for a, x in zip(d.get("flags", []), d.get("flags", [])[1:]) if a == "--dataset"), None)
+        if layout not in CONVERTIBLE:
+            raise InputError(f"{where}: data set {ds} has layout {layout!r} (its --dataset flag); the nnU-Net track "
+                             f"converts {', '.join(CONVERTIBLE)} (scripts/convert_to_nnunet.py)")
+        n.setdefault("layouts", {})[ds] = layout
+    return n
 
 
 def plan(c):
@@ -133,7 +184,133 @@ def plan(c):
                     score = os.path.join(out, "score")
                     add(f"{jid}/score", "score", ds, bb, seed, score,
                         [*data, "--run", f"{name}={out}", "--rows_only", "--out", score], [jid])
+        if c.get("nnunet") and ds in c["nnunet"]["datasets"]:
+            jobs += plan_nnunet(c, ds, d, py)
     return jobs
+
+
+def nnunet_paths(c, ds):
+    """Where the nnU-Net track of data set `ds` lives: its nnU-Net raw, preprocessed and (per seed) results folders
+    under ROOT/DATASET/nnunet, its data set id and name."""
+    n = c["nnunet"]
+    ds_id = int(n["dataset_ids"].get(ds, 501 + list(c["datasets"]).index(ds)))
+    base = os.path.join(c["root"], ds, "nnunet")
+    return {"base": base, "id": str(ds_id), "name": f"Dataset{ds_id:03d}_{ds}", "raw": os.path.join(base, "raw"),
+            "pre": os.path.join(base, "preprocessed"), "results": lambda seed: os.path.join(base, f"seed{seed}",
+                                                                                             "results")}
+
+
+def plan_nnunet(c, ds, d, py):
+    """The nnU-Net track of one data set (paper Table 2): conversion with the slice track's test patients, planning
+    and preprocessing once per plans, then per configuration, augmentation regime, fold and seed: the reference
+    (nnUNetTrainerIACRef, or the user's model: nnunet.backbone), the searches, the cells, the predictions of the
+    test patients and one scoring job (05 --rows_only). Each job is scripts/nnunet_job.py around the nnU-Net
+    command: `--c` resumes, a stop signal requeues (exit 75), JOB/done.json when the step's file is there."""
+    n, P = c["nnunet"], nnunet_paths(c, ds)
+    bin_dir = os.path.dirname(py)
+    tool = (lambda name: os.path.join(bin_dir, name) if os.path.exists(os.path.join(bin_dir, name)) else name)
+    job_py = [py, os.path.join(ROOT, "scripts", "nnunet_job.py")]
+    flags = n["flags"]
+    raw = os.path.join(P["raw"], P["name"])
+    jobs = []
+
+    def job(jid, stage, label, seed, expect, cmd, deps, env=None, *, train=False, predict=None, always=False):
+        """A job in ROOT/JOB_ID; with `expect`, its command wrapped by scripts/nnunet_job.py (else a stage of ours,
+        which writes done.json itself)."""
+        out = os.path.join(c["root"], *jid.split("/"))
+        if expect is None:
+            jobs.append(Job(jid, stage, ds, label, seed, out, [str(x) for x in cmd], deps))
+            return jid
+        env = {"nnUNet_raw": P["raw"], "nnUNet_preprocessed": P["pre"], "nnUNet_results": P["results"](
+            seed if seed is not None else n["seeds"][0]), "nnUNet_extTrainer": os.path.join(ROOT, "nnunet_iac"),
+               **(env or {})}
+        wrap = [*job_py, "--out", out, *sum((["--env", f"{k}={v}"] for k, v in env.items()), []), "--expect", expect,
+                *(["--train"] if train else []), *(["--always"] if always else []),
+                *(["--predict", *predict] if predict else []), "--"]
+        jobs.append(Job(jid, stage, ds, label, seed, out, [str(x) for x in wrap + cmd], deps))
+        return jid
+
+    convert = job(f"{ds}/nnunet/convert", "nnunet_convert", None, None, os.path.join(raw, "dataset.json"),
+                  [py, os.path.join(ROOT, "scripts", "convert_to_nnunet.py"), "--dataset", n["layouts"][ds], "--raw",
+                   d["raw"], "--out", raw, "--splits", os.path.join(c["root"], ds, "data", "splits.json"),
+                   *d.get("nnunet_flags", [])], [f"{ds}/data"])
+    plan_of, previous = {}, convert
+    for plans in n["plans"]:                       # one after another: they share the fingerprint
+        planner = n["planners"].get(plans, PLANNERS.get(plans))
+        plan_of[plans] = previous = job(
+            f"{ds}/nnunet/plan_{plans}", "nnunet_plan", None, None, os.path.join(P["pre"], P["name"], f"{plans}.json"),
+            [tool("nnUNetv2_plan_and_preprocess"), "-d", P["id"], "-c", *n["configurations"],
+             *(["-pl", planner] if planner else []), "--verify_dataset_integrity", *flags.get("plan", [])],
+            [previous], always=True)
+    device = ["-device", n["device"]]
+    for plans in n["plans"]:
+        for conf in n["configurations"]:
+            for aug in n["augmentation"]:
+                tag = aug + ("" if plans == "nnUNetPlans" else f"_{plans}")
+                for fold in n["folds"]:               # several folds: each fold's models a row of their own
+                    for seed in n["seeds"]:
+                        jobs_of_seed(c, ds, P, raw, job, tool, plans, plan_of[plans], conf, aug, fold, seed,
+                                     tag + (f"_fold{fold}" if len(n["folds"]) > 1 else ""), device)
+    return jobs
+
+
+def jobs_of_seed(c, ds, P, raw, job, tool, plans, plan, conf, aug, fold, seed, tag, device):
+    """The nnU-Net jobs of one configuration, augmentation regime, fold and seed (see plan_nnunet)."""
+    n, flags, envs = c["nnunet"], c["nnunet"]["flags"], c["nnunet"]["env"]
+    noda = "NoDA" if aug == "noda" else ""
+    prefix = f"{ds}/nnunet/{conf}_{aug}" + ("" if plans == "nnUNetPlans" else f"_{plans}") + f"/fold{fold}/seed{seed}"
+    label = f"nnunet_{conf}_{tag}"
+    fold_dir = (lambda tr: os.path.join(P["results"](seed), P["name"], f"{tr}__{plans}__{conf}", f"fold_{fold}"))
+    base_env = {"IAC_SEED": seed, "IAC_SAVE_EVERY": 1, "IAC_FINAL_VALIDATION": 0, **envs.get("all", {})}
+    train = [tool("nnUNetv2_train"), P["id"], conf, fold, "-p", plans, "--c", *device, *flags.get("train", [])]
+    images = os.path.join(raw, "imagesTs")
+    user = n["backbone"].format(dataset=ds, dataset_id=P["id"], dataset_name=P["name"], configuration=conf,
+                                plans=plans, fold=fold, seed=seed) if n["backbone"] else None
+    ref_deps, backbone_env = [plan], {}
+    if user:
+        backbone_env = {"IAC_BACKBONE": os.path.abspath(user)}
+    else:
+        tr = f"nnUNetTrainerIACRef{noda}"
+        ref_deps = [plan, job(f"{prefix}/ref", "nnunet_train", label, seed,
+                              os.path.join(fold_dir(tr), "checkpoint_final.pth"), [*train[:4], "-tr", tr, *train[4:]],
+                              [plan], {**base_env, **envs.get("train", {})}, train=True)]
+    preds = {}
+    if "ref" in n["methods"]:
+        out = os.path.join(c["root"], *prefix.split("/"), "pred_ref")
+        if user:                       # the user's model, predicted from its own folder
+            model_dir, chk = os.path.dirname(os.path.dirname(os.path.abspath(user))), os.path.basename(user)
+            cmd = [tool("nnUNetv2_predict_from_modelfolder"), "-i", images, "-o", out + "/pred.partial", "-m",
+                   model_dir, "-f", fold, "-chk", chk, *device, *flags.get("predict", [])]
+        else:
+            cmd = [tool("nnUNetv2_predict"), "-i", images, "-o", out + "/pred.partial", "-d", P["id"], "-c", conf,
+                   "-f", fold, "-tr", f"nnUNetTrainerIACRef{noda}", "-p", plans, *device, *flags.get("predict", [])]
+        preds["ref"] = job(f"{prefix}/pred_ref", "nnunet_predict", label, seed, os.path.join(out, "pred"), cmd,
+                           ref_deps, {**base_env, **envs.get("predict", {})},
+                           predict=(images, os.path.join(out, "pred")))
+    for mode in ("full", "lth"):
+        if mode not in n["methods"]:
+            continue
+        s_name, cell, s_tr, c_tr = NNUNET_METHODS[mode]
+        s_tr, c_tr = s_tr + noda, c_tr + noda
+        genotype = os.path.join(fold_dir(s_tr), "genotype.json")
+        search = job(f"{prefix}/{s_name}", "nnunet_search", label, seed, genotype, [*train[:4], "-tr", s_tr, *train[4:]],
+                     ref_deps, {**base_env, **backbone_env, **envs.get("search", {})}, train=True)
+        cell_env = {**base_env, "IAC_GENOTYPE": genotype, **envs.get("cell", {})}
+        trained = job(f"{prefix}/{cell}", "nnunet_cell", label, seed, os.path.join(fold_dir(c_tr), "checkpoint_final.pth"),
+                      [*train[:4], "-tr", c_tr, *train[4:]], [*ref_deps, search], cell_env, train=True)
+        out = os.path.join(c["root"], *prefix.split("/"), f"pred_{cell}")
+        preds[cell] = job(f"{prefix}/pred_{cell}", "nnunet_predict", label, seed, os.path.join(out, "pred"),
+                          [tool("nnUNetv2_predict"), "-i", images, "-o", out + "/pred.partial", "-d", P["id"], "-c",
+                           conf, "-f", fold, "-tr", c_tr, "-p", plans, *device, *flags.get("predict", [])],
+                          [trained], {**cell_env, **envs.get("predict", {})}, predict=(images, os.path.join(out, "pred")))
+    score = os.path.join(c["root"], *prefix.split("/"), "score")
+    jobs_score = [c.get("python") or sys.executable, os.path.join(ROOT, "05_evaluate.py"),
+                  *sum((["--nnunet_pred", f"{m}@{seed}={os.path.join(c['root'], *preds[m].split('/'), 'pred')}"]
+                        for m in preds), []),
+                  "--nnunet_gt", os.path.join(raw, "labelsTs"), "--nnunet_configuration", conf, "--nnunet_tag", tag,
+                  "--rows_only", "--out", score, *flags.get("score", [])]
+    job(f"{prefix}/score", "nnunet_score", label, seed, None, jobs_score, list(preds.values()))
+
 
 
 def write_manifest(c, jobs):
@@ -353,10 +530,10 @@ def counts(jobs, states):
 
 def print_counts(table, title):
     print(title)
-    print(f"  {'stage':<11}" + "".join(f"{s:>10}" for s in (*STATES, "total")))
+    print(f"  {'stage':<15}" + "".join(f"{s:>10}" for s in (*STATES, "total")))
     for stage, n in table.items():
         if sum(n.values()):
-            print(f"  {stage:<11}" + "".join(f"{n.get(s, 0):>10}" for s in STATES) + f"{sum(n.values()):>10}")
+            print(f"  {stage:<15}" + "".join(f"{n.get(s, 0):>10}" for s in STATES) + f"{sum(n.values()):>10}")
 
 
 # --------------------------------------------------------------------------- starting a job
@@ -713,26 +890,48 @@ def wait_all(handles):
 
 # --------------------------------------------------------------------------- report
 def report(c, jobs, a):
-    """Per data set: 05_evaluate.py --rows over the scored runs (+ --search for the cost tables)."""
+    """Per data set: 05_evaluate.py --rows over the scored runs of both tracks (the nnU-Net rows, Table 2, beside
+    the slice track's, Table 1, in the same tables: backbones nnunet_CONF_REGIME:NETWORK) and --search over the
+    finished searches (Tables 4-5)."""
+    import pandas as pd
     ok = True
     for ds in c["datasets"]:
-        rows = [os.path.join(j.out, "per_patient.csv") for j in jobs if j.dataset == ds and j.stage == "score"
-                and is_done(j.out)]
-        searches = [f"{j.id.split('/', 1)[1].replace('/', '_')}={j.out}" for j in jobs
-                    if j.dataset == ds and j.stage == "search" and is_done(j.out)]
-        total = sum(j.dataset == ds and j.stage == "score" for j in jobs)
+        scored = [j for j in jobs if j.dataset == ds and j.stage in ("score", "nnunet_score")]
+        rows = [os.path.join(j.out, "per_patient.csv") for j in scored if is_done(j.out)]
+        searches = [f"{j.id.split('/', 1)[1].replace('/', '_')}={search_folder(j)}" for j in jobs
+                    if j.dataset == ds and j.stage in ("search", "nnunet_search") and is_done(j.out)]
         if not rows:
             print(f"{ds}: no scored run yet")
             continue
-        print(f"{ds}: {len(rows)} of {total} runs scored")
+        tables = [pd.read_csv(r) for r in rows]
+        print(f"{ds}: {sum(j.stage == 'score' and is_done(j.out) for j in scored)} of "
+              f"{sum(j.stage == 'score' for j in scored)} runs scored"
+              + (f"; nnU-Net track: {sum(j.stage == 'nnunet_score' and is_done(j.out) for j in scored)} of "
+                 f"{sum(j.stage == 'nnunet_score' for j in scored)} scoring jobs" if c.get("nnunet") else ""))
+        patients = {"slices": set(), "nnunet": set()}
+        for t in tables:                               # the test patients each track scored
+            track = "nnunet" if t["backbone"].astype(str).str.startswith("nnunet").all() else "slices"
+            patients[track] |= set(t["patient_id" if "patient_id" in t else "patient"].astype(str))
+        if all(patients.values()) and patients["slices"] != patients["nnunet"]:
+            print(f"{ds}: WARNING: the nnU-Net rows score {len(patients['nnunet'])} test patients, the slice track's "
+                  f"{len(patients['slices'])}; they differ ({sorted(patients['slices'] ^ patients['nnunet'])[:3]} "
+                  "...): the tables compare methods within a backbone only")
         cmd = [sys.executable, os.path.join(ROOT, "05_evaluate.py"), *sum((["--rows", r] for r in rows), []),
                "--reference", "ref", *sum((["--search", s] for s in searches), []),
                "--out", os.path.join(c["root"], ds, "report"), *c.get("flags", {}).get("report", [])]
-        methods = {r.split(os.sep)[-3] for r in rows}
+        methods = set().union(*(set(t["method"]) for t in tables))
         if {"iac", "iac_lth"} <= methods:
             cmd += ["--compare", "iac:iac_lth"]
         ok &= subprocess.run(cmd, cwd=ROOT).returncode == 0
     return ok
+
+
+def search_folder(j):
+    """Where a search job's genotype.json and trajectory.jsonl are: its run folder, or, for the nnU-Net track, the
+    fold folder its --expect names."""
+    if j.stage != "nnunet_search":
+        return j.out
+    return os.path.dirname(j.command[j.command.index("--expect") + 1])
 
 
 # --------------------------------------------------------------------------- command line

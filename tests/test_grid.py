@@ -1,5 +1,6 @@
 """grid.py: a tiny grid through the local backend, a SIGKILLed job resumed by re-running the grid (through
 submitit's local executor) with the same rows, and the SLURM backend's submissions against fake SLURM tools."""
+import importlib.util
 import json
 import os
 import re
@@ -18,8 +19,17 @@ GRID = os.path.join(ROOT, "grid.py")
 TINY = ["--width", "8", "--batch_size", "16"]
 
 
-def config(tmp_path, root, raws, seeds=(0, 1)):
-    c = {"root": str(root), "datasets": {name: {"raw": raw, "flags": ["--dataset", layout, "--crop", "32", "32",
+NNUNET = {"datasets": ["acdc"], "seeds": [0], "device": "cpu", "methods": ["ref", "lth"],
+          "flags": {"plan": ["-np", "1", "-npfp", "1"], "predict": ["--disable_tta", "-npp", "1", "-nps", "1"],
+                    "score": ["--n_boot", "99"]},
+          "env": {"all": {"nnUNet_compile": "f", "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "IAC_ITERS": "2",
+                          "IAC_VAL_ITERS": "1", "OMP_NUM_THREADS": "1"},
+                  "train": {"IAC_EPOCHS": "2"}, "search": {"IAC_EPOCHS": "4", "IAC_WARMUP": "1", "IAC_TAU0": "10"},
+                  "cell": {"IAC_EPOCHS": "2"}}}
+
+
+def config(tmp_path, root, raws, seeds=(0, 1), nnunet=None):
+    c = {"root": str(root), **({"nnunet": nnunet} if nnunet else {}), "datasets": {name: {"raw": raw, "flags": ["--dataset", layout, "--crop", "32", "32",
                                                                      "--processes", "1"]}
                                          for name, (layout, raw) in raws.items()},
          "backbones": ["base"], "seeds": list(seeds), "baselines": [], "modes": ["full", "lth"],
@@ -56,9 +66,11 @@ def raws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_grid(tmp_path_factory, raws):
-    """2 phantom data sets x 1 backbone x 2 seeds through the local backend, two jobs side by side."""
+    """2 phantom data sets x 1 backbone x 2 seeds through the local backend, two jobs side by side, and ACDC's
+    nnU-Net track (reference and IAC-LTH, one seed) where nnU-Net is installed."""
     tmp = tmp_path_factory.mktemp("grid_a")
-    cfg = config(tmp, tmp / "A", raws)
+    nnunet = NNUNET if importlib.util.find_spec("nnunetv2") else None
+    cfg = config(tmp, tmp / "A", raws, nnunet=nnunet)
     planned = grid("plan", cfg)
     ran = grid("run", cfg, "--gpus", "a,b")          # two slots (no such GPUs: the jobs run on the CPU)
     return cfg, tmp / "A", planned.stdout, ran.stdout
@@ -75,7 +87,8 @@ def rows(root, prefix):
 
 def test_local_grid_end_to_end(full_grid):
     cfg, root, planned, ran = full_grid
-    assert "34 jobs" in planned                     # 2 x (01 + 2 seeds x (ref, 2 searches, 2 cells, 3 scores))
+    nnunet = "nnunet" in json.load(open(cfg))
+    assert f"{34 + 8 * nnunet} jobs" in planned     # 2 x (01 + 2 seeds x (ref, 2 searches, 2 cells, 3 scores)) + 8
     status = grid("status", cfg).stdout
     assert " score " in status and "failed" in status
     line = {ln.split()[0]: ln.split()[1:] for ln in status.splitlines()[2:] if ln.strip()}
@@ -96,6 +109,19 @@ def test_local_grid_end_to_end(full_grid):
     assert os.path.isfile(root / "acdc" / "report" / "search_cost.md")
     again = grid("run", cfg).stdout                                # everything done: nothing runs
     assert "0 jobs to run" in again
+    if nnunet:                                       # Table 2's rows beside Table 1's, on the same test patients
+        assert "nnU-Net track: 1 of 1 scoring jobs" in report and "WARNING" not in report, report
+        nn = paired[paired["backbone"] == "nnunet_2d_da:PlainConvUNet"]
+        assert set(zip(nn["vs"], nn["method"])) == {("ref", "iac_lth")} and nn["n"].item() > 0, paired
+        summary = pd.read_csv(root / "acdc" / "report" / "summary.csv")
+        assert set(summary.loc[summary["backbone"] == "nnunet_2d_da:PlainConvUNet", "method"]) == {"ref", "iac_lth"}
+        rows_nn = pd.read_csv(root / "acdc" / "nnunet" / "2d_da" / "fold0" / "seed0" / "score" / "per_patient.csv")
+        rows_sl = pd.read_csv(root / "acdc" / "base" / "seed0" / "ref" / "score" / "per_patient.csv")
+        assert set(rows_nn["patient_id"].astype(str)) == set(rows_sl["patient_id"].astype(str))
+        cost = pd.read_csv(root / "acdc" / "report" / "search_runs.csv")
+        assert any(n.startswith("nnunet_") for n in cost["search"]), cost
+        fold = root / "acdc" / "nnunet" / "seed0" / "results" / "Dataset501_acdc"
+        assert (fold / "nnUNetTrainerIACLTH__nnUNetPlans__2d" / "fold_0" / "iac_cell.json").exists()
 
 
 def test_killed_job_resumes_to_the_same_rows(tmp_path, raws, full_grid):
@@ -442,3 +468,129 @@ def test_slurm_states_from_the_whole_list(tmp_path, raws, fake_slurm, monkeypatc
     forgot = grid("forget", cfg, "--only", "acdc/base/seed0", env=env).stdout
     assert "[forgot] acdc/base/seed0/ref: was running" in forgot and "[kept] acdc/base/seed0/iac:" in forgot, forgot
     assert not os.path.exists(os.path.join(job.out, g.STATE))
+
+
+FAKE_TRAINER = """import json, os, sys, time
+from common.runs import Preempted, check_stop, install_stop_signals
+install_stop_signals()
+ckpt, final, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+start = json.load(open(ckpt))["epoch"] if "--c" in sys.argv and os.path.exists(ckpt) else 0
+print(f"start at epoch {start}", flush=True)
+try:
+    for e in range(start, epochs):
+        for _ in range(4):
+            check_stop()
+            time.sleep(0.05)
+        json.dump({"epoch": e + 1}, open(ckpt + ".tmp", "w"))
+        os.replace(ckpt + ".tmp", ckpt)
+except Preempted as p:
+    print(f"stopped by {p}", flush=True)
+    sys.exit(75)
+open(final, "w").write("done")
+"""
+FAKE_PREDICT = """import os, sys, time
+out = sys.argv[1]
+os.makedirs(out, exist_ok=True)
+for case in sys.argv[2:]:
+    time.sleep(0.3)
+    open(os.path.join(out, case + ".nii.gz"), "w").write("x")
+"""
+
+
+def job_script(*args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "nnunet_job.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+def wait_for(cond, timeout=60):
+    t0 = time.time()
+    while not cond() and time.time() - t0 < timeout:
+        time.sleep(0.05)
+    assert cond(), "timed out"
+
+
+def test_nnunet_job_requeues_and_resumes(tmp_path):
+    """scripts/nnunet_job.py, the nnU-Net track's job: a trainer stopped by a signal (the grid runner's USR1, SLURM's
+    USR2 to every process) exits 75 after its last saved epoch, and the same job continues from it (`--c`) to
+    done.json; a prediction killed half-way leaves no output folder and runs again whole; one that lacks a case is an
+    error; a step whose file is there already is done without running."""
+    ckpt, final, job = tmp_path / "latest.json", tmp_path / "final.txt", tmp_path / "job"
+    cmd = ["--out", str(job), "--expect", str(final), "--train", "--", sys.executable, "-c", FAKE_TRAINER,
+           str(ckpt), str(final), "30", "--c"]
+    for sig, both in ((signal.SIGUSR1, False), (signal.SIGUSR2, True)):
+        before = json.loads(ckpt.read_text())["epoch"] if ckpt.exists() else 0
+        p = job_script(*cmd)
+        wait_for(lambda: ckpt.exists() and json.loads(ckpt.read_text())["epoch"] >= before + 2)
+        p.send_signal(sig)
+        if both:                                                   # SLURM: the trainer gets it too
+            subprocess.run(["pkill", f"-{sig.name[3:]}", "-P", str(p.pid)])
+        out = p.communicate(timeout=60)[0]
+        assert p.returncode == 75 and "stopped by SIGUSR" in out and not (job / "done.json").exists(), out
+    stopped_at = json.loads(ckpt.read_text())["epoch"]
+    p = job_script(*cmd)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0 and f"start at epoch {stopped_at}" in out and (job / "done.json").exists(), out
+    p = job_script("--out", str(tmp_path / "again"), "--expect", str(final), "--train", "--", "false")
+    assert p.communicate(timeout=60)[0] and p.returncode == 0 and (tmp_path / "again" / "done.json").exists()
+
+    images, pred = tmp_path / "imagesTs", tmp_path / "p" / "pred"
+    images.mkdir()
+    cases = [f"c{i}" for i in range(6)]
+    for c in cases:
+        (images / f"{c}_0000.nii.gz").write_text("x")
+    predict = ["--out", str(tmp_path / "p"), "--expect", str(pred), "--predict", str(images), str(pred), "--",
+               sys.executable, "-c", FAKE_PREDICT, str(pred) + ".partial"]
+    p = job_script(*predict, *cases)
+    wait_for(lambda: os.path.isdir(str(pred) + ".partial") and len(os.listdir(str(pred) + ".partial")) >= 2)
+    p.send_signal(signal.SIGTERM)
+    assert p.communicate(timeout=60) and p.returncode == 75 and not pred.exists()
+    p = job_script(*predict, *cases[:4])                           # two cases missing: not done
+    assert "lacks 2 case(s)" in p.communicate(timeout=60)[0] and p.returncode == 1 and not pred.exists()
+    p = job_script(*predict, *cases)
+    assert p.communicate(timeout=60) and p.returncode == 0 and sorted(os.listdir(pred)) == \
+        sorted(f"{c}.nii.gz" for c in cases) and not os.path.exists(str(pred) + ".partial")
+
+
+def test_nnunet_track_under_slurm(tmp_path, raws, fake_slurm, monkeypatch):
+    """The nnU-Net track planned and submitted with the fake SLURM tools: every job once, each `afterok` on exactly
+    the jobs it needs (conversion on the slice track's split, planning on the conversion, the cell on its search and
+    reference, scoring on the predictions), the trainers resuming with `--c` inside nnunet_job.py; a search that fails
+    blocks only its dependants (its cell, prediction and scoring), which a re-run cancels and submits again after it,
+    leaving everything else queued."""
+    from conftest import load_script
+    g = load_script("grid")
+    env, log = fake_slurm
+    states = tmp_path / "states.json"
+    env = {**env, "FAKE_SLURM_STATES": str(states)}
+    cfg = config(tmp_path, tmp_path / "N", {"acdc": raws["acdc"]}, seeds=(0,),
+                 nnunet={**NNUNET, "augmentation": ["da", "noda"], "methods": ["ref", "full", "lth"]})
+    jobs = g.plan(g.load_config(cfg))
+    out = grid("run", cfg, "--backend", "slurm", env=env).stdout
+    subs = submitted(log)
+    assert len(subs) == len(jobs) == 9 + 2 + 2 * 9, out            # slice track, convert + plan, 2 regimes x 9
+    slurm_id = {j.id: str(1000 + i) for i, j in enumerate(jobs)}
+    by_id = {j.id: j for j in jobs}
+    for j, sub in zip(jobs, subs):
+        dep = next((ln.split("=", 1)[1] for ln in sub["script"].splitlines() if "--dependency" in ln), None)
+        assert dep == ("afterok:" + ":".join(slurm_id[d] for d in j.deps) if j.deps else None), j.id
+    p = "acdc/nnunet/2d_noda/fold0/seed0"
+    assert by_id["acdc/nnunet/convert"].deps == ["acdc/data"]
+    assert by_id["acdc/nnunet/plan_nnUNetPlans"].deps == ["acdc/nnunet/convert"]
+    assert by_id[f"{p}/iac_lth"].deps == ["acdc/nnunet/plan_nnUNetPlans", f"{p}/ref", f"{p}/search_lth"]
+    assert by_id[f"{p}/score"].deps == [f"{p}/pred_ref", f"{p}/pred_iac", f"{p}/pred_iac_lth"]
+    cmd = by_id[f"{p}/search_lth"].command
+    assert "scripts/nnunet_job.py" in cmd[1] and "--train" in cmd and "--c" in cmd
+    assert cmd[cmd.index("-tr") + 1] == "nnUNetTrainerIACSearchLTHNoDA" and "IAC_SAVE_EVERY=1" in cmd
+    assert any(a.startswith("nnUNet_results=") and a.endswith("seed0/results") for a in cmd)
+
+    states.write_text(json.dumps({slurm_id[f"{p}/search_lth"]: {"squeue": None, "sacct": "FAILED"}}))
+    monkeypatch.setenv("FAKE_SLURM_STATES", str(states))
+    status = grid("status", cfg, env=env).stdout
+    blocked = sorted(ln.split()[1] for ln in status.splitlines() if ln.strip().startswith("blocked:"))
+    assert blocked == [f"{p}/iac_lth", f"{p}/pred_iac_lth", f"{p}/score"], status
+    again = grid("run", cfg, "--backend", "slurm", env=env).stdout
+    assert sorted(ln.split()[1].rstrip(":") for ln in again.splitlines() if ln.startswith("[cancel]")) == \
+        [f"{p}/iac_lth", f"{p}/pred_iac_lth", f"{p}/score"], again
+    assert [ln.split()[1].rstrip(":") for ln in again.splitlines() if ln.startswith("[submit]")] == \
+        [f"{p}/search_lth", f"{p}/iac_lth", f"{p}/pred_iac_lth", f"{p}/score"], again

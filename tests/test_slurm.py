@@ -67,8 +67,15 @@ def grid(*args, env=None, check=True):
     return r.stdout
 
 
-def write_config(path, root, raws):
-    c = {"root": str(root), "python": sys.executable,
+NNUNET = {"datasets": ["acdc"], "seeds": [0], "device": "cpu", "methods": ["ref"],   # one reference, requeued
+          "flags": {"plan": ["-np", "1", "-npfp", "1"], "predict": ["--disable_tta", "-npp", "1", "-nps", "1"],
+                    "score": ["--n_boot", "99"]},
+          "env": {"all": {"nnUNet_compile": "f", "nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "IAC_ITERS": "2",
+                          "IAC_VAL_ITERS": "1", "OMP_NUM_THREADS": "1"}, "train": {"IAC_EPOCHS": "25"}}}
+
+
+def write_config(path, root, raws, nnunet=False):
+    c = {"root": str(root), "python": sys.executable, **({"nnunet": NNUNET} if nnunet else {}),
          "datasets": {name: {"raw": raw, "flags": ["--dataset", "acdc", "--crop", "32", "32", "--processes", "0"]}
                       for name, raw in raws.items()},
          "backbones": ["base"], "seeds": [0], "baselines": [], "modes": ["full", "lth"],
@@ -130,9 +137,10 @@ def test_grid_on_a_real_slurm_cluster(tmp_path, cluster):
     subprocess.run([sys.executable, os.path.join(ROOT, "01_preprocess.py"), "--make_phantom", raws["acdc"], "--layout",
                     "acdc", "--patients", "6", "--phantom_size", "32", "--seed", "0"], check=True, capture_output=True)
     os.makedirs(raws["broken"])                                   # no cases: its 01 fails, on purpose
-    cfg = write_config(tmp_path / "slurm.json", tmp_path / "S", raws)
+    nnunet = pytest.importorskip("nnunetv2", reason="requirements-nnunet.txt is not installed") is not None
+    cfg = write_config(tmp_path / "slurm.json", tmp_path / "S", raws, nnunet=nnunet)
     out = grid("run", cfg, "--backend", "slurm", env=cluster)
-    assert out.count("[submit]") == 18 and "after" in out, out
+    assert out.count("[submit]") == 18 + 5 * nnunet and "after" in out, out
     local = write_config(tmp_path / "local.json", tmp_path / "L", {"acdc": raws["acdc"]})
     with open(tmp_path / "local.log", "w") as local_log:           # the same grid on the local backend, meanwhile
         local_run = subprocess.Popen([sys.executable, GRID, "run", local], cwd=ROOT, stdout=local_log,
@@ -149,27 +157,37 @@ def test_grid_on_a_real_slurm_cluster(tmp_path, cluster):
         grid("report", c)
         root = json.load(open(c))["root"]
         tables.append([pd.read_csv(os.path.join(root, "acdc", "report", f)) for f in ("summary.csv", "paired.csv")])
-    for a, b in zip(*tables):
+    summary = tables[0][0]
+    assert {"ref"} == set(summary.loc[summary["backbone"].str.startswith("nnunet"), "method"])   # the nnU-Net row
+    tables[0][0] = summary[~summary["backbone"].str.startswith("nnunet")].reset_index(drop=True)
+    for a, b in zip(*tables):                         # the slice track's: as the local backend's
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9)
 
 
 def check_slurm_run(tmp_path, cluster, cfg):
     """The SLURM grid to its end, with one search requeued by hand, and what its stages logged."""
     lth = tmp_path / "S" / "acdc" / "base" / "seed0" / "search_lth"
-    by_hand, t0 = None, time.time()
+    nn_ref = tmp_path / "S" / "acdc" / "nnunet" / "2d_da" / "fold0" / "seed0" / "ref"
+    nn_fold = (tmp_path / "S" / "acdc" / "nnunet" / "seed0" / "results" / "Dataset501_acdc" /
+               "nnUNetTrainerIACRef__nnUNetPlans__2d" / "fold_0")
+    watched = {lth: lambda: (lth / "log.jsonl").exists() and len((lth / "log.jsonl").read_text().splitlines()) >= 2}
+    if json.load(open(cfg)).get("nnunet"):
+        watched[nn_ref] = lambda: (nn_fold / "checkpoint_latest.pth").exists()        # an epoch is saved
+    by_hand, t0 = {}, time.time()
     while time.time() - t0 < 900:
         queue = squeue(cluster)
-        rec = json.load(open(lth / "grid_job.json")) if (lth / "grid_job.json").exists() else {}
-        log = lth / "log.jsonl"
-        if (by_hand is None and rec.get("state") == "running" and queue.get(rec.get("slurm_job")) == "RUNNING"
-                and log.exists() and len(log.read_text().splitlines()) >= 2):
-            by_hand = rec["slurm_job"]                           # a preemption: requeue the running search by hand
-            subprocess.run(["scontrol", "requeue", by_hand], check=True, env=dict(os.environ, **cluster), timeout=60)
+        for run, ready in watched.items():
+            rec = json.load(open(run / "grid_job.json")) if (run / "grid_job.json").exists() else {}
+            if (run not in by_hand and rec.get("state") == "running" and queue.get(rec.get("slurm_job")) == "RUNNING"
+                    and ready()):
+                by_hand[run] = rec["slurm_job"]                  # a preemption: requeue the running job by hand
+                subprocess.run(["scontrol", "requeue", by_hand[run]], check=True, env=dict(os.environ, **cluster),
+                               timeout=60)
         if not queue:
             break
         time.sleep(2)
     assert not squeue(cluster), "the grid did not finish in 15 minutes"
-    assert by_hand is not None, "the LTH search never ran long enough to be requeued by hand"
+    assert by_hand.keys() == watched.keys(), f"never ran long enough to be requeued by hand: {watched.keys() - by_hand.keys()}"
 
     again = grid("run", cfg, "--backend", "slurm", "--only", "acdc", env=cluster)   # all done: nothing to submit
     assert "0 jobs submitted" in again, f"{again}\n{why_not_done(tmp_path, cluster, cfg)}"
@@ -199,4 +217,16 @@ def check_slurm_run(tmp_path, cluster, cfg):
             assert float(secs) < 25, (run, secs)                 # stopped by itself, not killed after stop_wait
     assert stopped >= 2 and by_signal.get("SIGTERM", 0) >= 1, (stopped, by_signal)   # time limit(s) + the preemption
     print(f"requeues: {stopped}, stop signals seen by the stages: {by_signal}")
+    if nn_ref in watched:                             # the nnU-Net reference: stopped, requeued, continued with --c
+        text = (nn_ref / "grid.log").read_text()
+        exits = [rc for rc, _ in stage_runs(text)]
+        assert exits[-1] == 0 and 75 in exits and all(rc == 75 for rc in exits[:-1]), (exits, text[-3000:])
+        assert re.search(r"stopped by SIG(TERM|USR[12])", text), text[-3000:]
+        logs = sorted(nn_fold.glob("training_log_*.txt"))
+        epochs = [int(e) for f in logs for e in re.findall(r"Epoch (\d+)\s*$", f.read_text(), re.M)]
+        assert len(logs) >= 2 and sorted(set(epochs)) == list(range(25)), (len(logs), epochs)
+        assert len(epochs) - len(set(epochs)) <= len(exits) - 1, epochs     # at most the epoch in progress redone
+        assert (nn_ref / "done.json").exists() and (nn_fold / "checkpoint_final.pth").exists()
+        score = tmp_path / "S" / "acdc" / "nnunet" / "2d_da" / "fold0" / "seed0" / "score"
+        assert (score / "done.json").exists() and "nnunet_2d_da:PlainConvUNet" in (score / "per_patient.csv").read_text()
 
