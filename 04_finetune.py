@@ -11,9 +11,9 @@ Out: RUN/args.json, RUN/log.jsonl (one line per epoch), RUN/ckpt_last.pt, RUN/ck
 
 The discrete cell at full width sits in every skip level of the backbone it was searched in (the paper's "U-Net
 that was used during search": genotype.json records its path and weights hash; --backbone defaults to it and
-another one is refused unless --allow_other_backbone); the backbone is frozen and only the cell is trained (Adam lr 1e-3, batch 128, 200 epochs, the stage I loss). `--init
-fresh` (IAC) draws new weights, `--init theta0` (IAC-LTH) resets the cell to the weights
-it had before the search; the default follows the genotype's search mode (docs/method.md §5).
+another one is refused unless --allow_other_backbone); the backbone is frozen and only the cell is trained
+(Adam lr 1e-3, batch 128, 200 epochs, the stage I loss). `--init fresh` (IAC) draws new weights, `--init
+theta0` (IAC-LTH) resets the cell to the weights it had before the search; the default follows the genotype's search mode (docs/method.md §5).
 `--skip att|resatt` trains a baseline skip module into the same frozen backbone instead.
 `--resume` continues from RUN/ckpt_last.pt; on CPU with the same seed it ends with the
 same weights as a run that was never stopped. `--resume auto` starts when there is no checkpoint;

@@ -64,8 +64,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.analysis import (ALPHA, FIRST_ENTRY_COLUMNS, MIN_UNITS, arch_epochs, backbone_mean, cosine_matrix,
                              fisher_combined, first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix,
-                             hierarchical_bootstrap, holm, importance_tensor, paired_comparison, sign_flip_p, topk_masks,
-                             verdict)
+                             hierarchical_bootstrap, holm, importance_tensor, paired_comparison, sign_flip_p,
+                             topk_masks, verdict)
 from common.checkpoints import (check_same_data, load_checkpoint, load_genotype, model_from_checkpoint,
                                 nnunet_network_class)
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume

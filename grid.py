@@ -293,16 +293,18 @@ def jobs_of_seed(c, ds, P, raw, job, tool, plans, plan, conf, aug, fold, seed, t
         s_name, cell, s_tr, c_tr = NNUNET_METHODS[mode]
         s_tr, c_tr = s_tr + noda, c_tr + noda
         genotype = os.path.join(fold_dir(s_tr), "genotype.json")
-        search = job(f"{prefix}/{s_name}", "nnunet_search", label, seed, genotype, [*train[:4], "-tr", s_tr, *train[4:]],
-                     ref_deps, {**base_env, **backbone_env, **envs.get("search", {})}, train=True)
+        search = job(f"{prefix}/{s_name}", "nnunet_search", label, seed, genotype,
+                     [*train[:4], "-tr", s_tr, *train[4:]], ref_deps, {**base_env, **backbone_env, **envs.get("search", {})}, train=True)
         cell_env = {**base_env, "IAC_GENOTYPE": genotype, **envs.get("cell", {})}
-        trained = job(f"{prefix}/{cell}", "nnunet_cell", label, seed, os.path.join(fold_dir(c_tr), "checkpoint_final.pth"),
-                      [*train[:4], "-tr", c_tr, *train[4:]], [*ref_deps, search], cell_env, train=True)
+        trained = job(f"{prefix}/{cell}", "nnunet_cell", label, seed,
+                      os.path.join(fold_dir(c_tr), "checkpoint_final.pth"), [*train[:4], "-tr", c_tr, *train[4:]],
+                      [*ref_deps, search], cell_env, train=True)
         out = os.path.join(c["root"], *prefix.split("/"), f"pred_{cell}")
         preds[cell] = job(f"{prefix}/pred_{cell}", "nnunet_predict", label, seed, os.path.join(out, "pred"),
                           [tool("nnUNetv2_predict"), "-i", images, "-o", out + "/pred.partial", "-d", P["id"], "-c",
                            conf, "-f", fold, "-tr", c_tr, "-p", plans, *device, *flags.get("predict", [])],
-                          [trained], {**cell_env, **envs.get("predict", {})}, predict=(images, os.path.join(out, "pred")))
+                          [trained], {**cell_env, **envs.get("predict", {})},
+                          predict=(images, os.path.join(out, "pred")))
     score = os.path.join(c["root"], *prefix.split("/"), "score")
     jobs_score = [c.get("python") or sys.executable, os.path.join(ROOT, "05_evaluate.py"),
                   *sum((["--nnunet_pred", f"{m}@{seed}={os.path.join(c['root'], *preds[m].split('/'), 'pred')}"]
@@ -310,7 +312,6 @@ def jobs_of_seed(c, ds, P, raw, job, tool, plans, plan, conf, aug, fold, seed, t
                   "--nnunet_gt", os.path.join(raw, "labelsTs"), "--nnunet_configuration", conf, "--nnunet_tag", tag,
                   "--rows_only", "--out", score, *flags.get("score", [])]
     job(f"{prefix}/score", "nnunet_score", label, seed, None, jobs_score, list(preds.values()))
-
 
 
 def write_manifest(c, jobs):

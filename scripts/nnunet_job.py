@@ -27,7 +27,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.runs import REQUEUE_EXIT, _signal, block_stop_signals, install_stop_signals, is_done, mark_done  # noqa: E402
+from common.runs import (REQUEUE_EXIT, _signal, block_stop_signals, install_stop_signals, is_done,  # noqa: E402
+                         mark_done)
 from common.utils import HelpFormatter  # noqa: E402
 
 STOP_WAIT_S = 120                       # a trainer stops within one step; longer, and it is killed

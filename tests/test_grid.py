@@ -29,9 +29,9 @@ NNUNET = {"datasets": ["acdc"], "seeds": [0], "device": "cpu", "methods": ["ref"
 
 
 def config(tmp_path, root, raws, seeds=(0, 1), nnunet=None):
-    c = {"root": str(root), **({"nnunet": nnunet} if nnunet else {}), "datasets": {name: {"raw": raw, "flags": ["--dataset", layout, "--crop", "32", "32",
-                                                                     "--processes", "1"]}
-                                         for name, (layout, raw) in raws.items()},
+    c = {"root": str(root), **({"nnunet": nnunet} if nnunet else {}),
+         "datasets": {name: {"raw": raw, "flags": ["--dataset", layout, "--crop", "32", "32", "--processes", "1"]}
+                      for name, (layout, raw) in raws.items()},
          "backbones": ["base"], "seeds": list(seeds), "baselines": [], "modes": ["full", "lth"],
          "flags": {"all": ["--device", "cpu"], "pretrain": [*TINY, "--epochs", "2"],
                    "finetune": ["--batch_size", "16", "--epochs", "2"],

@@ -187,7 +187,8 @@ def check_slurm_run(tmp_path, cluster, cfg):
             break
         time.sleep(2)
     assert not squeue(cluster), "the grid did not finish in 15 minutes"
-    assert by_hand.keys() == watched.keys(), f"never ran long enough to be requeued by hand: {watched.keys() - by_hand.keys()}"
+    assert by_hand.keys() == watched.keys(), \
+        f"never ran long enough to be requeued by hand: {watched.keys() - by_hand.keys()}"
 
     again = grid("run", cfg, "--backend", "slurm", "--only", "acdc", env=cluster)   # all done: nothing to submit
     assert "0 jobs submitted" in again, f"{again}\n{why_not_done(tmp_path, cluster, cfg)}"
@@ -228,5 +229,6 @@ def check_slurm_run(tmp_path, cluster, cfg):
         assert len(epochs) - len(set(epochs)) <= len(exits) - 1, epochs     # at most the epoch in progress redone
         assert (nn_ref / "done.json").exists() and (nn_fold / "checkpoint_final.pth").exists()
         score = tmp_path / "S" / "acdc" / "nnunet" / "2d_da" / "fold0" / "seed0" / "score"
-        assert (score / "done.json").exists() and "nnunet_2d_da:PlainConvUNet" in (score / "per_patient.csv").read_text()
+        assert (score / "done.json").exists()
+        assert "nnunet_2d_da:PlainConvUNet" in (score / "per_patient.csv").read_text()
 
