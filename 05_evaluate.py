@@ -34,8 +34,9 @@ computed on ONE set of (seed, unit) pairs:
   mean_delta, ci_low, ci_high, wilcoxon_p
                  with each method's Dice averaged over the used seeds first: 95% paired bootstrap CI and Wilcoxon
                  signed-rank p over the units. Both are conditional on the trained models (the seeds run).
-  fisher_p       Fisher's combination of the Wilcoxon p across backbones (the paper's Table 1; it assumes
-                 independent p-values, and backbones scored on the same patients are not: anti-conservative).
+  fisher_p       on the "mean over N backbones" row: Fisher's combination of the backbones' Wilcoxon p on the row's
+                 seeds and units (the paper's Table 1; it assumes independent p-values, and backbones scored on the
+                 same patients are not: anti-conservative).
   combined_p     on the "mean over N backbones" row: sign-flip permutation test over units of the mean ΔDice over
                  backbones and seeds (holds when backbones share patients); nnU-Net rows are not in that mean.
   family, holm_p primary: the paper's two claims (--primary; IAC vs ref, IAC-LTH vs IAC), exploratory: every other
@@ -65,7 +66,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.analysis import (ALPHA, FIRST_ENTRY_COLUMNS, MIN_UNITS, arch_epochs, backbone_mean, cosine_matrix,
                              fisher_combined, first_entry_epochs, format_p, genotype_masks, hamming_similarity_matrix,
                              hierarchical_bootstrap, holm, importance_tensor, paired_comparison, sign_flip_p,
-                             topk_masks, verdict)
+                             topk_masks, verdict, wilcoxon_p)
 from common.checkpoints import (check_same_data, load_checkpoint, load_genotype, model_from_checkpoint,
                                 nnunet_network_class)
 from common.data import iter_cases, load_splits, original_label, read_meta, slices_to_nifti, slices_to_volume
@@ -349,9 +350,13 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patien
         pair, deltas = [], {}
         for backbone in dict.fromkeys(cm.loc[cm["method"] == method, "backbone"]):
             A, B = (cm[(cm["method"] == m) & (cm["backbone"] == backbone)] for m in (vs, method))
-            if A.empty:
-                continue
             name = {"method": method, "vs": vs, "backbone": backbone}
+            family = "primary" if (vs, method) in primary else "exploratory"
+            if A.empty:                     # said, not dropped: e.g. one method's folder named another backbone
+                pair.append({**name, "family": family, "unit": unit, "n": 0, "seeds": 0, "seeds_used": "",
+                             "seeds_left_out": f"no {vs} rows on this backbone ({method} has seed "
+                                               f"{', '.join(map(str, sorted(set(B['seed']))))})"})
+                continue
             seeds, left_out, a, b, cases = seed_unit_matrices(A, B)
             keep = a.columns[a.notna().all() & b.notna().all()] if seeds else a.columns[:0]   # every seed has them
             D = (b - a)[keep]                                                # (seeds, units) ΔDice
@@ -365,18 +370,15 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patien
                 unit_rows += [{**name, "seed": s, "unit": unit, "unit_id": u, "cases": int(cases.loc[s, u]),
                                "delta_dice": float(b.loc[s, u] - a.loc[s, u]), "in_row": u in keep}
                               for u in a.columns if np.isfinite(b.loc[s, u] - a.loc[s, u])]
-            pair.append({**name, "family": "primary" if (vs, method) in primary else "exploratory", "unit": unit,
-                         **r, "seeds": len(seeds), "seeds_used": " ".join(map(str, seeds)),
+            pair.append({**name, "family": family, "unit": unit, **r, "seeds": len(seeds), "seeds_used": " ".join(map(str, seeds)),
                          "seeds_left_out": left_out,
                          "seed_deltas": " / ".join(f"{D.loc[s].mean():+.4f}" for s in seeds) if len(keep) else "",
                          "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"]})
             if not backbone.startswith("nnunet") and seeds and len(keep):
                 deltas[backbone] = D
-        table1 = [x for x in pair if x["backbone"] in deltas]
-        fisher = fisher_combined([x["wilcoxon_p"] for x in table1])
-        rows += [{**x, "fisher_p": fisher if x["backbone"] in deltas else float("nan")} for x in pair]
+        rows += pair
         if len(deltas) > 1:
-            rows.append({"method": method, "vs": vs, "family": pair[0]["family"], "unit": unit, "fisher_p": fisher,
+            rows.append({"method": method, "vs": vs, "family": pair[0]["family"], "unit": unit,
                          **backbone_mean_row(deltas, n_boot, boot_seed, alternative)})
     cols = ["method", "vs", "backbone", "family", "unit", "n", "mean_delta", "ci_low", "ci_high", "wilcoxon_p",
             "fisher_p", "combined_p", "holm_p", "seeds", "seeds_used", "seeds_left_out", "seed_deltas",
@@ -392,21 +394,25 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patien
 
 
 def backbone_mean_row(deltas, n_boot, boot_seed, alternative):
-    """Table 1's "mean over backbones" of one pair: {backbone: (seeds x units) ΔDice} -> the row's numbers on the
+    """Table 1's "mean over backbones" of one pair: {backbone: (seeds x units) ΔDice} -> the row's numbers, all on the
     seeds and units every backbone has: mean, bootstrap CI over units (seeds averaged), the two-way CI over seeds
-    and units, and the sign-flip permutation p over units (the backbones share patients)."""
+    and units, the sign-flip permutation p over units (the backbones share patients), and Fisher's combination of
+    each backbone's Wilcoxon p on those same seeds and units (the paper's; it assumes independent backbones)."""
     seeds = sorted(set.intersection(*(set(D.index) for D in deltas.values())))
     units = [u for u in next(iter(deltas.values())).columns if all(u in D.columns for D in deltas.values())]
-    X = np.stack([D.loc[seeds, units].values for D in deltas.values()]) if seeds else np.zeros((len(deltas), 0, 0))
-    r = backbone_mean(X.mean(1), n_resamples=n_boot, seed=boot_seed) if seeds else {"n": 0, "mean_delta": np.nan}
-    h = hierarchical_bootstrap(X.mean(0), n_resamples=n_boot, seed=boot_seed)
     every = set.union(*(set(D.index) for D in deltas.values()))
-    return {"backbone": f"mean over {len(deltas)} backbones", **r, "wilcoxon_p": float("nan"),
-            "combined_p": sign_flip_p(X, n_boot, boot_seed, alternative) if seeds else float("nan"),
-            "seeds": len(seeds), "seeds_used": " ".join(map(str, seeds)),
-            "seeds_left_out": (f"seed {', '.join(map(str, sorted(every - set(seeds))))} (not on every backbone)"
-                               if every - set(seeds) else ""),
-            "seed_deltas": " / ".join(f"{X[:, i].mean():+.4f}" for i in range(len(seeds))) if units else "",
+    left_out = "; ".join(([f"seed {', '.join(map(str, sorted(every - set(seeds))))} (not on every backbone)"]
+                          if every - set(seeds) else []) + ([] if units else ["no unit on every backbone"]))
+    row = {"backbone": f"mean over {len(deltas)} backbones", "n": 0, "mean_delta": float("nan"), "seeds": len(seeds),
+           "seeds_used": " ".join(map(str, seeds)), "seeds_left_out": left_out}
+    if not (seeds and units):
+        return row
+    X = np.stack([D.loc[seeds, units].values for D in deltas.values()])             # (backbones, seeds, units)
+    h = hierarchical_bootstrap(X.mean(0), n_resamples=n_boot, seed=boot_seed)
+    wilcoxon = [wilcoxon_p(x.mean(0), alternative) for x in X]                  # each backbone on the row's pairs
+    return {**row, **backbone_mean(X.mean(1), n_resamples=n_boot, seed=boot_seed), "wilcoxon_p": float("nan"),
+            "fisher_p": fisher_combined(wilcoxon), "combined_p": sign_flip_p(X, n_boot, boot_seed, alternative),
+            "seed_deltas": " / ".join(f"{X[:, i].mean():+.4f}" for i in range(len(seeds))),
             "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"]}
 
 
@@ -429,10 +435,11 @@ def paired_markdown(paired, seeds, reference, primary, args):
             "(seeds_used; seeds_left_out: those only one method has) and the n units every one of them scored for "
             "both. mean ΔDice, 95% paired bootstrap CI and Wilcoxon p "
             f"({args.alternative}) over units with each method's Dice averaged over those seeds (conditional on the "
-            "trained models); fisher_p: Fisher's combination of the backbones' Wilcoxon p (the paper's Table 1; it "
-            "assumes independent p-values, and backbones scored on the same patients are not: anti-conservative); "
-            "combined_p (mean over backbones): sign-flip permutation test over units of the mean ΔDice over "
-            "backbones and seeds, which holds with shared patients; holm_p: the row's test (Wilcoxon, or combined_p) "
+            "trained models); on a mean-over-backbones row, on the seeds and units every backbone has: fisher_p, "
+            "Fisher's combination of the backbones' Wilcoxon p (the paper's Table 1; it assumes independent p-values, "
+            "and backbones scored on the same patients are not: anti-conservative), and combined_p, a sign-flip "
+            "permutation test over units of the mean ΔDice over backbones and seeds, which holds with shared "
+            "patients; holm_p: the row's test (Wilcoxon, or combined_p) "
             f"adjusted by Holm within its family (primary: {claims}; exploratory: the rest); seed_deltas: each "
             "seed's mean ΔDice; hier_ci: 95% CI over seeds and units (a two-way bootstrap: the same drawn units under "
             "every drawn seed; with one seed, the patient bootstrap).\n\n"
@@ -454,8 +461,8 @@ def paired_markdown(paired, seeds, reference, primary, args):
     for r in said.itertuples():
         fewer = f"; fewer seeds than a method has: {r.seeds_left_out} left out" if r.seeds_left_out else ""
         if not np.isfinite(r.mean_delta):
-            lines.append(f"- {r.family}: {r.method} vs {r.vs} ({r.backbone}): no (seed, unit) pair both methods "
-                         f"have{fewer}: no comparison")
+            lines.append(f"- {r.family}: {r.method} vs {r.vs} ({r.backbone}): no comparison: no (seed, unit) pair "
+                         f"both methods have ({r.seeds_left_out or 'no unit both scored'})")
             continue
         ci = (f"95% CI with seeds [{r.hier_ci_low:+.4f}, {r.hier_ci_high:+.4f}]" if np.isfinite(r.hier_ci_low)
               else "no seed-inclusive CI")

@@ -110,6 +110,8 @@ def nnunet_config(c, path):
          "folds": [0], "seeds": c["seeds"], "methods": ["ref", "full", "lth"], "backbone": None, "device": "cuda",
          "planners": {}, "dataset_ids": {}, "flags": {}, "env": {}, **c["nnunet"]}
     n["plans"] = [n["plans"]] if isinstance(n["plans"], str) else list(n["plans"])
+    if n["backbone"]:                                # relative to the config's folder, as root
+        n["backbone"] = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(n["backbone"]))
     where = f"grid config {path}: nnunet"
     for key, allowed in (("methods", NNUNET_METHODS), ("augmentation", ("da", "noda")),
                          ("configurations", ("2d", "3d_fullres", "3d_lowres"))):
@@ -293,8 +295,9 @@ def jobs_of_seed(c, ds, P, raw, job, tool, plans, plan, conf, aug, fold, seed, t
         s_name, cell, s_tr, c_tr = NNUNET_METHODS[mode]
         s_tr, c_tr = s_tr + noda, c_tr + noda
         genotype = os.path.join(fold_dir(s_tr), "genotype.json")
-        search = job(f"{prefix}/{s_name}", "nnunet_search", label, seed, genotype,
-                     [*train[:4], "-tr", s_tr, *train[4:]], ref_deps, {**base_env, **backbone_env, **envs.get("search", {})}, train=True)
+        search = job(f"{prefix}/{s_name}", "nnunet_search", label, seed,      # done.json: after genotype.json
+                     os.path.join(fold_dir(s_tr), "done.json"), [*train[:4], "-tr", s_tr, *train[4:]], ref_deps,
+                     {**base_env, **backbone_env, **envs.get("search", {})}, train=True)
         cell_env = {**base_env, "IAC_GENOTYPE": genotype, **envs.get("cell", {})}
         trained = job(f"{prefix}/{cell}", "nnunet_cell", label, seed,
                       os.path.join(fold_dir(c_tr), "checkpoint_final.pth"), [*train[:4], "-tr", c_tr, *train[4:]],
@@ -340,10 +343,13 @@ SLURM_KNOWN_LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HO
 
 
 def slurm_holds(state, reason=""):
-    """Whether SLURM still holds a job in `state` (reason "sacct": the state comes from sacct, squeue no longer
-    shows the job): every state but the terminal ones, and PREEMPTED while squeue shows it."""
+    """Whether SLURM still holds a job in `state` (reason "sacct": the state comes from sacct because squeue, which
+    answered, no longer shows the job: not held, whatever sacct says): every state squeue shows but the terminal
+    ones, and PREEMPTED while squeue shows it."""
+    if reason == "sacct":
+        return False
     if state in SLURM_TERMINAL:
-        return state == "PREEMPTED" and reason != "sacct"
+        return state == "PREEMPTED"
     return True
 
 
@@ -488,6 +494,9 @@ def job_states(jobs, live=None):
             slurm, reason = live.get(str(rec["slurm_job"]), (None, ""))
             if slurm is None:
                 state, why = "waiting", f"SLURM job {rec['slurm_job']} is gone (lost); `run` submits it again"
+            elif reason == "sacct" and slurm not in SLURM_TERMINAL:    # squeue answered without it: not held
+                state, why = "waiting", (f"SLURM job {rec['slurm_job']} is not in the queue, though sacct says {slurm} "
+                                         "(a stale accounting record); `run` submits it again")
             elif slurm == "RUNNING":
                 state, why = "running", f"SLURM job {rec['slurm_job']}"
             elif slurm_holds(slurm, reason):

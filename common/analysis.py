@@ -25,11 +25,17 @@ def paired_comparison(ref, other, n_resamples=9999, seed=0, alternative="two-sid
                              n_resamples=n_resamples, confidence_level=0.95, method="percentile",
                              rng=np.random.default_rng(seed)).confidence_interval
         out["ci_low"], out["ci_high"] = float(ci.low), float(ci.high)
-    if d.size >= 1 and np.any(d != 0):
-        out["wilcoxon_p"] = float(stats.wilcoxon(other[ok], ref[ok], alternative=alternative).pvalue)
-    elif d.size >= 1:
-        out["wilcoxon_p"] = 1.0
+    out["wilcoxon_p"] = wilcoxon_p(d, alternative)
     return out
+
+
+def wilcoxon_p(d, alternative="two-sided"):
+    """Wilcoxon signed-rank p of the paired differences `d` (scipy.stats.wilcoxon); 1 where every one is 0, NaN
+    where there is none."""
+    d = np.asarray(d, float)
+    if d.size == 0:
+        return float("nan")
+    return float(stats.wilcoxon(d, alternative=alternative).pvalue) if np.any(d != 0) else 1.0
 
 
 def backbone_mean(deltas, n_resamples=9999, seed=0):
@@ -54,7 +60,10 @@ def sign_flip_p(deltas, n_resamples=9999, seed=0, alternative="two-sided"):
     backbone (and seed); a unit's values are averaged first and its sign flipped as one, so the dependence between
     backbones scored on the same patient is kept (Fisher's combination treats their p-values as independent).
     scipy.stats.permutation_test with one sample flips signs; exact (every flip) where 2^n <= n_resamples."""
-    d = np.asarray(deltas, float).reshape(-1, np.shape(deltas)[-1])
+    d = np.asarray(deltas, float)
+    if d.size == 0:
+        return float("nan")
+    d = d.reshape(-1, d.shape[-1])
     d = d[:, ~np.isnan(d).any(0)].mean(0)
     if d.size == 0:
         return float("nan")

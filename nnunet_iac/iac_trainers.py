@@ -195,6 +195,30 @@ def unwrap(network):
     return getattr(network, "_orig_mod", network)
 
 
+def preprocessing_differences(theirs, mine, configuration, their_dataset, my_dataset):
+    """What differs between the preprocessing and labels a checkpoint was trained with (its init_args' plans and
+    dataset.json) and this run's, in words; [] when nothing that changes what the network sees or predicts: the
+    configuration's spacing, normalisation, transposition and architecture, the CT intensity statistics, the labels.
+    (Two data sets planned alike give one plans name, nnUNetPlans, for different fingerprints.)"""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    try:
+        a, b = (PlansManager(p).get_configuration(configuration).configuration for p in (theirs, mine))
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        return [f"the checkpoint's plans have no configuration {configuration}"]
+    out = [f"{key} {a.get(key)} vs {b.get(key)}" for key in ("spacing", "normalization_schemes", "use_mask_for_norm")
+           if a.get(key) != b.get(key)]
+    out += [f"{key} differs" for key in ("transpose_forward",) if theirs.get(key) != mine.get(key)]
+    if a.get("architecture") != b.get("architecture"):
+        out.append("architecture differs")
+    if "CTNormalization" in (b.get("normalization_schemes") or []) and \
+            theirs.get("foreground_intensity_properties_per_channel") != \
+            mine.get("foreground_intensity_properties_per_channel"):
+        out.append("CT intensity statistics differ (another fingerprint)")
+    if their_dataset.get("labels") is not None and their_dataset.get("labels") != my_dataset.get("labels"):
+        out.append(f"labels {their_dataset.get('labels')} vs {my_dataset.get('labels')}")
+    return out
+
+
 class Backbone:
     """A trained nnU-Net model used as the frozen backbone: any nnU-Net v2 trainer's checkpoint (stock
     nnUNetTrainer, nnUNetTrainerIACRef, ...) of a PlainConvUNet or ResidualEncoderUNet, checked against the
@@ -216,7 +240,17 @@ class Backbone:
             raise RuntimeError(f"backbone {path} ({how}) was trained with plans {plans.get('plans_name')!r}, this run "
                                f"uses {trainer.plans_manager.plans_name!r}: give `-p {plans.get('plans_name')}` "
                                "(the plans the model was trained with)")
-        self.path, self.how = os.path.abspath(path), how
+        diffs = preprocessing_differences(plans, trainer.plans_manager.plans, trainer.configuration_name,
+                                          init.get("dataset_json", {}), trainer.dataset_json)
+        if diffs and _env("IAC_ALLOW_OTHER_PLANS", "0") != "1":
+            raise RuntimeError(f"backbone {path} ({how}) was trained on other data than this run's "
+                               f"{trainer.plans_manager.dataset_name} / {trainer.plans_manager.plans_name}: "
+                               f"{'; '.join(diffs)}. Its weights would load, but see inputs or labels they were not "
+                               "trained on: search on the data set the model was trained on (or move its plans to "
+                               "this one, nnUNetv2_move_plans_between_datasets, and preprocess again); "
+                               "IAC_ALLOW_OTHER_PLANS=1 takes it as it is")
+        self.path, self.how = os.path.abspath(path), how + ("; other preprocessing, IAC_ALLOW_OTHER_PLANS=1" if diffs
+                                                            else "")
         self.state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v
                       for k, v in ck["network_weights"].items()}
         self.sha256 = weights_hash(self.state)
@@ -574,10 +608,12 @@ class nnUNetTrainerIACSearchLTH(nnUNetTrainerIACRef):
 
     def search_label(self, dims):
         """The search's `encoder` in genotype.json, which 05's search-cost table pairs LTH and full searches by:
-        nnunet_2d / nnunet_3d, with _noda for the NoDA trainers and the plans where they are not nnU-Net's default."""
-        plans = self.plans_manager.plans_name
-        return (f"nnunet_{dims}d" + ("_noda" if type(self).__name__.endswith("NoDA") else "")
-                + ("" if plans == "nnUNetPlans" else f"_{plans}"))
+        nnunet_2d / nnunet_3d, then the configuration where it is not 2d / 3d_fullres, _noda for the NoDA trainers,
+        the plans where they are not nnU-Net's default, and the fold (fold0, ...)."""
+        plans, conf = self.plans_manager.plans_name, self.configuration_name
+        return (f"nnunet_{dims}d" + ("" if conf in ("2d", "3d_fullres") else f"_{conf}")
+                + ("_noda" if type(self).__name__.endswith("NoDA") else "")
+                + ("" if plans == "nnUNetPlans" else f"_{plans}") + f"_fold{self.fold}")
 
     def _batch_loss(self, batch):
         """nnU-Net's loss (deep supervision included) on one batch; bf16 autocast as IAC_AMP says (search_amp)."""

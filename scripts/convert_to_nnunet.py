@@ -97,14 +97,15 @@ def main(args):
         what = f"{len(folds or [])} folds drawn over patients, each patient's cases on one side"
     if folds:
         atomic_write_json(os.path.join(tmp, "splits_final.json"), folds)
-    os.replace(tmp, args.out)
-    print(f"{len(info.cases)} cases written to {args.out}"
-          + (f" ({sum(v == 'test' for v in part.values())} test cases in imagesTs/labelsTs)" if args.splits else ""))
     pre = os.environ.get("nnUNet_preprocessed")
-    if folds and pre:
+    if folds and pre:                                # before the rename: a finished folder has its folds in place
         dest = os.path.join(pre, os.path.basename(args.out.rstrip("/")))
         os.makedirs(dest, exist_ok=True)
         atomic_write_json(os.path.join(dest, "splits_final.json"), folds)
+    os.replace(tmp, args.out)
+    print(f"{len(info.cases)} cases written to {args.out}"
+          + (f" ({sum(v == 'test' for v in part.values())} test cases in imagesTs/labelsTs)" if args.splits else ""))
+    if folds and pre:
         print(f"{dest}/splits_final.json: {what}")
     elif folds:
         print("set nnUNet_preprocessed, or copy splits_final.json into $nnUNet_preprocessed/"

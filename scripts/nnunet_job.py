@@ -9,8 +9,9 @@ checkpoint_final.pth, a search's genotype.json, a plans file, ...): then JOB/don
 already (a step finished before a kill took the job), nothing runs, unless --always (planning, which writes its
 plans before it preprocesses).
 
-Stopping (a SLURM time limit's warning, a preemption, the grid runner): USR1, USR2 and TERM (common/runs.py) reach
-this process. --train: the command is one of this project's nnU-Net trainers, which stop by themselves at the next
+Stopping (a SLURM time limit's warning, a preemption, the grid runner, Ctrl-C): USR1, USR2 and TERM
+(common/runs.py), INT and HUP reach this process. The step never outlives it: it is killed with its process group
+when this process leaves, and by the kernel when this process is killed (Linux's parent-death signal). --train: the command is one of this project's nnU-Net trainers, which stop by themselves at the next
 step with exit 75 after their last saved epoch (IAC_SAVE_EVERY=1 under the grid: at most one epoch is redone), and
 `--c` in the same command continues; the signal is passed on to it (it may have come to this process alone) and
 its exit awaited. Any other command (conversion, planning, prediction) is killed with its process group and runs
@@ -19,6 +20,8 @@ OUT.partial (cleared first), renamed to OUT once every case of IMAGES (nnU-Net's
 prediction, so a killed prediction never passes for a finished one.
 """
 import argparse
+import ctypes
+import ctypes.util
 import os
 import shutil
 import signal
@@ -27,11 +30,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.runs import (REQUEUE_EXIT, _signal, block_stop_signals, install_stop_signals, is_done,  # noqa: E402
-                         mark_done)
+from common.runs import (REQUEUE_EXIT, _on_signal, _signal, block_stop_signals, install_stop_signals,  # noqa: E402
+                         is_done, mark_done)
 from common.utils import HelpFormatter  # noqa: E402
 
-STOP_WAIT_S = 120                       # a trainer stops within one step; longer, and it is killed
+STOP_WAIT_S = 60                        # a trainer stops within one step; longer, and it is killed
 
 
 def get_args(argv=None):
@@ -81,6 +84,8 @@ def main(a):
         print(f"{a.out} is done; nothing to do")
         return 0
     install_stop_signals()
+    for sig in (signal.SIGINT, signal.SIGHUP):       # Ctrl-C on a local runner, a closed terminal: a stop too
+        signal.signal(sig, _on_signal)
     if os.path.exists(a.expect) and not (a.predict or a.always):
         print(f"{a.expect} is there already: the step finished before this job was stopped")
         return 1 if finish(a) else 0
@@ -88,8 +93,37 @@ def main(a):
         shutil.rmtree(a.predict[1] + ".partial", ignore_errors=True)
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in a.env))
     print(f"nnunet_job: {' '.join(a.env)} {' '.join(a.command)}", flush=True)
-    child = subprocess.Popen(a.command, env=env, start_new_session=True,
-                             preexec_fn=block_stop_signals if a.train else None)   # the trainer unblocks them
+    child = subprocess.Popen(a.command, env=env, start_new_session=True, preexec_fn=lambda: child_setup(a.train))
+    try:
+        rc = await_child(a, child)
+    finally:                                         # never a step left running without its job
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    if rc != 0 and (_signal["name"] or rc == REQUEUE_EXIT):  # (a step that ended before the signal is done)
+        print(f"exit {rc}: requeue (exit {REQUEUE_EXIT}); the same job continues", flush=True)
+        return REQUEUE_EXIT
+    if rc != 0:
+        print(f"error: {a.command[0]} exited {rc}", flush=True)
+        return rc if rc > 0 else 1
+    why = finish(a)
+    if why:
+        print(f"error: {why}", flush=True)
+        return 1
+    return 0
+
+
+def child_setup(train):
+    """In the step's process before exec: it dies with this job (SIGKILL when this process goes, whatever ends it:
+    Linux's parent-death signal), and a trainer starts with the stop signals blocked until it handles them."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)                    # PR_SET_PDEATHSIG
+    if train:
+        block_stop_signals()
+
+
+def await_child(a, child):
+    """Wait for the step; on a stop signal pass it on to a trainer (or kill any other step's process group)."""
     told = None
     while child.poll() is None:
         if _signal["name"] and told is None:
@@ -105,18 +139,7 @@ def main(a):
             os.killpg(child.pid, signal.SIGKILL)
             told = float("inf")
         time.sleep(0.2)
-    rc = child.returncode
-    if rc != 0 and (_signal["name"] or rc == REQUEUE_EXIT):  # (a step that ended before the signal is done)
-        print(f"exit {rc}: requeue (exit {REQUEUE_EXIT}); the same job continues", flush=True)
-        return REQUEUE_EXIT
-    if rc != 0:
-        print(f"error: {a.command[0]} exited {rc}", flush=True)
-        return rc if rc > 0 else 1
-    why = finish(a)
-    if why:
-        print(f"error: {why}", flush=True)
-        return 1
-    return 0
+    return child.returncode
 
 
 if __name__ == "__main__":

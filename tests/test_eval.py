@@ -494,3 +494,38 @@ def test_nnunet_predictions_name_their_network(tmp_path, scripts):
         {"nnunet_3d_cascade_fullres_noda:ResidualEncoderUNet"}
     with pytest.raises(InputError, match="no configuration '3d_other' .*it has 2d, 3d_fullres"):
         backbones("--nnunet_configuration", "3d_other")
+
+
+def test_mean_row_and_unmatched_backbones_on_the_row_pairs(tmp_path, scripts):
+    """The mean over backbones is on the seeds and units every backbone has, Fisher's p included (before, it took
+    each backbone's own seeds and units); backbones sharing no unit give a row that says so (before: a traceback);
+    a method whose backbone the other lacks gets a row that says so (before: dropped without a word)."""
+    from common.analysis import wilcoxon_p
+    e = scripts["05_evaluate"]
+    rng = np.random.default_rng(7)
+    rows = []
+    for bb, seeds, n in (("resnet50", (0, 1), 9), ("vgg16", (0, 1, 2), 10)):
+        for s in seeds:
+            rows += dice_rows(list(rng.normal(0.01, 0.01, n)), backbone=bb, seed=s)
+    table, _, _ = e.paired_table(pd.DataFrame(rows), [("ref", "iac")], 999)
+    mean = table[table["backbone"] == "mean over 2 backbones"].iloc[0]
+    assert (mean["n"], mean["seeds_used"], mean["seeds_left_out"]) == (9, "0 1", "seed 2 (not on every backbone)")
+    df = pd.DataFrame(rows)
+    units = [f"p{i}" for i in range(9)]
+    d = [(df[(df.method == "iac") & (df.backbone == bb) & (df.seed.isin([0, 1])) & (df.patient_id.isin(units))]
+          .groupby("patient_id")["value"].mean() -
+          df[(df.method == "ref") & (df.backbone == bb) & (df.seed.isin([0, 1])) & (df.patient_id.isin(units))]
+          .groupby("patient_id")["value"].mean()).values for bb in ("resnet50", "vgg16")]
+    assert mean["fisher_p"] == pytest.approx(stats.combine_pvalues([wilcoxon_p(x) for x in d]).pvalue)
+    apart = pd.DataFrame(dice_rows([0.01] * 6, backbone="a") +
+                         [dict(r, patient_id="q" + r["patient_id"]) for r in dice_rows([0.02] * 6, backbone="b")])
+    table, _, _ = e.paired_table(apart, [("ref", "iac")], 99)
+    mean = table[table["backbone"] == "mean over 2 backbones"].iloc[0]
+    assert mean["n"] == 0 and mean["seeds_left_out"] == "no unit on every backbone" and mean["verdict"] == ""
+    named = [r for r in dice_rows([0.01] * 6, backbone="nnunet_2d") if r["method"] == "ref"] + \
+        [r for r in dice_rows([0.01] * 6, backbone="nnunet_2d:PlainConvUNet") if r["method"] == "iac"]
+    path = str(tmp_path / "per_patient.csv")
+    pd.DataFrame(named).assign(region="all", metric="dice").to_csv(path, index=False)
+    e.main(e.get_args(["--rows", path, "--out", str(tmp_path / "eval"), "--n_boot", "99"]))
+    md = open(tmp_path / "eval" / "paired.md").read()
+    assert "iac vs ref (nnunet_2d:PlainConvUNet): no comparison" in md and "no ref rows on this backbone" in md, md

@@ -111,8 +111,11 @@ def test_local_grid_end_to_end(full_grid):
     assert "0 jobs to run" in again
     if nnunet:                                       # Table 2's rows beside Table 1's, on the same test patients
         assert "nnU-Net track: 1 of 1 scoring jobs" in report and "WARNING" not in report, report
-        nn = paired[paired["backbone"] == "nnunet_2d_da:PlainConvUNet"]
-        assert set(zip(nn["vs"], nn["method"])) == {("ref", "iac_lth")} and nn["n"].item() > 0, paired
+        nn = paired[(paired["backbone"] == "nnunet_2d_da:PlainConvUNet") & (paired["n"] > 0)]
+        assert set(zip(nn["vs"], nn["method"])) == {("ref", "iac_lth")}, paired
+        said = paired[(paired["backbone"] == "nnunet_2d_da:PlainConvUNet") & (paired["n"] == 0)]   # no IAC there
+        assert list(zip(said["vs"], said["seeds_left_out"])) == [("iac", "no iac rows on this backbone (iac_lth has "
+                                                                          "seed 0)")], paired
         summary = pd.read_csv(root / "acdc" / "report" / "summary.csv")
         assert set(summary.loc[summary["backbone"] == "nnunet_2d_da:PlainConvUNet", "method"]) == {"ref", "iac_lth"}
         rows_nn = pd.read_csv(root / "acdc" / "nnunet" / "2d_da" / "fold0" / "seed0" / "score" / "per_patient.csv")
@@ -533,6 +536,17 @@ def test_nnunet_job_requeues_and_resumes(tmp_path):
     assert p.returncode == 0 and f"start at epoch {stopped_at}" in out and (job / "done.json").exists(), out
     p = job_script("--out", str(tmp_path / "again"), "--expect", str(final), "--train", "--", "false")
     assert p.communicate(timeout=60)[0] and p.returncode == 0 and (tmp_path / "again" / "done.json").exists()
+    for end in (signal.SIGINT, signal.SIGKILL):                     # Ctrl-C, or the job killed: no step left running
+        pid = tmp_path / f"pid{end}"
+        p = job_script("--out", str(tmp_path / f"k{end}"), "--expect", str(tmp_path / "never"), "--", sys.executable,
+                       "-c", f"import os, time; open({str(pid)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+        wait_for(lambda: pid.exists() and pid.read_text())
+        p.send_signal(end)
+        p.communicate(timeout=60)
+        step = int(pid.read_text())
+        wait_for(lambda: not os.path.exists(f"/proc/{step}") or "Z" in open(f"/proc/{step}/stat").read().split()[2],
+                 timeout=10)
+        assert p.returncode == (75 if end == signal.SIGINT else -9)
 
     images, pred = tmp_path / "imagesTs", tmp_path / "p" / "pred"
     images.mkdir()

@@ -359,13 +359,15 @@ def test_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="searched on skips with channels"):
         nnUNetTrainerIAC.build_network_architecture(None, _CM(), 1, 3, True)
 
-    class _Trainer:
-        configuration_name, fold = "2d", 0
-        plans_manager = type("P", (), {"plans_name": "nnUNetPlans", "dataset_name": "Dataset501_Phantom"})
     net = plain_unet(False)
     state = net.state_dict()
     plans = {"plans_name": "nnUNetPlans", "configurations": {"2d": {"architecture": {
         "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}}}}
+
+    class _Trainer:
+        configuration_name, fold, dataset_json = "2d", 0, {}
+        plans_manager = type("P", (), {"plans_name": "nnUNetPlans", "dataset_name": "Dataset501_Phantom",
+                                       "plans": plans})
 
     def checkpoint(name, configuration="2d", plans_name="nnUNetPlans"):
         path = tmp_path / name
@@ -489,7 +491,7 @@ def test_nnunet_3d_chain(planned):
     assert "continuing the search at epoch 3" in log and "bf16 autocast on (IAC_AMP)" in log
     assert (lth / "theta0.pt").read_bytes() == theta0_bytes                      # θ0: the weights at search start
     g = json.load(open(lth / "genotype.json"))
-    assert g["search"]["encoder"] == "nnunet_3d" and len(g["edges"]) == 8
+    assert g["search"]["encoder"] == "nnunet_3d_fold0" and len(g["edges"]) == 8
     ref = _fold(tmp_path, "nnUNetTrainerIACRef", "3d_fullres") / "checkpoint_final.pth"
     assert (g["search"]["backbone"], g["search"]["backbone_trainer"]) == (os.path.abspath(ref), "nnUNetTrainerIACRef")
     theta0 = torch.load(lth / "theta0.pt", weights_only=True)["state"]
@@ -507,3 +509,21 @@ def test_nnunet_3d_chain(planned):
     df = _evaluate(tmp_path, raw, "eval_3d", ("iac_lth_3d", pred), config="3d_fullres")
     assert set(df["method"]) == {"iac_lth_3d"} and df["patient"].nunique() == 6
     assert set(df["backbone"]) == {"nnunet_3d_fullres:PlainConvUNet"}
+
+
+def test_a_backbone_trained_on_other_preprocessing_is_named(planned):
+    """Two data sets planned alike share a plans name (nnUNetPlans) but not their spacing, CT statistics or labels:
+    a backbone trained on another one's preprocessing is refused with what differs (its weights would load)."""
+    import copy
+    from nnunet_iac.iac_trainers import preprocessing_differences
+    tmp_path, raw = planned
+    plans = json.load(open(tmp_path / "pre" / "Dataset501_Phantom" / "nnUNetPlans.json"))
+    labels = json.load(open(raw / "dataset.json"))
+    assert preprocessing_differences(plans, plans, "2d", labels, labels) == []
+    other = copy.deepcopy(plans)
+    other["configurations"]["2d"]["spacing"] = [9.0, 9.0]
+    swapped = dict(labels, labels={k: (3 - v if v else 0) for k, v in labels["labels"].items()})
+    diffs = preprocessing_differences(other, plans, "2d", swapped, labels)
+    assert len(diffs) == 2 and diffs[0].startswith("spacing [9.0, 9.0] vs") and diffs[1].startswith("labels"), diffs
+    assert preprocessing_differences(plans, plans, "3d_lowres", labels, labels) == \
+        ["the checkpoint's plans have no configuration 3d_lowres"]
