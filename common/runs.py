@@ -137,9 +137,19 @@ def is_done(folder):
 
 
 def mark_done(folder, stage, **summary):
-    """The very last act of a stage: RUN/done.json (atomic) with what it finished."""
+    """The very last act of a stage: RUN/done.json (atomic) with what it finished; from then on the stop signals are
+    ignored (ignore_stop_signals)."""
     atomic_write_json(os.path.join(folder, DONE), {"stage": stage, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                    **summary})
+    ignore_stop_signals()
+
+
+def ignore_stop_signals():
+    """A stage whose work is done ignores the stop signals: one that comes while it exits would otherwise kill it
+    (Python restores a handled signal's default action, to end the process, as it shuts down), and a finished
+    run would read as stopped by a signal (exit -12) instead of exit 0."""
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def require_done(path, flag, allow_unfinished):
