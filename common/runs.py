@@ -12,6 +12,7 @@
                    continues: at most one epoch is redone. IAC_STOP_SIGNALS=USR1,HUP,... replaces the list
                    (a scheduler configured with another signal)
 """
+import atexit
 import json
 import os
 import signal
@@ -137,17 +138,26 @@ def is_done(folder):
 
 
 def mark_done(folder, stage, **summary):
-    """The very last act of a stage: RUN/done.json (atomic) with what it finished; from then on the stop signals are
-    ignored (ignore_stop_signals)."""
+    """The very last act of a stage: RUN/done.json (atomic) with what it finished; from then on a stop signal can
+    no longer turn its exit into a kill (ignore_stop_signals_at_exit)."""
     atomic_write_json(os.path.join(folder, DONE), {"stage": stage, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                    **summary})
-    ignore_stop_signals()
+    ignore_stop_signals_at_exit()
 
 
-def ignore_stop_signals():
-    """A stage whose work is done ignores the stop signals: one that comes while it exits would otherwise kill it
-    (Python restores a handled signal's default action, to end the process, as it shuts down), and a finished
-    run would read as stopped by a signal (exit -12) instead of exit 0."""
+def ignore_stop_signals_at_exit():
+    """A stage whose work is done must not be killed while it exits: Python gives a handled signal back its default
+    action (to end the process) as it shuts down, so SLURM's warning arriving then made a finished run read as
+    stopped by a signal (exit -12) instead of exit 0. The stop signals are ignored from the interpreter's exit on
+    (atexit runs before the handlers are reset), not at once: an ignored signal stays ignored in every process
+    started afterwards, and a multiprocessing pool's workers, which terminate() stops with TERM, would then never
+    end (nnU-Net's validation and planning pools hung so). Until the exit, a signal only sets the stop flag."""
+    if not _signal.get("at_exit"):
+        _signal["at_exit"] = True
+        atexit.register(_ignore_stop_signals)
+
+
+def _ignore_stop_signals():
     for sig in stop_signals():
         signal.signal(sig, signal.SIG_IGN)
 

@@ -82,7 +82,8 @@ except ImportError as e:
 from common.iac import GenotypeError, IACSkips, init_from_theta0, make_theta0, read_genotype, write_genotype
 from common.lean_cell import LeanSearchSkips
 from common.lth import all_edges_single
-from common.runs import REQUEUE_EXIT, Preempted, check_stop, ignore_stop_signals, install_stop_signals, mark_done
+from common.runs import (REQUEUE_EXIT, Preempted, check_stop, ignore_stop_signals_at_exit, install_stop_signals,
+                         mark_done)
 from common.search import (arch_optimizer, checkpoint_edges, cosine_power_lr, end_of_epoch, keep_top2_edges, lth_state,
                            search_step, search_summary, settings_from_env, trajectory_record, weight_optimizer)
 from common.utils import SWITCH, JsonlLog, atomic_write_json, autocast, switch_on
@@ -349,7 +350,7 @@ class nnUNetTrainerIACRef(nnUNetTrainer):
             super().run_training()
         except Preempted as e:
             self.stopped_by(e)
-        ignore_stop_signals()                # trained (checkpoint_final.pth): a signal now must not kill the exit
+        ignore_stop_signals_at_exit()        # trained (checkpoint_final.pth): a signal must not kill its exit
 
     def stopped_by(self, signal_name):
         """A stop signal arrived: shut the data loaders and leave with REQUEUE_EXIT (`--c` continues); the stop is

@@ -20,8 +20,9 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not shutil.which("slurmctld") or not shutil.which("munged") or os.geteuid() != 0,
-                                reason="needs slurm-wlm and munge (apt-get install slurm-wlm munge) and root")
+pytestmark = [pytest.mark.skipif(not shutil.which("slurmctld") or not shutil.which("munged") or os.geteuid() != 0,
+                                 reason="needs slurm-wlm and munge (apt-get install slurm-wlm munge) and root"),
+              pytest.mark.timeout(2400)]           # (pytest-timeout) its own waits are bounded by 15 minutes each
 GRID = os.path.join(ROOT, "grid.py")
 SCRIPT = os.path.join(ROOT, "scripts", "slurm_one_node.sh")
 SEARCH_EPOCHS = 80           # the full search must outlast the 2-min limit less its 30-s warning (~120 s alone on 2 idle cores)
