@@ -68,9 +68,3 @@ def small_phantom_and_backbone(base, scripts, patients, seed, epochs, extra=()):
 
 def data_args(acdc):
     return ["--data", os.path.join(acdc[1], "slices.h5"), "--splits", os.path.join(acdc[1], "splits.json")]
-
-
-def pytest_collection_modifyitems(config, items):
-    """The real-SLURM test first: the longest, and bound by SLURM's clock (time limits, requeue holds), so under
-    `pytest -n 2 --dist loadfile` the other worker runs the rest of the suite meanwhile."""
-    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_slurm.py"))
