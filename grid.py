@@ -343,13 +343,10 @@ SLURM_KNOWN_LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HO
 
 
 def slurm_holds(state, reason=""):
-    """Whether SLURM still holds a job in `state` (reason "sacct": the state comes from sacct because squeue, which
-    answered, no longer shows the job: not held, whatever sacct says): every state squeue shows but the terminal
-    ones, and PREEMPTED while squeue shows it."""
-    if reason == "sacct":
-        return False
+    """Whether SLURM still holds a job in `state` (reason "sacct": the state comes from sacct, squeue no longer
+    shows the job): every state but the terminal ones, and PREEMPTED while squeue shows it."""
     if state in SLURM_TERMINAL:
-        return state == "PREEMPTED"
+        return state == "PREEMPTED" and reason != "sacct"
     return True
 
 
@@ -432,8 +429,9 @@ def squeue_jobs(tries=1, wait_s=5):
 
 def slurm_states(ids, tries=1, wait_s=5, queue=None):
     """{SLURM job id: (STATE, reason)} for the jobs the scheduler still knows (squeue keeps finished jobs for
-    MinJobAge; sacct, where accounting runs, for longer); None where there is no SLURM to ask (squeue_jobs).
-    `queue`: squeue_jobs' answer, when already asked."""
+    MinJobAge; sacct, where accounting runs, for longer: only its terminal states are taken, since a job squeue
+    answered without is not held, whatever a stale accounting record says); None where there is no SLURM to ask
+    (squeue_jobs). `queue`: squeue_jobs' answer, when already asked."""
     ids = sorted({str(i) for i in ids if i})
     if not ids:
         return {}
@@ -448,7 +446,7 @@ def slurm_states(ids, tries=1, wait_s=5, queue=None):
                                capture_output=True, text=True, timeout=60)
             for ln in r.stdout.splitlines() if r.returncode == 0 else []:
                 parts = ln.strip().split("|")
-                if len(parts) >= 2 and parts[0] in unknown:
+                if len(parts) >= 2 and parts[0] in unknown and parts[1].split()[0] in SLURM_TERMINAL:
                     out[parts[0]] = (parts[1].split()[0], "sacct")
         except (OSError, subprocess.SubprocessError):
             pass
@@ -494,9 +492,6 @@ def job_states(jobs, live=None):
             slurm, reason = live.get(str(rec["slurm_job"]), (None, ""))
             if slurm is None:
                 state, why = "waiting", f"SLURM job {rec['slurm_job']} is gone (lost); `run` submits it again"
-            elif reason == "sacct" and slurm not in SLURM_TERMINAL:    # squeue answered without it: not held
-                state, why = "waiting", (f"SLURM job {rec['slurm_job']} is not in the queue, though sacct says {slurm} "
-                                         "(a stale accounting record); `run` submits it again")
             elif slurm == "RUNNING":
                 state, why = "running", f"SLURM job {rec['slurm_job']}"
             elif slurm_holds(slurm, reason):

@@ -460,6 +460,9 @@ def test_slurm_states_from_the_whole_list(tmp_path, raws, fake_slurm, monkeypatc
                                                 "[submit] acdc/base/seed0/iac/score",
                                                 "[submit] acdc/base/seed0/iac_lth/score"], out
     assert "[submit] acdc/base/seed0/iac: job 1010, after 1001, 1009" in out, out
+    states.write_text(json.dumps({ids["ref"]: {"squeue": None, "sacct": "RUNNING"}}))   # a stale accounting record
+    status = grid("status", cfg, env=env).stdout
+    assert f"SLURM job {ids['ref']} is gone" in status and "`run` submits it again" in status, status
 
     from conftest import load_script
     g = load_script("grid")
