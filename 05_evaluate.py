@@ -370,8 +370,8 @@ def paired_table(case_mean, pairs, n_boot, alternative="two-sided", unit="patien
                 unit_rows += [{**name, "seed": s, "unit": unit, "unit_id": u, "cases": int(cases.loc[s, u]),
                                "delta_dice": float(b.loc[s, u] - a.loc[s, u]), "in_row": u in keep}
                               for u in a.columns if np.isfinite(b.loc[s, u] - a.loc[s, u])]
-            pair.append({**name, "family": family, "unit": unit, **r, "seeds": len(seeds), "seeds_used": " ".join(map(str, seeds)),
-                         "seeds_left_out": left_out,
+            pair.append({**name, "family": family, "unit": unit, **r, "seeds": len(seeds),
+                         "seeds_used": " ".join(map(str, seeds)), "seeds_left_out": left_out,
                          "seed_deltas": " / ".join(f"{D.loc[s].mean():+.4f}" for s in seeds) if len(keep) else "",
                          "hier_ci_low": h["ci_low"], "hier_ci_high": h["ci_high"]})
             if not backbone.startswith("nnunet") and seeds and len(keep):

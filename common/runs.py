@@ -64,17 +64,18 @@ def _stop_now(signum, _frame):
     os._exit(REQUEUE_EXIT)
 
 
-def install_stop_signals(immediate=False):
+def install_stop_signals(immediate=False, also=()):
     """The stop signals only set a flag; check_stop() raises at the next step boundary, so no checkpoint or log
     line is cut in half by a stop (a SIGKILL still can: JSONL readers drop a truncated last line). immediate (a
-    stage without checkpoints: 01, 05): leave at once with REQUEUE_EXIT.
+    stage without checkpoints: 01, 05): leave at once with REQUEUE_EXIT. also: more signals that stop this process
+    the same way (scripts/nnunet_job.py: Ctrl-C's INT, a closed terminal's HUP).
 
     Then the stop signals are unblocked: grid.py starts every stage with them blocked (block_stop_signals), so
     one that arrives while Python and torch are still importing waits, pending, until here instead of killing
     the stage (a signal's default action) before it could stop cleanly."""
     _signal["name"] = None
     sigs = stop_signals()
-    for sig in sigs:
+    for sig in (*sigs, *also):
         signal.signal(sig, _stop_now if immediate else _on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
 

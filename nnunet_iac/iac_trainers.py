@@ -208,9 +208,8 @@ def preprocessing_differences(theirs, mine, configuration, their_dataset, my_dat
         return [f"the checkpoint's plans have no configuration {configuration}"]
     out = [f"{key} {a.get(key)} vs {b.get(key)}" for key in ("spacing", "normalization_schemes", "use_mask_for_norm")
            if a.get(key) != b.get(key)]
-    out += [f"{key} differs" for key in ("transpose_forward",) if theirs.get(key) != mine.get(key)]
-    if a.get("architecture") != b.get("architecture"):
-        out.append("architecture differs")
+    out += [f"{key} differs" for key, x, y in (("transpose_forward", theirs, mine), ("architecture", a, b))
+            if x.get(key) != y.get(key)]
     if "CTNormalization" in (b.get("normalization_schemes") or []) and \
             theirs.get("foreground_intensity_properties_per_channel") != \
             mine.get("foreground_intensity_properties_per_channel"):

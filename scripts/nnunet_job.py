@@ -11,13 +11,14 @@ plans before it preprocesses).
 
 Stopping (a SLURM time limit's warning, a preemption, the grid runner, Ctrl-C): USR1, USR2 and TERM
 (common/runs.py), INT and HUP reach this process. The step never outlives it: it is killed with its process group
-when this process leaves, and by the kernel when this process is killed (Linux's parent-death signal). --train: the command is one of this project's nnU-Net trainers, which stop by themselves at the next
-step with exit 75 after their last saved epoch (IAC_SAVE_EVERY=1 under the grid: at most one epoch is redone), and
-`--c` in the same command continues; the signal is passed on to it (it may have come to this process alone) and
-its exit awaited. Any other command (conversion, planning, prediction) is killed with its process group and runs
-again from the start. Either way the job exits 75 (requeue). --predict IMAGES OUT: the command writes into
-OUT.partial (cleared first), renamed to OUT once every case of IMAGES (nnU-Net's CASE_0000.nii.gz) has its
-prediction, so a killed prediction never passes for a finished one.
+when this process leaves, and by the kernel when this process is killed (Linux's parent-death signal). --train: the
+command is one of this project's nnU-Net trainers, which stop by themselves at the next step with exit 75 after
+their last saved epoch (IAC_SAVE_EVERY=1 under the grid: at most one epoch is redone), and `--c` in the same command
+continues; the signal is passed on to it (it may have come to this process alone) and its exit awaited. Any other
+command (conversion, planning, prediction) is killed with its process group and runs again from the start. Either
+way the job exits 75 (requeue). --predict IMAGES OUT: the command writes into OUT.partial (cleared first), renamed
+to OUT once every case of IMAGES (nnU-Net's CASE_0000.nii.gz) has its prediction, so a killed prediction never
+passes for a finished one.
 """
 import argparse
 import ctypes
@@ -30,8 +31,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.runs import (REQUEUE_EXIT, _on_signal, _signal, block_stop_signals, install_stop_signals,  # noqa: E402
-                         is_done, mark_done)
+from common.runs import (REQUEUE_EXIT, _signal, block_stop_signals, install_stop_signals, is_done,  # noqa: E402
+                         mark_done)
 from common.utils import HelpFormatter  # noqa: E402
 
 STOP_WAIT_S = 60                        # a trainer stops within one step; longer, and it is killed
@@ -83,9 +84,7 @@ def main(a):
     if is_done(a.out):
         print(f"{a.out} is done; nothing to do")
         return 0
-    install_stop_signals()
-    for sig in (signal.SIGINT, signal.SIGHUP):       # Ctrl-C on a local runner, a closed terminal: a stop too
-        signal.signal(sig, _on_signal)
+    install_stop_signals(also=(signal.SIGINT, signal.SIGHUP))   # Ctrl-C on a local runner, a closed terminal
     if os.path.exists(a.expect) and not (a.predict or a.always):
         print(f"{a.expect} is there already: the step finished before this job was stopped")
         return 1 if finish(a) else 0
